@@ -1,0 +1,29 @@
+# The README's two commands: `make demo` (build, then run the main job) and `make test`
+# (build, then every test). Both install what they need first.
+PYTHON ?= python3
+BUILD_DIR ?= build
+export PNEWTON_BUILD_DIR := $(abspath $(BUILD_DIR))
+
+.PHONY: install demo test test-cpp test-python bench clean
+
+install:
+	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q --no-build-isolation -e .
+
+demo: install
+	$(PYTHON) examples/scan_demo.py
+
+test: install
+	$(MAKE) test-cpp test-python
+
+test-cpp:
+	ctest --test-dir $(BUILD_DIR) --output-on-failure --no-tests=error
+
+test-python:
+	$(PYTHON) -m pytest tests/python -q
+
+bench: install
+	$(PYTHON) benchmarks/bench_scan_cpu.py
+
+clean:
+	rm -rf $(BUILD_DIR) torch_ops/_C*.so *.egg-info

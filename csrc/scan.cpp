@@ -1,0 +1,161 @@
+#include "csrc/scan.h"
+
+#include <string>
+#include <vector>
+
+namespace pnewton {
+namespace {
+
+bool is_scannable_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Checks one operand against the reference operand `ref_name`: layout, dtype, device, shape.
+void check_operand(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                   const char* shape_doc, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a strided (dense) tensor, got layout ",
+              t.layout());
+  TORCH_CHECK(is_scannable_dtype(t.scalar_type()), op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
+              ref.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the device of ", ref_name, " (",
+              ref.device(), "), got ", t.device());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape_doc, " = ", shape, ", got ",
+              t.sizes());
+}
+
+void check_rank(const char* op, const char* name, const at::Tensor& t, int64_t rank, const char* shape_doc) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
+  TORCH_CHECK(t.dim() == rank, op, ": ", name, " must be a ", rank, "-d tensor ", shape_doc, ", got a ", t.dim(),
+              "-d tensor of shape ", t.sizes());
+  TORCH_CHECK(is_scannable_dtype(t.scalar_type()), op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a strided (dense) tensor, got layout ",
+              t.layout());
+}
+
+void check_diag_args(const char* op, const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& x0) {
+  check_rank(op, "a", a, 3, "[B, T, D]");
+  check_operand(op, "b", b, a.sizes(), "[B, T, D] like a", a, "a");
+  if (x0.has_value()) {
+    check_operand(op, "x0", *x0, {a.size(0), a.size(2)}, "[B, D]", a, "a");
+  }
+}
+
+void check_block_args(const char* op, const at::Tensor& A, const at::Tensor& b,
+                      const std::optional<at::Tensor>& x0) {
+  check_rank(op, "A", A, 5, "[B, T, H, k, k]");
+  TORCH_CHECK(A.size(3) == A.size(4), op, ": A must hold square blocks [B, T, H, k, k], got shape ", A.sizes());
+  TORCH_CHECK(A.size(3) >= 1, op, ": A must have a block size k >= 1, got shape ", A.sizes());
+  check_operand(op, "b", b, A.sizes().slice(0, 4), "[B, T, H, k]", A, "A");
+  if (x0.has_value()) {
+    check_operand(op, "x0", *x0, {A.size(0), A.size(2), A.size(3)}, "[B, H, k]", A, "A");
+  }
+}
+
+// The diagonal scan as the block scan with k = 1 (views, no copies).
+at::Tensor as_block_matrix(const at::Tensor& a) { return a.unsqueeze(-1).unsqueeze(-1); }
+at::Tensor as_block_vector(const at::Tensor& v) { return v.unsqueeze(-1); }
+std::optional<at::Tensor> as_block_vector(const std::optional<at::Tensor>& v) {
+  return v.has_value() ? std::optional<at::Tensor>(as_block_vector(*v)) : std::nullopt;
+}
+
+at::Tensor run_block_scan(const at::Tensor& A, const at::Tensor& b, const std::optional<at::Tensor>& x0,
+                          bool reverse, bool transpose, bool shift, ScanRunner run) {
+  at::Tensor x = at::empty(b.sizes(), b.options().memory_format(at::MemoryFormat::Contiguous));
+  if (x.numel() == 0) return x;
+  run(ScanOperands{A, b, x0.has_value() ? *x0 : at::Tensor(), x, reverse, transpose, shift});
+  return x;
+}
+
+}  // namespace
+
+DType scan_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return DType::f32;
+    case at::kDouble: return DType::f64;
+    case at::kHalf: return DType::f16;
+    case at::kBFloat16: return DType::bf16;
+    default: TORCH_CHECK(false, "pnewton: unsupported dtype ", type);
+  }
+}
+
+ScanParams scan_params(const ScanOperands& ops) {
+  ScanParams p;
+  p.B = ops.b.size(0);
+  p.T = ops.b.size(1);
+  p.H = ops.b.size(2);
+  p.k = ops.b.size(3);
+  p.A = ops.A.data_ptr();
+  for (int i = 0; i < 5; ++i) p.A_stride[i] = ops.A.stride(i);
+  p.b = ops.b.data_ptr();
+  for (int i = 0; i < 4; ++i) p.b_stride[i] = ops.b.stride(i);
+  if (ops.x0.defined()) {
+    p.x0 = ops.x0.data_ptr();
+    for (int i = 0; i < 3; ++i) p.x0_stride[i] = ops.x0.stride(i);
+  }
+  p.x = ops.x.data_ptr();
+  for (int i = 0; i < 4; ++i) p.x_stride[i] = ops.x.stride(i);
+  p.reverse = ops.reverse;
+  p.transpose = ops.transpose;
+  p.shift = ops.shift;
+  return p;
+}
+
+at::Tensor scan_diag_impl(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& x0,
+                          bool reverse, ScanRunner run) {
+  check_diag_args("pnewton.scan_diag", a, b, x0);
+  return run_block_scan(as_block_matrix(a), as_block_vector(b), as_block_vector(x0), reverse, false, false, run)
+      .squeeze(-1);
+}
+
+at::Tensor scan_block_impl(const at::Tensor& A, const at::Tensor& b, const std::optional<at::Tensor>& x0,
+                           bool reverse, bool transpose, ScanRunner run) {
+  check_block_args("pnewton.scan_block", A, b, x0);
+  return run_block_scan(A, b, x0, reverse, transpose, false, run);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_block_backward_impl(const at::Tensor& grad_x,
+                                                                        const at::Tensor& A, const at::Tensor& x,
+                                                                        const std::optional<at::Tensor>& x0,
+                                                                        bool reverse, bool transpose, ScanRunner run) {
+  const char* op = "pnewton.scan_block_backward";
+  check_block_args(op, A, x, x0);
+  check_operand(op, "grad_x", grad_x, x.sizes(), "[B, T, H, k] like x", A, "A");
+  const int64_t T = x.size(1);
+  // The adjoint λ_t = g_t + A_{t+1}ᵀ λ_{t+1} (forward case): the same scan, the other way,
+  // transposed, each step multiplied by its predecessor's matrix.
+  at::Tensor lambda = run_block_scan(A, grad_x, std::nullopt, !reverse, !transpose, true, run);
+  at::Tensor initial = x0.has_value() ? *x0 : at::zeros({x.size(0), x.size(2), x.size(3)}, x.options());
+  if (T == 0) return {at::zeros_like(A), lambda, at::zeros_like(initial)};
+
+  // Step t read the state x_prev_t (x_{t-1} forward, x_{t+1} reverse; x0 at the edge).
+  const int64_t first = reverse ? T - 1 : 0;
+  at::Tensor x_prev = at::empty_like(x, at::MemoryFormat::Contiguous);
+  x_prev.select(1, first).copy_(initial);
+  if (T > 1) x_prev.narrow(1, reverse ? 0 : 1, T - 1).copy_(x.narrow(1, reverse ? 1 : 0, T - 1));
+  // x_t = C_t x_prev + b_t with C = A (or Aᵀ): dL/dA = λ x_prevᵀ (or x_prev λᵀ).
+  at::Tensor grad_A = transpose ? x_prev.unsqueeze(-1) * lambda.unsqueeze(-2)
+                                : lambda.unsqueeze(-1) * x_prev.unsqueeze(-2);
+  const at::Tensor A_first = A.select(1, first), lambda_first = lambda.select(1, first);
+  at::Tensor grad_x0 = transpose ? (A_first * lambda_first.unsqueeze(-2)).sum(-1)
+                                 : (A_first * lambda_first.unsqueeze(-1)).sum(-2);
+  return {grad_A, lambda, grad_x0};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_diag_backward_impl(const at::Tensor& grad_x,
+                                                                       const at::Tensor& a, const at::Tensor& x,
+                                                                       const std::optional<at::Tensor>& x0,
+                                                                       bool reverse, ScanRunner run) {
+  const char* op = "pnewton.scan_diag_backward";
+  check_diag_args(op, a, x, x0);
+  check_operand(op, "grad_x", grad_x, x.sizes(), "[B, T, D] like x", a, "a");
+  auto [grad_A, grad_b, grad_x0] = scan_block_backward_impl(as_block_vector(grad_x), as_block_matrix(a),
+                                                            as_block_vector(x), as_block_vector(x0), reverse,
+                                                            false, run);
+  return {grad_A.squeeze(-1).squeeze(-1), grad_b.squeeze(-1), grad_x0.squeeze(-1)};
+}
+
+}  // namespace pnewton

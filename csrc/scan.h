@@ -1,0 +1,56 @@
+#pragma once
+// Device-independent glue of the scan ops: argument checks, the diagonal-as-block view,
+// the backward from the adjoint scan. Each device supplies one ScanRunner.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "kernels/scan_params.h"
+
+namespace pnewton {
+
+// Tensors of one scan in block form: A [B, T, H, k, k], b and x [B, T, H, k],
+// x0 [B, H, k] or undefined (zeros). x is written.
+struct ScanOperands {
+  at::Tensor A, b, x0, x;
+  bool reverse = false, transpose = false, shift = false;
+};
+
+using ScanRunner = void (*)(const ScanOperands&);
+
+ScanParams scan_params(const ScanOperands& ops);
+DType scan_dtype(at::ScalarType type);
+
+at::Tensor scan_diag_impl(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& x0,
+                          bool reverse, ScanRunner run);
+at::Tensor scan_block_impl(const at::Tensor& A, const at::Tensor& b, const std::optional<at::Tensor>& x0,
+                           bool reverse, bool transpose, ScanRunner run);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_diag_backward_impl(const at::Tensor& grad_x,
+                                                                       const at::Tensor& a, const at::Tensor& x,
+                                                                       const std::optional<at::Tensor>& x0,
+                                                                       bool reverse, ScanRunner run);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_block_backward_impl(const at::Tensor& grad_x,
+                                                                        const at::Tensor& A, const at::Tensor& x,
+                                                                        const std::optional<at::Tensor>& x0,
+                                                                        bool reverse, bool transpose, ScanRunner run);
+
+// Registers the four scan kernels of one dispatch key, all running on `run`.
+template <ScanRunner run>
+void register_scan_kernels(torch::Library& m) {
+  m.impl("scan_diag", [](const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& x0,
+                         bool reverse) { return scan_diag_impl(a, b, x0, reverse, run); });
+  m.impl("scan_block", [](const at::Tensor& A, const at::Tensor& b, const std::optional<at::Tensor>& x0,
+                          bool reverse, bool transpose) { return scan_block_impl(A, b, x0, reverse, transpose, run); });
+  m.impl("scan_diag_backward", [](const at::Tensor& grad_x, const at::Tensor& a, const at::Tensor& x,
+                                  const std::optional<at::Tensor>& x0, bool reverse) {
+    return scan_diag_backward_impl(grad_x, a, x, x0, reverse, run);
+  });
+  m.impl("scan_block_backward", [](const at::Tensor& grad_x, const at::Tensor& A, const at::Tensor& x,
+                                   const std::optional<at::Tensor>& x0, bool reverse, bool transpose) {
+    return scan_block_backward_impl(grad_x, A, x, x0, reverse, transpose, run);
+  });
+}
+
+}  // namespace pnewton

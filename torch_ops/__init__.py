@@ -1,0 +1,12 @@
+"""pnewton: nonlinear RNNs evaluated in parallel over time by parallel Newton methods.
+
+Importing the package loads the operator library (``torch.ops.pnewton.*``) and registers
+the fake kernels that ``torch.compile`` and ``torch.export`` use.
+"""
+from . import _library  # noqa: F401  (loads the ops first)
+from . import _fake  # noqa: F401
+from ._library import built_with_cuda
+from .scan import scan_block, scan_diag
+
+__all__ = ["scan_diag", "scan_block", "built_with_cuda"]
+__version__ = "0.1.0"
