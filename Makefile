@@ -23,7 +23,7 @@ test-python:
 	$(PYTHON) -m pytest tests/python -q
 
 bench: install
-	$(PYTHON) benchmarks/bench_scan_cpu.py
+	$(PYTHON) benchmarks/bench_scan.py
 
 clean:
 	rm -rf $(BUILD_DIR) torch_ops/_C*.so *.egg-info

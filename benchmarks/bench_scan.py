@@ -1,6 +1,6 @@
-"""CPU scan speed against copying the same input bytes (clone), fp32, one process.
+"""Scan speed against copying the same input bytes (clone), fp32, one process.
 
-    python benchmarks/bench_scan_cpu.py [--repeats 20] [--threads N]
+    python benchmarks/bench_scan.py [--device cpu|cuda] [--repeats 20] [--threads N]
 
 For each case it times the scan and `clone()` of every input tensor, and reports
 scan time / copy time (1.0 = the scan runs at copy speed; a scan reads its inputs
@@ -16,32 +16,41 @@ import torch
 import pnewton
 
 
-def median_seconds(fn, repeats):
-    fn()  # warm-up: first-touch page faults and thread-pool start
+def median_seconds(fn, repeats, device):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()  # warm-up: first-touch page faults, thread-pool start, CUDA context
+    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def cases(B, T, D):
+def cases(B, T, D, device):
     gen = torch.Generator().manual_seed(0)
-    a = torch.rand(B, T, D, generator=gen)
-    b = torch.randn(B, T, D, generator=gen)
+
+    def rand(*shape, normal=True):
+        t = torch.randn(*shape, generator=gen) if normal else torch.rand(*shape, generator=gen)
+        return t.to(device)
+
+    a = rand(B, T, D, normal=False)
+    b = rand(B, T, D)
     yield f"scan_diag B={B} T={T} D={D}", lambda: pnewton.scan_diag(a, b), (a, b)
     for k in (2, 4, 8):
         H = D // k
-        A = torch.randn(B, T, H, k, k, generator=gen) / k
-        bb = torch.randn(B, T, H, k, generator=gen)
+        A = rand(B, T, H, k, k) / k
+        bb = rand(B, T, H, k)
         yield f"scan_block k={k} B={B} T={T} H={H}", lambda A=A, bb=bb: pnewton.scan_block(A, bb), (A, bb)
-    a1, b1 = torch.rand(1, 1 << 20, 1, generator=gen), torch.randn(1, 1 << 20, 1, generator=gen)
+    a1, b1 = rand(1, 1 << 20, 1, normal=False), rand(1, 1 << 20, 1)
     yield "scan_diag B=1 T=1048576 D=1 (time-chunked)", lambda: pnewton.scan_diag(a1, b1), (a1, b1)
 
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--B", type=int, default=4)
@@ -50,12 +59,13 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}")
+    where = (torch.cuda.get_device_name() if args.device == "cuda"
+             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
+    print(f"device: {where}, torch {torch.__version__}")
     print(f"{'case':<46} {'scan ms':>9} {'copy ms':>9} {'scan/copy':>9}")
-    for name, scan, inputs in cases(args.B, args.T, args.D):
-        t_scan = median_seconds(scan, args.repeats)
-        t_copy = median_seconds(lambda: [t.clone() for t in inputs], args.repeats)
+    for name, scan, inputs in cases(args.B, args.T, args.D, args.device):
+        t_scan = median_seconds(scan, args.repeats, args.device)
+        t_copy = median_seconds(lambda: [t.clone() for t in inputs], args.repeats, args.device)
         print(f"{name:<46} {1e3 * t_scan:9.2f} {1e3 * t_copy:9.2f} {t_scan / t_copy:9.2f}", flush=True)
 
 
