@@ -11,7 +11,7 @@ install:
 	$(PYTHON) -m pip install -q --no-build-isolation -e .
 
 demo: install
-	$(PYTHON) examples/scan_demo.py
+	$(PYTHON) examples/train_gru.py
 
 test: install
 	$(MAKE) test-cpp test-python
