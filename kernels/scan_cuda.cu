@@ -119,11 +119,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t>
-size_t acc_size() {
-  return sizeof(typename Acc<scalar_t>::type);
-}
-
 size_t acc_bytes(DType dtype) { return dtype == DType::f64 ? sizeof(double) : sizeof(float); }
 
 // Scratch layout: M [B, chunks, H, k, k], v [B, chunks, H, k], carry [B, chunks, H, k].

@@ -191,6 +191,9 @@ def solve(f, s0, inputs, method="quasi_deer", *, structure="dense", jacobian=Non
 
     with torch.no_grad():
         s0_d, inputs_d = s0.detach(), inputs.detach()
+        if T == 0:
+            empty = s0.new_zeros(B)
+            return s0.new_empty(B, 0, s0.shape[1]), SolveStats(empty.long(), empty, empty == 0, method, False)
         if method == "sequential":
             states = sequential(f, s0_d, inputs_d)
             ones = torch.ones(B, dtype=torch.bool, device=s0.device)

@@ -110,3 +110,8 @@ def test_bad_options_raise_naming_the_argument():
         pnewton.solve(f, s0, u[:1])
     with pytest.raises(ValueError, match="damping must be in"):
         pnewton.solve(f, s0, u, damping=1.0)
+
+
+def test_empty_sequence_returns_empty_states():
+    states, stats = pnewton.solve(lambda s, u: s + u, torch.zeros(2, 3), torch.zeros(2, 0, 3))
+    assert states.shape == (2, 0, 3) and bool(stats.converged.all())
