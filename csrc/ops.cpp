@@ -13,4 +13,20 @@ TORCH_LIBRARY(pnewton, m) {
   m.def(
       "scan_block_backward(Tensor grad_x, Tensor A, Tensor x, Tensor? x0, bool reverse, bool transpose) -> "
       "(Tensor, Tensor, Tensor)");
+
+  // The parallel Newton solver for the built-in cells (csrc/solver). gi [B, T, G] is the
+  // input projection for all t; s0 [B, S] the initial state (LSTM: (h_i, c_i) interleaved).
+  // Returns the states [B, T, S] and per-sequence diagnostics: iterations (int64),
+  // residual, converged (bool), fell_back (bool). Negative max_iter/atol/rtol: defaults.
+  m.def(
+      "newton_rnn(str cell, Tensor gi, Tensor W_hh, Tensor? b_hh, Tensor s0, str method=\"quasi_deer\", "
+      "int max_iter=-1, float atol=-1.0, float rtol=-1.0, float damping=0.0, float clip=0.0, "
+      "str init=\"zeros\", Tensor? init_states=None, bool fixed_iterations=False, bool fallback=True, "
+      "str adjoint=\"auto\") -> (Tensor states, Tensor iterations, Tensor residual, Tensor converged, "
+      "Tensor fell_back)");
+  // Exact gradients at the solution (the adjoint with the true Jacobian); grad_b_hh is
+  // returned even when b_hh is None.
+  m.def(
+      "newton_rnn_backward(Tensor grad_states, str cell, Tensor gi, Tensor W_hh, Tensor? b_hh, Tensor s0, "
+      "Tensor states, str adjoint=\"auto\") -> (Tensor grad_gi, Tensor grad_W_hh, Tensor grad_b_hh, Tensor grad_s0)");
 }

@@ -2,110 +2,53 @@
 
 ``pnewton.GRU``, ``pnewton.LSTM`` and ``pnewton.RNN`` take torch.nn's constructor and
 forward arguments and hold the same parameters under the same names, so state_dicts
-load in both directions. Every layer and direction is one :func:`pnewton.solve` over the
-whole sequence; the input projection W_ih x_t + b_ih is one GEMM before the solve.
+load in both directions. Every layer and direction is one ``torch.ops.pnewton.newton_rnn``
+call over the whole sequence (the C++ solver, csrc/solver); the input projection
+W_ih x_t + b_ih is one GEMM before it. ``DiagGRU`` and ``DiagLSTM`` have per-channel
+recurrent weights (vectors), so their Newton steps are exact with diagonal / 2×2 scans.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .solve import solve
+from .solve import SolveStats
 
-_SOLVER_OPTIONS = ("method", "max_iter", "atol", "rtol", "damping", "init", "fallback")
-
-
-# Each built-in cell is a step f(s_prev, gi) on the precomputed input projection gi, with
-# its analytic Jacobian ∂f/∂s: a sum of diagonally scaled recurrent weight blocks, so the
-# diagonal (quasi_deer) costs O(D) per step and the dense one O(D²).
-def _scaled_sum(terms, diagonal):
-    """Σ diag(c) W over (c [N, D], W [D, D]) terms: the diagonals, or the [N, D, D] matrices."""
-    if diagonal:
-        return sum(c * W.diagonal() for c, W in terms)
-    return sum(c.unsqueeze(-1) * W for c, W in terms)
+# Solver options accepted by the layers, with their defaults (see newton_rnn in csrc/ops.cpp).
+SOLVER_DEFAULTS = dict(method="quasi_deer", max_iter=None, atol=None, rtol=None, damping=0.0, clip=0.0,
+                       init="zeros", fixed_iterations=False, fallback=True, adjoint="auto")
 
 
-class _GRUCell:
-    """torch.nn.GRU's equations, gate order (r, z, n)."""
+def newton_rnn(cell, gi, W_hh, b_hh, s0, method="quasi_deer", max_iter=None, atol=None, rtol=None, damping=0.0,
+               clip=0.0, init="zeros", init_states=None, fixed_iterations=False, fallback=True, adjoint="auto"):
+    """Solve a built-in cell over a sequence: ``(states [B, T, S], SolveStats)``.
 
-    def __init__(self, W_hh, b_hh):
-        self.W_hh, self.b_hh = W_hh, b_hh
-
-    def _gates(self, h, gi):
-        i_r, i_z, i_n = gi.chunk(3, -1)
-        h_r, h_z, h_n = F.linear(h, self.W_hh, self.b_hh).chunk(3, -1)
-        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-        return r, z, torch.tanh(i_n + r * h_n), h_n
-
-    def __call__(self, h, gi):
-        r, z, n, _ = self._gates(h, gi)
-        return (1 - z) * n + z * h
-
-    def jacobian(self, h, gi, diagonal):
-        r, z, n, h_n = self._gates(h, gi)
-        W_r, W_z, W_n = self.W_hh.chunk(3, 0)
-        dn = (1 - z) * (1 - n * n)  # ∂h'/∂(pre-activation of n)
-        J = _scaled_sum([(dn * r, W_n), (dn * h_n * r * (1 - r), W_r), ((h - n) * z * (1 - z), W_z)], diagonal)
-        return J + z if diagonal else J + torch.diag_embed(z)
-
-
-class _LSTMCell:
-    """torch.nn.LSTM's equations, gate order (i, f, g, o); the state is [h, c]."""
-
-    def __init__(self, W_hh, b_hh, hidden):
-        self.W_hh, self.b_hh, self.hidden = W_hh, b_hh, hidden
-
-    def _gates(self, hc, gi):
-        h, c = hc[:, :self.hidden], hc[:, self.hidden:]
-        a_i, a_f, a_g, a_o = (gi + F.linear(h, self.W_hh, self.b_hh)).chunk(4, -1)
-        i, f, g, o = torch.sigmoid(a_i), torch.sigmoid(a_f), torch.tanh(a_g), torch.sigmoid(a_o)
-        c_new = f * c + i * g
-        return c, i, f, g, o, c_new, torch.tanh(c_new)
-
-    def __call__(self, hc, gi):
-        _, _, _, _, o, c_new, tc = self._gates(hc, gi)
-        return torch.cat([o * tc, c_new], -1)
-
-    def jacobian(self, hc, gi, diagonal):
-        c, i, f, g, o, _, tc = self._gates(hc, gi)
-        W_i, W_f, W_g, W_o = self.W_hh.chunk(4, 0)
-        dc_terms = [(c * f * (1 - f), W_f), (g * i * (1 - i), W_i), (i * (1 - g * g), W_g)]
-        do = o * (1 - tc * tc)  # ∂h'/∂c'
-        dh_dh = _scaled_sum([(tc * o * (1 - o), W_o)] + [(do * k, W) for k, W in dc_terms], diagonal)
-        if diagonal:  # ∂h'_j/∂h_j and ∂c'_j/∂c_j
-            return torch.cat([dh_dh, f], -1)
-        dc_dh = _scaled_sum(dc_terms, diagonal=False)
-        top = torch.cat([dh_dh, torch.diag_embed(do * f)], -1)
-        bottom = torch.cat([dc_dh, torch.diag_embed(f)], -1)
-        return torch.cat([top, bottom], -2)
-
-
-class _RNNCell:
-    """torch.nn.RNN's h' = act(W_ih x + b_ih + W_hh h + b_hh), act = tanh or relu."""
-
-    def __init__(self, W_hh, b_hh, nonlinearity):
-        self.W_hh, self.b_hh, self.tanh = W_hh, b_hh, nonlinearity == "tanh"
-
-    def __call__(self, h, gi):
-        a = gi + F.linear(h, self.W_hh, self.b_hh)
-        return torch.tanh(a) if self.tanh else torch.relu(a)
-
-    def jacobian(self, h, gi, diagonal):
-        a = gi + F.linear(h, self.W_hh, self.b_hh)
-        d = 1 - torch.tanh(a) ** 2 if self.tanh else (a > 0).to(a.dtype)
-        return _scaled_sum([(d, self.W_hh)], diagonal)
+    ``cell`` is ``gru``, ``lstm``, ``rnn_tanh``, ``rnn_relu``, ``diag_gru`` or ``diag_lstm``;
+    ``gi`` the input projections ``[B, T, G]``; ``s0`` ``[B, S]`` (LSTM cells: (h_i, c_i)
+    interleaved, S = 2·hidden). ``method``: deer, quasi_deer, block_deer (LSTM cells),
+    picard, jacobi or sequential. ``fixed_iterations=True`` runs exactly ``max_iter``
+    iterations with no host synchronisation (no fallback; check ``stats.converged``).
+    ``adjoint``: how gradients solve the adjoint — auto, scan, iterative, sequential.
+    """
+    states, iterations, residual, converged, fell_back = torch.ops.pnewton.newton_rnn(
+        cell, gi, W_hh, b_hh, s0, method, -1 if max_iter is None else max_iter, -1.0 if atol is None else atol,
+        -1.0 if rtol is None else rtol, damping, clip, init, init_states, fixed_iterations, fallback, adjoint)
+    fell = bool(fell_back.any()) if fallback and not fixed_iterations else False
+    return states, SolveStats(iterations, residual, converged, f"{method}->sequential" if fell else method, fell)
 
 
 class _NewtonRNNBase(nn.Module):
-    _gates = {"GRU": 3, "LSTM": 4, "RNN_TANH": 1, "RNN_RELU": 1}
+    _gates = {"GRU": 3, "LSTM": 4, "RNN_TANH": 1, "RNN_RELU": 1, "DIAG_GRU": 3, "DIAG_LSTM": 4}
+    _cells = {"GRU": "gru", "LSTM": "lstm", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "DIAG_GRU": "diag_gru",
+              "DIAG_LSTM": "diag_lstm"}
 
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, device=None, dtype=None, proj_size=0, **solver_options):
         super().__init__()
         if proj_size:
             raise ValueError("pnewton: proj_size is not supported (the projected LSTM has no parallel solver yet)")
-        unknown = set(solver_options) - set(_SOLVER_OPTIONS)
+        unknown = set(solver_options) - set(SOLVER_DEFAULTS)
         if unknown:
-            raise TypeError(f"pnewton: unknown solver options {sorted(unknown)}; known: {_SOLVER_OPTIONS}")
+            raise TypeError(f"pnewton: unknown solver options {sorted(unknown)}; known: {sorted(SOLVER_DEFAULTS)}")
         if not 0 <= dropout <= 1:
             raise ValueError(f"pnewton: dropout must be in [0, 1], got {dropout}")
         if hidden_size <= 0 or input_size <= 0 or num_layers <= 0:
@@ -123,7 +66,8 @@ class _NewtonRNNBase(nn.Module):
             for direction in range(directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
                 layer_in = input_size if layer == 0 else hidden_size * directions
-                params = {"weight_ih": (gate, layer_in), "weight_hh": (gate, hidden_size)}
+                recurrent = (gate,) if mode.startswith("DIAG") else (gate, hidden_size)
+                params = {"weight_ih": (gate, layer_in), "weight_hh": recurrent}
                 if bias:
                     params.update({"bias_ih": (gate,), "bias_hh": (gate,)})
                 for name, shape in params.items():
@@ -137,20 +81,11 @@ class _NewtonRNNBase(nn.Module):
             nn.init.uniform_(p, -bound, bound)
 
     @property
-    def _state_size(self):
-        return 2 * self.hidden_size if self.mode == "LSTM" else self.hidden_size
-
-    def _step(self, suffix):
-        W_hh = getattr(self, "weight_hh" + suffix)
-        b_hh = getattr(self, "bias_hh" + suffix) if self.bias else None
-        if self.mode == "GRU":
-            return _GRUCell(W_hh, b_hh)
-        if self.mode == "LSTM":
-            return _LSTMCell(W_hh, b_hh, self.hidden_size)
-        return _RNNCell(W_hh, b_hh, "tanh" if self.mode == "RNN_TANH" else "relu")
+    def _is_lstm(self):
+        return self.mode in ("LSTM", "DIAG_LSTM")
 
     def _run(self, x, state0):
-        """x: [B, T, input] batch-first; state0: [layers * directions, B, state]."""
+        """x: [B, T, input] batch-first; state0: [layers * directions, B, S] (LSTM: (h_i, c_i) interleaved)."""
         directions = 2 if self.bidirectional else 1
         finals, stats = [], []
         for layer in range(self.num_layers):
@@ -160,15 +95,13 @@ class _NewtonRNNBase(nn.Module):
                 seq = x.flip(1) if direction else x
                 b_ih = getattr(self, "bias_ih" + suffix) if self.bias else None
                 gi = F.linear(seq, getattr(self, "weight_ih" + suffix), b_ih)  # one GEMM for all t
-                cell = self._step(suffix)
-                states, st = solve(cell, state0[layer * directions + direction], gi, jacobian=cell.jacobian,
-                                   **self.solver_options)
+                b_hh = getattr(self, "bias_hh" + suffix) if self.bias else None
+                s0 = state0[layer * directions + direction]
+                states, st = newton_rnn(self._cells[self.mode], gi, getattr(self, "weight_hh" + suffix), b_hh, s0,
+                                        **self.solver_options)
                 stats.append(st)
-                if states.shape[1] > 0:
-                    finals.append(states[:, -1])
-                else:
-                    finals.append(state0[layer * directions + direction])
-                h = states[..., :self.hidden_size]
+                finals.append(states[:, -1] if states.shape[1] > 0 else s0)
+                h = states.unflatten(-1, (self.hidden_size, 2))[..., 0] if self._is_lstm else states
                 outs.append(h.flip(1) if direction else h)
             x = torch.cat(outs, -1)
             if self.dropout and self.training and layer < self.num_layers - 1:
@@ -191,19 +124,19 @@ class _NewtonRNNBase(nn.Module):
                              f"got {x.shape[-1]}")
         B = x.shape[0]
         n = self.num_layers * (2 if self.bidirectional else 1)
+        expected = (n, B, self.hidden_size)
         if hx is None:
-            state0 = x.new_zeros(n, B, self._state_size)
-        elif self.mode == "LSTM":
-            state0 = torch.cat(hx, -1)
-        else:
-            state0 = hx
-        if state0.shape != (n, B, self._state_size):
-            raise ValueError(f"pnewton.{type(self).__name__}: initial state must have shape "
-                             f"{(n, B, self.hidden_size)}, got {tuple(state0.shape)}")
+            hx = (x.new_zeros(expected), x.new_zeros(expected)) if self._is_lstm else x.new_zeros(expected)
+        for name, h in zip(("h0", "c0"), hx if self._is_lstm else (hx,)):
+            if tuple(h.shape) != expected:
+                raise ValueError(f"pnewton.{type(self).__name__}: {name} must have shape {expected}, "
+                                 f"got {tuple(h.shape)}")
+        state0 = torch.stack(hx, -1).flatten(-2) if self._is_lstm else hx
         out, final = self._run(x, state0)
         out = out if self.batch_first else out.transpose(0, 1)
-        if self.mode == "LSTM":
-            final = (final[..., :self.hidden_size].contiguous(), final[..., self.hidden_size:].contiguous())
+        if self._is_lstm:
+            pairs = final.unflatten(-1, (self.hidden_size, 2))
+            final = (pairs[..., 0].contiguous(), pairs[..., 1].contiguous())
         if unbatched:
             out = out.squeeze(1 if not self.batch_first else 0)
             final = tuple(f.squeeze(1) for f in final) if isinstance(final, tuple) else final.squeeze(1)
@@ -217,8 +150,7 @@ class _NewtonRNNBase(nn.Module):
 
 
 def _merge(stats):
-    """One SolveStats-like record for a whole layer stack: worst case over solves."""
-    from .solve import SolveStats
+    """One SolveStats record for a whole layer stack: the worst case over its solves."""
     return SolveStats(
         iterations=torch.stack([s.iterations for s in stats]).amax(0),
         residual=torch.stack([s.residual for s in stats]).amax(0),
@@ -233,7 +165,8 @@ class GRU(_NewtonRNNBase):
 
     ``pnewton.GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
     dropout=0.0, bidirectional=False, method="quasi_deer", ...)``; solver options as in
-    :func:`pnewton.solve`. Diagnostics of the last call: ``module.last_stats``.
+    :func:`pnewton.newton_rnn` (``SOLVER_DEFAULTS``). Diagnostics of the last call:
+    ``module.last_stats`` (iterations, residual, converged, method, fallback).
     """
 
     def __init__(self, *args, **kwargs):
@@ -261,6 +194,30 @@ class RNN(_NewtonRNNBase):
             raise ValueError(f"pnewton.RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         super().__init__("RNN_" + nonlinearity.upper(), input_size, hidden_size, num_layers, *args, **kwargs)
+
+    def forward(self, input, hx=None):
+        return self._forward(input, hx)
+
+
+class DiagGRU(_NewtonRNNBase):
+    """GRU whose recurrent weights are per-channel vectors (``weight_hh_l0``: [3·hidden]):
+    r = σ(W_ir x + b_ir + w_hr ⊙ h + b_hr), likewise z, n = tanh(W_in x + b_in + r ⊙ (w_hn ⊙ h
+    + b_hn)), h' = (1 − z) ⊙ n + z ⊙ h. Its Jacobian is diagonal, so quasi_deer is Newton."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("DIAG_GRU", *args, **kwargs)
+
+    def forward(self, input, hx=None):
+        return self._forward(input, hx)
+
+
+class DiagLSTM(_NewtonRNNBase):
+    """LSTM whose recurrent weights are per-channel vectors (``weight_hh_l0``: [4·hidden]);
+    each channel's (h_i, c_i) evolves on its own, so block_deer (2×2 blocks) is Newton."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("method", "block_deer")
+        super().__init__("DIAG_LSTM", *args, **kwargs)
 
     def forward(self, input, hx=None):
         return self._forward(input, hx)

@@ -1,0 +1,74 @@
+// Autograd kernel of newton_rnn: the forward redispatches below autograd and saves the
+// solution; the backward is newton_rnn_backward (the exact adjoint). The Newton
+// iterations themselves are never differentiated.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace pnewton {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ForwardSig = Outputs(c10::string_view, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                           const at::Tensor&, c10::string_view, int64_t, double, double, double, double,
+                           c10::string_view, const c10::optional<at::Tensor>&, bool, bool, c10::string_view);
+using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, c10::string_view, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+    const at::Tensor&, const at::Tensor&, c10::string_view);
+
+class NewtonRNNFunction : public torch::autograd::Function<NewtonRNNFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, std::string cell, const at::Tensor& gi, const at::Tensor& W_hh,
+                               const c10::optional<at::Tensor>& b_hh, const at::Tensor& s0, std::string method,
+                               int64_t max_iter, double atol, double rtol, double damping, double clip,
+                               std::string init, const c10::optional<at::Tensor>& init_states,
+                               bool fixed_iterations, bool fallback, std::string adjoint) {
+    static auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("pnewton::newton_rnn", "").typed<ForwardSig>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [states, iterations, residual, converged, fell_back] =
+        op.call(cell, gi, W_hh, b_hh, s0, method, max_iter, atol, rtol, damping, clip, init, init_states,
+                fixed_iterations, fallback, adjoint);
+    ctx->save_for_backward({gi, W_hh, b_hh.value_or(at::Tensor()), s0, states});
+    ctx->saved_data["cell"] = cell;
+    ctx->saved_data["adjoint"] = adjoint;
+    ctx->mark_non_differentiable({iterations, residual, converged, fell_back});
+    return {states, iterations, residual, converged, fell_back};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("pnewton::newton_rnn_backward", "").typed<BackwardSig>();
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& b_hh = saved[2];
+    at::Tensor grad = grad_outputs[0].defined() ? grad_outputs[0] : at::zeros_like(saved[4]);
+    auto [grad_gi, grad_W, grad_b, grad_s0] =
+        op.call(grad, ctx->saved_data["cell"].toStringRef(), saved[0], saved[1],
+                b_hh.defined() ? c10::optional<at::Tensor>(b_hh) : c10::nullopt, saved[3], saved[4],
+                ctx->saved_data["adjoint"].toStringRef());
+    variable_list grads(16);  // one per forward argument after ctx
+    grads[1] = grad_gi;
+    grads[2] = grad_W;
+    grads[3] = b_hh.defined() ? grad_b : at::Tensor();
+    grads[4] = grad_s0;
+    return grads;
+  }
+};
+
+Outputs newton_rnn_autograd(c10::string_view cell, const at::Tensor& gi, const at::Tensor& W_hh,
+                            const c10::optional<at::Tensor>& b_hh, const at::Tensor& s0, c10::string_view method,
+                            int64_t max_iter, double atol, double rtol, double damping, double clip,
+                            c10::string_view init, const c10::optional<at::Tensor>& init_states, bool fixed_iterations,
+                            bool fallback, c10::string_view adjoint) {
+  auto out = NewtonRNNFunction::apply(std::string(cell), gi, W_hh, b_hh, s0, std::string(method), max_iter, atol,
+                                      rtol, damping, clip, std::string(init), init_states, fixed_iterations, fallback,
+                                      std::string(adjoint));
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pnewton, Autograd, m) { m.impl("newton_rnn", &newton_rnn_autograd); }
+
+}  // namespace pnewton

@@ -1,0 +1,192 @@
+#include "csrc/solver/cells.h"
+
+namespace pnewton {
+namespace {
+
+int64_t gates_of(CellKind kind) {
+  switch (kind) {
+    case CellKind::gru:
+    case CellKind::diag_gru: return 3;
+    case CellKind::lstm:
+    case CellKind::diag_lstm: return 4;
+    default: return 1;
+  }
+}
+
+at::Tensor sigmoid_grad(const at::Tensor& y) { return y * (1 - y); }
+
+// The (h, c) pair of an interleaved LSTM state [N, 2D] as two [N, D] views.
+std::pair<at::Tensor, at::Tensor> split_lstm(const at::Tensor& s, int64_t D) {
+  const at::Tensor pairs = s.view({s.size(0), D, 2});
+  return {pairs.select(2, 0), pairs.select(2, 1)};
+}
+
+at::Tensor interleave(const at::Tensor& h, const at::Tensor& c) {
+  return at::stack({h, c}, 2).view({h.size(0), 2 * h.size(1)});
+}
+
+}  // namespace
+
+CellKind parse_cell(const std::string& name) {
+  if (name == "gru") return CellKind::gru;
+  if (name == "lstm") return CellKind::lstm;
+  if (name == "rnn_tanh") return CellKind::rnn_tanh;
+  if (name == "rnn_relu") return CellKind::rnn_relu;
+  if (name == "diag_gru") return CellKind::diag_gru;
+  if (name == "diag_lstm") return CellKind::diag_lstm;
+  TORCH_CHECK(false, "pnewton.newton_rnn: cell must be one of gru, lstm, rnn_tanh, rnn_relu, diag_gru, diag_lstm; got '",
+              name, "'");
+}
+
+const char* cell_name(CellKind kind) {
+  switch (kind) {
+    case CellKind::gru: return "gru";
+    case CellKind::lstm: return "lstm";
+    case CellKind::rnn_tanh: return "rnn_tanh";
+    case CellKind::rnn_relu: return "rnn_relu";
+    case CellKind::diag_gru: return "diag_gru";
+    case CellKind::diag_lstm: return "diag_lstm";
+  }
+  return "?";
+}
+
+Cell::Cell(CellKind kind, const at::Tensor& W_hh, const c10::optional<at::Tensor>& b_hh)
+    : kind_(kind), W_(W_hh), gates_(gates_of(kind)) {
+  const char* op = "pnewton.newton_rnn";
+  if (diagonal_weights()) {
+    TORCH_CHECK(W_hh.dim() == 1 && W_hh.size(0) % gates_ == 0, op, ": W_hh of cell '", cell_name(kind),
+                "' must be a vector [", gates_, " * hidden], got shape ", W_hh.sizes());
+    D_ = W_hh.size(0) / gates_;
+  } else {
+    TORCH_CHECK(W_hh.dim() == 2 && W_hh.size(0) == gates_ * W_hh.size(1), op, ": W_hh of cell '", cell_name(kind),
+                "' must be [", gates_, " * hidden, hidden], got shape ", W_hh.sizes());
+    D_ = W_hh.size(1);
+  }
+  if (b_hh.has_value()) {
+    TORCH_CHECK(b_hh->dim() == 1 && b_hh->size(0) == gates_ * D_, op, ": b_hh must be [", gates_ * D_, "], got shape ",
+                b_hh->sizes());
+    b_ = *b_hh;
+  }
+}
+
+JacobianPart Cell::exact_part() const {
+  if (kind_ == CellKind::diag_gru) return JacobianPart::diagonal;
+  if (kind_ == CellKind::diag_lstm) return JacobianPart::block2;
+  return JacobianPart::dense;
+}
+
+at::Tensor Cell::hidden_of(const at::Tensor& s) const {
+  return is_lstm() ? s.unflatten(-1, {D_, 2}).select(-1, 0) : s;
+}
+
+at::Tensor Cell::recurrent(const at::Tensor& h) const {
+  if (diagonal_weights()) {
+    at::Tensor gh = W_.view({gates_, D_}) * h.unsqueeze(1);
+    gh = gh.view({h.size(0), gates_ * D_});
+    return b_.defined() ? gh + b_ : gh;
+  }
+  return at::linear(h, W_, b_.defined() ? c10::optional<at::Tensor>(b_) : c10::nullopt);
+}
+
+at::Tensor Cell::recurrent_vjp(const at::Tensor& grad_gh) const {
+  if (diagonal_weights()) return (grad_gh.view({-1, gates_, D_}) * W_.view({gates_, D_})).sum(1);
+  return at::matmul(grad_gh, W_);
+}
+
+at::Tensor Cell::weight_grad(const at::Tensor& grad_gh, const at::Tensor& h) const {
+  if (diagonal_weights()) return (grad_gh.view({-1, gates_, D_}) * h.unsqueeze(1)).sum(0).view({gates_ * D_});
+  return at::matmul(grad_gh.t(), h);
+}
+
+at::Tensor Cell::scaled_gate(const at::Tensor& c, int64_t k, bool dense) const {
+  const at::Tensor w = diagonal_weights() ? W_.view({gates_, D_})[k] : W_.narrow(0, k * D_, D_);
+  if (diagonal_weights()) return dense ? at::diag_embed(c * w) : c * w;
+  return dense ? c.unsqueeze(-1) * w : c * w.diagonal();
+}
+
+at::Tensor Cell::step(const at::Tensor& s, const at::Tensor& gi) const {
+  if (is_lstm()) {
+    auto [h, c] = split_lstm(s, D_);
+    const auto a = (gi + recurrent(h)).chunk(4, -1);
+    const at::Tensor c_new = at::sigmoid(a[1]) * c + at::sigmoid(a[0]) * at::tanh(a[2]);
+    return interleave(at::sigmoid(a[3]) * at::tanh(c_new), c_new);
+  }
+  if (kind_ == CellKind::rnn_tanh) return at::tanh(gi + recurrent(s));
+  if (kind_ == CellKind::rnn_relu) return at::relu(gi + recurrent(s));
+  const auto i = gi.chunk(3, -1), g = recurrent(s).chunk(3, -1);
+  const at::Tensor r = at::sigmoid(i[0] + g[0]), z = at::sigmoid(i[1] + g[1]);
+  const at::Tensor n = at::tanh(i[2] + r * g[2]);
+  return (1 - z) * n + z * s;
+}
+
+at::Tensor Cell::jacobian(const at::Tensor& s, const at::Tensor& gi, JacobianPart part) const {
+  const bool dense = part == JacobianPart::dense;
+  if (is_lstm()) {
+    auto [h, c] = split_lstm(s, D_);
+    const auto a = (gi + recurrent(h)).chunk(4, -1);
+    const at::Tensor i = at::sigmoid(a[0]), f = at::sigmoid(a[1]), g = at::tanh(a[2]), o = at::sigmoid(a[3]);
+    const at::Tensor tc = at::tanh(f * c + i * g);
+    const at::Tensor dc_i = g * sigmoid_grad(i), dc_f = c * sigmoid_grad(f), dc_g = i * (1 - g * g);
+    const at::Tensor dh_dc = o * (1 - tc * tc);  // ∂h'/∂c'
+    auto dc_dh = [&](bool full) {
+      return scaled_gate(dc_i, 0, full) + scaled_gate(dc_f, 1, full) + scaled_gate(dc_g, 2, full);
+    };
+    auto dh_dh = [&](bool full) {
+      return scaled_gate(tc * sigmoid_grad(o), 3, full) +
+             (full ? dh_dc.unsqueeze(-1) : dh_dc) * dc_dh(full);
+    };
+    if (part == JacobianPart::diagonal) return interleave(dh_dh(false), f);
+    if (part == JacobianPart::block2) {
+      // [[∂h'_i/∂h_i, ∂h'_i/∂c_i], [∂c'_i/∂h_i, ∂c'_i/∂c_i]] per channel.
+      return at::stack({at::stack({dh_dh(false), dh_dc * f}, -1), at::stack({dc_dh(false), f}, -1)}, -2);
+    }
+    // Dense over the interleaved state: [N, D (out), 2, D (in), 2].
+    const at::Tensor J = at::stack({at::stack({dh_dh(true), at::diag_embed(dh_dc * f)}, -1),
+                                    at::stack({dc_dh(true), at::diag_embed(f)}, -1)},
+                                   2);
+    return J.reshape({s.size(0), 2 * D_, 2 * D_});
+  }
+  TORCH_CHECK(part != JacobianPart::block2, "pnewton.newton_rnn: 2x2 blocks (block_deer) need an LSTM cell, got '",
+              cell_name(kind_), "'");
+  if (kind_ == CellKind::rnn_tanh || kind_ == CellKind::rnn_relu) {
+    const at::Tensor a = gi + recurrent(s);
+    const at::Tensor d = kind_ == CellKind::rnn_tanh ? 1 - at::tanh(a).square() : (a > 0).to(a.scalar_type());
+    return scaled_gate(d, 0, dense);
+  }
+  const auto i = gi.chunk(3, -1), g = recurrent(s).chunk(3, -1);
+  const at::Tensor r = at::sigmoid(i[0] + g[0]), z = at::sigmoid(i[1] + g[1]);
+  const at::Tensor n = at::tanh(i[2] + r * g[2]);
+  const at::Tensor dn = (1 - z) * (1 - n * n);  // ∂h'/∂(pre-activation of n)
+  const at::Tensor J = scaled_gate(dn * r, 2, dense) + scaled_gate(dn * g[2] * sigmoid_grad(r), 0, dense) +
+                       scaled_gate((s - n) * sigmoid_grad(z), 1, dense);
+  return dense ? J + at::diag_embed(z) : J + z;
+}
+
+Cell::Vjp Cell::vjp(const at::Tensor& s, const at::Tensor& gi, const at::Tensor& v) const {
+  if (is_lstm()) {
+    auto [h, c] = split_lstm(s, D_);
+    auto [v_h, v_c] = split_lstm(v, D_);
+    const auto a = (gi + recurrent(h)).chunk(4, -1);
+    const at::Tensor i = at::sigmoid(a[0]), f = at::sigmoid(a[1]), g = at::tanh(a[2]), o = at::sigmoid(a[3]);
+    const at::Tensor tc = at::tanh(f * c + i * g);
+    const at::Tensor dc = v_c + v_h * o * (1 - tc * tc);
+    const at::Tensor grad_gates = at::cat({dc * g * sigmoid_grad(i), dc * c * sigmoid_grad(f), dc * i * (1 - g * g),
+                                           v_h * tc * sigmoid_grad(o)},
+                                          -1);
+    return {interleave(recurrent_vjp(grad_gates), dc * f), grad_gates, grad_gates};
+  }
+  if (kind_ == CellKind::rnn_tanh || kind_ == CellKind::rnn_relu) {
+    const at::Tensor a = gi + recurrent(s);
+    const at::Tensor da = kind_ == CellKind::rnn_tanh ? v * (1 - at::tanh(a).square()) : v * (a > 0).to(a.scalar_type());
+    return {recurrent_vjp(da), da, da};
+  }
+  const auto i = gi.chunk(3, -1), g = recurrent(s).chunk(3, -1);
+  const at::Tensor r = at::sigmoid(i[0] + g[0]), z = at::sigmoid(i[1] + g[1]);
+  const at::Tensor n = at::tanh(i[2] + r * g[2]);
+  const at::Tensor da_n = v * (1 - z) * (1 - n * n);
+  const at::Tensor da_r = da_n * g[2] * sigmoid_grad(r), da_z = v * (s - n) * sigmoid_grad(z);
+  const at::Tensor grad_gh = at::cat({da_r, da_z, da_n * r}, -1);
+  return {recurrent_vjp(grad_gh) + v * z, at::cat({da_r, da_z, da_n}, -1), grad_gh};
+}
+
+}  // namespace pnewton

@@ -1,0 +1,66 @@
+#pragma once
+// The built-in cells of the Newton solver, over ATen ops (one implementation for CPU and
+// CUDA): the step f, its analytic Jacobian ∂f/∂s in the part a method needs, and its
+// vector-Jacobian product. Rows are flattened steps: s [N, S], gi [N, G].
+//
+// State layouts: gru, rnn_*, diag_gru: s = h [N, D]. lstm, diag_lstm: s = (h_i, c_i)
+// interleaved per channel, [N, 2D] viewed as [N, D, 2], so the 2×2 (h_i, c_i) blocks
+// of block_deer are contiguous. gi is the input projection W_ih x_t + b_ih with torch.nn's
+// gate order. Recurrent weights are [G, D] matrices, or [G] vectors for the diag_* cells
+// (per-channel recurrences, so their Jacobians are exactly diagonal / 2×2 block-diagonal).
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace pnewton {
+
+enum class CellKind { gru, lstm, rnn_tanh, rnn_relu, diag_gru, diag_lstm };
+
+// The part of ∂f/∂s that is formed: its diagonal [N, S], its 2×2 (h_i, c_i) blocks
+// [N, D, 2, 2] (LSTM cells), or the dense matrix [N, S, S].
+enum class JacobianPart { diagonal, block2, dense };
+
+CellKind parse_cell(const std::string& name);
+const char* cell_name(CellKind kind);
+
+class Cell {
+ public:
+  // Checks W_hh, b_hh against the cell and the hidden size D they imply.
+  Cell(CellKind kind, const at::Tensor& W_hh, const c10::optional<at::Tensor>& b_hh);
+
+  CellKind kind() const { return kind_; }
+  int64_t hidden() const { return D_; }
+  const at::Tensor& weight() const { return W_; }
+  int64_t state_size() const { return is_lstm() ? 2 * D_ : D_; }
+  int64_t gate_size() const { return gates_ * D_; }
+  bool is_lstm() const { return kind_ == CellKind::lstm || kind_ == CellKind::diag_lstm; }
+  bool diagonal_weights() const { return kind_ == CellKind::diag_gru || kind_ == CellKind::diag_lstm; }
+  // The structure of the true Jacobian: what an exact Newton step or adjoint must form.
+  JacobianPart exact_part() const;
+
+  at::Tensor step(const at::Tensor& s, const at::Tensor& gi) const;
+  at::Tensor jacobian(const at::Tensor& s, const at::Tensor& gi, JacobianPart part) const;
+
+  // For a cotangent v of f(s, gi): ∂f/∂sᵀ v, and the cotangents of gi and of the
+  // recurrent pre-activations gh = W_hh h + b_hh (for the weight gradients).
+  struct Vjp {
+    at::Tensor s, gi, gh;
+  };
+  Vjp vjp(const at::Tensor& s, const at::Tensor& gi, const at::Tensor& v) const;
+  // Gradients of W_hh and b_hh from the gh cotangents [N, G] and the hidden states h [N, D].
+  at::Tensor weight_grad(const at::Tensor& grad_gh, const at::Tensor& h) const;
+  // The hidden part h of states [..., S].
+  at::Tensor hidden_of(const at::Tensor& s) const;
+
+ private:
+  at::Tensor recurrent(const at::Tensor& h) const;              // gh [N, G]
+  at::Tensor recurrent_vjp(const at::Tensor& grad_gh) const;    // [N, D]
+  // diag(c) · ∂gh_k/∂h for gate block k: its diagonal [N, D] or matrix [N, D, D].
+  at::Tensor scaled_gate(const at::Tensor& c, int64_t k, bool dense) const;
+
+  CellKind kind_;
+  at::Tensor W_, b_;
+  int64_t D_, gates_;
+};
+
+}  // namespace pnewton

@@ -1,0 +1,61 @@
+#pragma once
+// The parallel Newton solver for the built-in cells (DESIGN §1), over ATen ops: each
+// iteration evaluates the cell at every step at once (one recurrent GEMM), forms the
+// method's Jacobian approximation and solves δ_t = Ã_t δ_{t-1} − r_t with the scan ops.
+// The backward is the adjoint λ_t = g_t + A_{t+1}ᵀ λ_{t+1} with the true Jacobian A.
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "csrc/solver/cells.h"
+
+namespace pnewton {
+
+enum class Method { deer, quasi_deer, block_deer, picard, jacobi, sequential };
+Method parse_method(const std::string& name);
+
+struct NewtonOptions {
+  Method method = Method::quasi_deer;
+  int64_t max_iter = -1;  // -1: min(T, 100)
+  double atol = -1, rtol = -1;  // -1: the dtype's default (default_tolerance)
+  double damping = 0;     // κ: Ã ← (1 − κ) Ã
+  double clip = 0;        // > 0: |Ã| entries (or block Frobenius norms) clipped to ≤ clip
+  std::string init = "zeros";  // zeros | one_step | states
+  at::Tensor init_states;      // [B, T, S] when init == "states"
+  bool fixed_iterations = false;  // exactly max_iter iterations, no host synchronisation
+  bool fallback = true;           // rerun unconverged sequences sequentially
+};
+
+struct NewtonResult {
+  at::Tensor states;      // [B, T, S]
+  at::Tensor iterations;  // [B] int64
+  at::Tensor residual;    // [B] final max_t |s_t − f(s_{t−1}, u_t)|
+  at::Tensor converged;   // [B] bool
+  at::Tensor fell_back;   // [B] bool: the sequential fallback produced this sequence
+};
+
+// Residual tolerance (atol = rtol) used when the caller passes a negative one.
+double default_tolerance(at::ScalarType dtype);
+
+// gi [B, T, G] input projections, s0 [B, S]. Float32/float64 (callers widen fp16/bf16).
+NewtonResult newton_solve(const Cell& cell, const at::Tensor& gi, const at::Tensor& s0, const NewtonOptions& options);
+
+// The states by the step-by-step loop.
+at::Tensor sequential_states(const Cell& cell, const at::Tensor& gi, const at::Tensor& s0);
+
+enum class Adjoint { automatic, scan, iterative, sequential };
+Adjoint parse_adjoint(const std::string& name);
+
+struct NewtonGrads {
+  at::Tensor gi, W_hh, b_hh, s0;
+};
+
+// Exact gradients at the solution `states` for the cotangent grad_states.
+// scan: forms the true Jacobian (diagonal, 2×2 blocks or dense: O(T·S²) memory) and runs
+// one transposed reverse scan. iterative: never forms it; λ is iterated with the diagonal
+// scan as preconditioner and matrix-free Aᵀλ products, to tolerance, then falls back to
+// the sequential reverse sweep. automatic: scan for structured cells or S ≤ 64.
+NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, const at::Tensor& gi,
+                            const at::Tensor& s0, const at::Tensor& states, Adjoint adjoint);
+
+}  // namespace pnewton
