@@ -104,62 +104,65 @@ at::Tensor Cell::scaled_gate(const at::Tensor& c, int64_t k, bool dense) const {
   return dense ? c.unsqueeze(-1) * w : c * w.diagonal();
 }
 
-at::Tensor Cell::step(const at::Tensor& s, const at::Tensor& gi) const {
-  if (is_lstm()) {
-    auto [h, c] = split_lstm(s, D_);
-    const auto a = (gi + recurrent(h)).chunk(4, -1);
-    const at::Tensor c_new = at::sigmoid(a[1]) * c + at::sigmoid(a[0]) * at::tanh(a[2]);
-    return interleave(at::sigmoid(a[3]) * at::tanh(c_new), c_new);
-  }
-  if (kind_ == CellKind::rnn_tanh) return at::tanh(gi + recurrent(s));
-  if (kind_ == CellKind::rnn_relu) return at::relu(gi + recurrent(s));
-  const auto i = gi.chunk(3, -1), g = recurrent(s).chunk(3, -1);
-  const at::Tensor r = at::sigmoid(i[0] + g[0]), z = at::sigmoid(i[1] + g[1]);
-  const at::Tensor n = at::tanh(i[2] + r * g[2]);
-  return (1 - z) * n + z * s;
-}
+at::Tensor Cell::step(const at::Tensor& s, const at::Tensor& gi) const { return evaluate(s, gi, c10::nullopt).F; }
 
 at::Tensor Cell::jacobian(const at::Tensor& s, const at::Tensor& gi, JacobianPart part) const {
+  return evaluate(s, gi, part).J;
+}
+
+Cell::Evaluation Cell::evaluate(const at::Tensor& s, const at::Tensor& gi, c10::optional<JacobianPart> part) const {
+  // Gates are computed once and serve both f and its Jacobian.
   const bool dense = part == JacobianPart::dense;
   if (is_lstm()) {
     auto [h, c] = split_lstm(s, D_);
     const auto a = (gi + recurrent(h)).chunk(4, -1);
     const at::Tensor i = at::sigmoid(a[0]), f = at::sigmoid(a[1]), g = at::tanh(a[2]), o = at::sigmoid(a[3]);
-    const at::Tensor tc = at::tanh(f * c + i * g);
+    const at::Tensor c_new = f * c + i * g, tc = at::tanh(c_new);
+    Evaluation e{interleave(o * tc, c_new), at::Tensor()};
+    if (!part) return e;
     const at::Tensor dc_i = g * sigmoid_grad(i), dc_f = c * sigmoid_grad(f), dc_g = i * (1 - g * g);
     const at::Tensor dh_dc = o * (1 - tc * tc);  // ∂h'/∂c'
     auto dc_dh = [&](bool full) {
       return scaled_gate(dc_i, 0, full) + scaled_gate(dc_f, 1, full) + scaled_gate(dc_g, 2, full);
     };
     auto dh_dh = [&](bool full) {
-      return scaled_gate(tc * sigmoid_grad(o), 3, full) +
-             (full ? dh_dc.unsqueeze(-1) : dh_dc) * dc_dh(full);
+      return scaled_gate(tc * sigmoid_grad(o), 3, full) + (full ? dh_dc.unsqueeze(-1) : dh_dc) * dc_dh(full);
     };
-    if (part == JacobianPart::diagonal) return interleave(dh_dh(false), f);
-    if (part == JacobianPart::block2) {
+    if (*part == JacobianPart::diagonal) {
+      e.J = interleave(dh_dh(false), f);
+    } else if (*part == JacobianPart::block2) {
       // [[∂h'_i/∂h_i, ∂h'_i/∂c_i], [∂c'_i/∂h_i, ∂c'_i/∂c_i]] per channel.
-      return at::stack({at::stack({dh_dh(false), dh_dc * f}, -1), at::stack({dc_dh(false), f}, -1)}, -2);
+      e.J = at::stack({at::stack({dh_dh(false), dh_dc * f}, -1), at::stack({dc_dh(false), f}, -1)}, -2);
+    } else {
+      // Dense over the interleaved state: [N, D (out), 2, D (in), 2].
+      e.J = at::stack({at::stack({dh_dh(true), at::diag_embed(dh_dc * f)}, -1),
+                       at::stack({dc_dh(true), at::diag_embed(f)}, -1)},
+                      2)
+                .reshape({s.size(0), 2 * D_, 2 * D_});
     }
-    // Dense over the interleaved state: [N, D (out), 2, D (in), 2].
-    const at::Tensor J = at::stack({at::stack({dh_dh(true), at::diag_embed(dh_dc * f)}, -1),
-                                    at::stack({dc_dh(true), at::diag_embed(f)}, -1)},
-                                   2);
-    return J.reshape({s.size(0), 2 * D_, 2 * D_});
+    return e;
   }
   TORCH_CHECK(part != JacobianPart::block2, "pnewton.newton_rnn: 2x2 blocks (block_deer) need an LSTM cell, got '",
               cell_name(kind_), "'");
   if (kind_ == CellKind::rnn_tanh || kind_ == CellKind::rnn_relu) {
     const at::Tensor a = gi + recurrent(s);
-    const at::Tensor d = kind_ == CellKind::rnn_tanh ? 1 - at::tanh(a).square() : (a > 0).to(a.scalar_type());
-    return scaled_gate(d, 0, dense);
+    Evaluation e{kind_ == CellKind::rnn_tanh ? at::tanh(a) : at::relu(a), at::Tensor()};
+    if (part) {
+      const at::Tensor d = kind_ == CellKind::rnn_tanh ? 1 - e.F.square() : (a > 0).to(a.scalar_type());
+      e.J = scaled_gate(d, 0, dense);
+    }
+    return e;
   }
   const auto i = gi.chunk(3, -1), g = recurrent(s).chunk(3, -1);
   const at::Tensor r = at::sigmoid(i[0] + g[0]), z = at::sigmoid(i[1] + g[1]);
   const at::Tensor n = at::tanh(i[2] + r * g[2]);
+  Evaluation e{(1 - z) * n + z * s, at::Tensor()};
+  if (!part) return e;
   const at::Tensor dn = (1 - z) * (1 - n * n);  // ∂h'/∂(pre-activation of n)
   const at::Tensor J = scaled_gate(dn * r, 2, dense) + scaled_gate(dn * g[2] * sigmoid_grad(r), 0, dense) +
                        scaled_gate((s - n) * sigmoid_grad(z), 1, dense);
-  return dense ? J + at::diag_embed(z) : J + z;
+  e.J = dense ? J + at::diag_embed(z) : J + z;
+  return e;
 }
 
 Cell::Vjp Cell::vjp(const at::Tensor& s, const at::Tensor& gi, const at::Tensor& v) const {

@@ -38,6 +38,11 @@ class Cell {
   // The structure of the true Jacobian: what an exact Newton step or adjoint must form.
   JacobianPart exact_part() const;
 
+  // f(s, gi) and, when a part is asked for, ∂f/∂s in that part, from one gate evaluation.
+  struct Evaluation {
+    at::Tensor F, J;
+  };
+  Evaluation evaluate(const at::Tensor& s, const at::Tensor& gi, c10::optional<JacobianPart> part) const;
   at::Tensor step(const at::Tensor& s, const at::Tensor& gi) const;
   at::Tensor jacobian(const at::Tensor& s, const at::Tensor& gi, JacobianPart part) const;
 

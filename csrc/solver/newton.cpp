@@ -111,10 +111,14 @@ NewtonResult newton_solve(const Cell& cell, const at::Tensor& gi, const at::Tens
   }
 
   const JacobianPart part = method_part(cell, o.method);
+  const bool newton_like = o.method != Method::jacobi && o.method != Method::picard;
   at::Tensor converged, residual;
   for (int64_t it = 0;; ++it) {
     const at::Tensor s_prev = flat(shifted(s0, s));
-    const at::Tensor F = cell.step(s_prev, gi_flat).view({B, T, S});
+    // f and the Jacobian part from one evaluation of the gates (none after the last step).
+    const Cell::Evaluation e =
+        cell.evaluate(s_prev, gi_flat, newton_like && it < max_iter ? c10::optional<JacobianPart>(part) : c10::nullopt);
+    const at::Tensor F = e.F.view({B, T, S});
     const at::Tensor r = s - F;
     residual = r.abs().amax({1, 2});
     const at::Tensor bound = atol + rtol * F.abs().amax({1, 2});
@@ -129,11 +133,10 @@ NewtonResult newton_solve(const Cell& cell, const at::Tensor& gi, const at::Tens
     } else if (o.method == Method::picard) {
       next = s - r.cumsum(1);
     } else {
-      at::Tensor a = cell.jacobian(s_prev, gi_flat, part);
       const std::vector<int64_t> shape = part == JacobianPart::diagonal ? std::vector<int64_t>{B, T, S}
                                          : part == JacobianPart::block2 ? std::vector<int64_t>{B, T, cell.hidden(), 2, 2}
                                                                         : std::vector<int64_t>{B, T, S, S};
-      a = a.view(shape);
+      at::Tensor a = e.J.view(shape);
       if (o.damping > 0) a = a * (1.0 - o.damping);
       if (o.clip > 0) a = clip_jacobian(a, part, o.clip);
       next = s + newton_delta(a, r, part, cell.hidden());
@@ -248,7 +251,10 @@ NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, con
   const at::Tensor gi_flat = flat(gi);
   const at::Tensor g = grad_states.contiguous();
   if (adjoint == Adjoint::automatic) {
-    adjoint = cell.exact_part() != JacobianPart::dense || S <= 64 ? Adjoint::scan : Adjoint::iterative;
+    // The dense Jacobian costs B·T·S² numbers: form it only while that stays small.
+    constexpr int64_t kDenseAdjointBudget = int64_t(1) << 24;
+    adjoint = cell.exact_part() != JacobianPart::dense || B * T * S * S <= kDenseAdjointBudget ? Adjoint::scan
+                                                                                                : Adjoint::iterative;
   }
   at::Tensor lambda;
   switch (adjoint) {

@@ -54,7 +54,7 @@ struct NewtonGrads {
 // scan: forms the true Jacobian (diagonal, 2×2 blocks or dense: O(T·S²) memory) and runs
 // one transposed reverse scan. iterative: never forms it; λ is iterated with the diagonal
 // scan as preconditioner and matrix-free Aᵀλ products, to tolerance, then falls back to
-// the sequential reverse sweep. automatic: scan for structured cells or S ≤ 64.
+// the sequential reverse sweep. automatic: scan for structured cells or while B·T·S² ≤ 2^24.
 NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, const at::Tensor& gi,
                             const at::Tensor& s0, const at::Tensor& states, Adjoint adjoint);
 
