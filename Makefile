@@ -4,7 +4,9 @@ PYTHON ?= python3
 BUILD_DIR ?= build
 export PNEWTON_BUILD_DIR := $(abspath $(BUILD_DIR))
 
-.PHONY: install demo test test-cpp test-python bench clean
+SANITIZE_DIR ?= build-sanitize
+
+.PHONY: install demo test test-cpp test-sanitize test-python bench clean
 
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -14,10 +16,16 @@ demo: install
 	$(PYTHON) examples/train_gru.py
 
 test: install
-	$(MAKE) test-cpp test-python
+	$(MAKE) test-cpp test-sanitize test-python
 
 test-cpp:
 	ctest --test-dir $(BUILD_DIR) --output-on-failure --no-tests=error
+
+# The torch-free kernel tests again, built with AddressSanitizer + UBSan.
+test-sanitize:
+	cmake -S . -B $(SANITIZE_DIR) -G Ninja -DPNEWTON_KERNELS_ONLY=ON -DPNEWTON_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
+	cmake --build $(SANITIZE_DIR)
+	ctest --test-dir $(SANITIZE_DIR) --output-on-failure --no-tests=error
 
 test-python:
 	$(PYTHON) -m pytest tests/python -q
@@ -26,4 +34,4 @@ bench: install
 	$(PYTHON) benchmarks/bench_scan.py
 
 clean:
-	rm -rf $(BUILD_DIR) torch_ops/_C*.so *.egg-info
+	rm -rf $(BUILD_DIR) $(SANITIZE_DIR) torch_ops/_C*.so *.egg-info

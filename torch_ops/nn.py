@@ -33,7 +33,8 @@ def newton_rnn(cell, gi, W_hh, b_hh, s0, method="quasi_deer", max_iter=None, ato
         cell, gi, W_hh, b_hh, s0, method, -1 if max_iter is None else max_iter, -1.0 if atol is None else atol,
         -1.0 if rtol is None else rtol, damping, clip, init, init_states, fixed_iterations, fallback, adjoint)
     fell = bool(fell_back.any()) if fallback and not fixed_iterations else False
-    return states, SolveStats(iterations, residual, converged, f"{method}->sequential" if fell else method, fell)
+    return states, SolveStats(iterations, residual, converged, f"{method}->sequential" if fell else method, fell,
+                              fell_back)
 
 
 class _NewtonRNNBase(nn.Module):
@@ -157,6 +158,7 @@ def _merge(stats):
         converged=torch.stack([s.converged for s in stats]).all(0),
         method=",".join(sorted({s.method for s in stats})),
         fallback=any(s.fallback for s in stats),
+        fell_back=torch.stack([s.fell_back for s in stats]).any(0),
     )
 
 

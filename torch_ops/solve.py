@@ -26,6 +26,7 @@ class SolveStats:
     converged: torch.Tensor  # [B] bool
     method: str  # the method that produced the states, e.g. "quasi_deer" or "quasi_deer->sequential"
     fallback: bool  # whether the sequential fallback ran
+    fell_back: torch.Tensor = None  # [B] bool: the sequences it produced
 
 
 def default_tolerance(dtype):
@@ -193,24 +194,28 @@ def solve(f, s0, inputs, method="quasi_deer", *, structure="dense", jacobian=Non
         s0_d, inputs_d = s0.detach(), inputs.detach()
         if T == 0:
             empty = s0.new_zeros(B)
-            return s0.new_empty(B, 0, s0.shape[1]), SolveStats(empty.long(), empty, empty == 0, method, False)
+            return s0.new_empty(B, 0, s0.shape[1]), SolveStats(empty.long(), empty, empty == 0, method, False,
+                                                                 empty != 0)
         if method == "sequential":
             states = sequential(f, s0_d, inputs_d)
             ones = torch.ones(B, dtype=torch.bool, device=s0.device)
             stats = SolveStats(torch.full((B,), T, device=s0.device), torch.zeros(B, dtype=s0.dtype, device=s0.device),
-                               ones, "sequential", False)
+                               ones, "sequential", False, torch.zeros_like(ones))
         else:
             states, iterations, residual, converged = _newton(f, s0_d, inputs_d, method, structure, jacobian,
                                                               max_iter, atol, rtol, damping, init)
-            used, fell_back = method, False
+            used, fell_back = method, torch.zeros_like(converged)
             if fallback and not bool(converged.all()):
                 redo = ~converged
-                states[redo] = sequential(f, s0_d[redo], inputs_d[redo])
+                exact = sequential(f, s0_d[redo], inputs_d[redo])
+                states[redo] = exact
                 iterations = torch.where(redo, torch.full_like(iterations, T), iterations)
                 residual = torch.where(redo, torch.zeros_like(residual), residual)
-                converged = torch.ones_like(converged)
-                used, fell_back = f"{method}->sequential", True
-            stats = SolveStats(iterations, residual, converged, used, fell_back)
+                # Exact by definition, unless non-finite inputs made the loop's states NaN/Inf.
+                converged = converged.clone()
+                converged[redo] = torch.isfinite(exact).flatten(1).all(1)
+                used, fell_back = f"{method}->sequential", redo
+            stats = SolveStats(iterations, residual, converged, used, bool(fell_back.any()), fell_back)
 
     if not torch.is_grad_enabled():
         return states, stats

@@ -153,10 +153,13 @@ NewtonResult newton_solve(const Cell& cell, const at::Tensor& gi, const at::Tens
   res.converged = converged;
   if (o.fallback && !o.fixed_iterations && !converged.all().item<bool>()) {
     const at::Tensor redo = at::logical_not(converged).nonzero().squeeze(1);
-    res.states.index_copy_(0, redo, sequential_states(cell, gi.index_select(0, redo), s0.index_select(0, redo)));
+    const at::Tensor exact = sequential_states(cell, gi.index_select(0, redo), s0.index_select(0, redo));
+    res.states.index_copy_(0, redo, exact);
     res.iterations.index_fill_(0, redo, T);
     res.residual.index_fill_(0, redo, 0);
-    res.converged.fill_(true);
+    // The loop's states are exact by definition, unless non-finite inputs made them NaN/Inf:
+    // those sequences could not converge and say so.
+    res.converged.index_copy_(0, redo, exact.isfinite().flatten(1).all(1));
     res.fell_back.index_fill_(0, redo, true);
   }
   return res;
