@@ -32,9 +32,7 @@ def newton_rnn(cell, gi, W_hh, b_hh, s0, method="quasi_deer", max_iter=None, ato
     states, iterations, residual, converged, fell_back = torch.ops.pnewton.newton_rnn(
         cell, gi, W_hh, b_hh, s0, method, -1 if max_iter is None else max_iter, -1.0 if atol is None else atol,
         -1.0 if rtol is None else rtol, damping, clip, init, init_states, fixed_iterations, fallback, adjoint)
-    fell = bool(fell_back.any()) if fallback and not fixed_iterations else False
-    return states, SolveStats(iterations, residual, converged, f"{method}->sequential" if fell else method, fell,
-                              fell_back)
+    return states, SolveStats(iterations, residual, converged, fell_back, method)
 
 
 class _NewtonRNNBase(nn.Module):
@@ -156,9 +154,8 @@ def _merge(stats):
         iterations=torch.stack([s.iterations for s in stats]).amax(0),
         residual=torch.stack([s.residual for s in stats]).amax(0),
         converged=torch.stack([s.converged for s in stats]).all(0),
-        method=",".join(sorted({s.method for s in stats})),
-        fallback=any(s.fallback for s in stats),
         fell_back=torch.stack([s.fell_back for s in stats]).any(0),
+        requested=stats[0].requested,
     )
 
 

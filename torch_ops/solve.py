@@ -19,14 +19,27 @@ STRUCTURES = ("dense", "diag")
 
 @dataclass
 class SolveStats:
-    """Diagnostics of one solve, per sequence where shaped [B]."""
+    """Diagnostics of one solve, per sequence where shaped [B].
+
+    Only tensors are stored, so making the record costs no host synchronisation (and no
+    graph break under torch.compile); ``fallback`` and ``method`` read them when asked.
+    """
 
     iterations: torch.Tensor  # [B] Newton iterations used (T when the sequential fallback ran)
     residual: torch.Tensor  # [B] final max |s_t - f(s_{t-1}, u_t)|
-    converged: torch.Tensor  # [B] bool
-    method: str  # the method that produced the states, e.g. "quasi_deer" or "quasi_deer->sequential"
-    fallback: bool  # whether the sequential fallback ran
-    fell_back: torch.Tensor = None  # [B] bool: the sequences it produced
+    converged: torch.Tensor  # [B] bool: the states satisfy the recurrence to tolerance
+    fell_back: torch.Tensor  # [B] bool: the sequential fallback produced these sequences
+    requested: str  # the method asked for
+
+    @property
+    def fallback(self):
+        """Whether the sequential fallback ran for any sequence."""
+        return bool(self.fell_back.any())
+
+    @property
+    def method(self):
+        """The method that produced the states, e.g. "quasi_deer" or "quasi_deer->sequential"."""
+        return f"{self.requested}->sequential" if self.fallback else self.requested
 
 
 def default_tolerance(dtype):
@@ -194,17 +207,16 @@ def solve(f, s0, inputs, method="quasi_deer", *, structure="dense", jacobian=Non
         s0_d, inputs_d = s0.detach(), inputs.detach()
         if T == 0:
             empty = s0.new_zeros(B)
-            return s0.new_empty(B, 0, s0.shape[1]), SolveStats(empty.long(), empty, empty == 0, method, False,
-                                                                 empty != 0)
+            return s0.new_empty(B, 0, s0.shape[1]), SolveStats(empty.long(), empty, empty == 0, empty != 0, method)
         if method == "sequential":
             states = sequential(f, s0_d, inputs_d)
             ones = torch.ones(B, dtype=torch.bool, device=s0.device)
             stats = SolveStats(torch.full((B,), T, device=s0.device), torch.zeros(B, dtype=s0.dtype, device=s0.device),
-                               ones, "sequential", False, torch.zeros_like(ones))
+                               ones, torch.zeros_like(ones), "sequential")
         else:
             states, iterations, residual, converged = _newton(f, s0_d, inputs_d, method, structure, jacobian,
                                                               max_iter, atol, rtol, damping, init)
-            used, fell_back = method, torch.zeros_like(converged)
+            fell_back = torch.zeros_like(converged)
             if fallback and not bool(converged.all()):
                 redo = ~converged
                 exact = sequential(f, s0_d[redo], inputs_d[redo])
@@ -214,8 +226,8 @@ def solve(f, s0, inputs, method="quasi_deer", *, structure="dense", jacobian=Non
                 # Exact by definition, unless non-finite inputs made the loop's states NaN/Inf.
                 converged = converged.clone()
                 converged[redo] = torch.isfinite(exact).flatten(1).all(1)
-                used, fell_back = f"{method}->sequential", redo
-            stats = SolveStats(iterations, residual, converged, used, bool(fell_back.any()), fell_back)
+                fell_back = redo
+            stats = SolveStats(iterations, residual, converged, fell_back, method)
 
     if not torch.is_grad_enabled():
         return states, stats

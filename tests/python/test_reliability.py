@@ -39,7 +39,7 @@ def test_scan_input_fuzz_matches_the_loop():
     gen = torch.Generator().manual_seed(2024)
     for case in range(150):
         B, T, H = (int(torch.randint(0, n, (1,), generator=gen)) for n in (4, 70, 5))
-        k = int(torch.randint(1, 11, (1,), generator=gen))
+        k = int(torch.randint(1, 17, (1,), generator=gen))
         dtype = DTYPES[case % 3]
         reverse, transpose, with_x0 = (bool(torch.randint(0, 2, (1,), generator=gen)) for _ in range(3))
         A = (torch.randn(B, T, H, k, k, generator=gen) / k).to(dtype)
