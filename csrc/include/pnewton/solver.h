@@ -1,0 +1,47 @@
+#pragma once
+// Public C++ API of the Newton solver for the built-in cells (torch.ops.pnewton.newton_rnn).
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace pnewton {
+
+// The solver options; negative max_iter / atol / rtol select the per-dtype defaults
+// (min(T, 100) iterations; 1e-10 for float64, 1e-5 otherwise). See README "The solver".
+struct SolverOptions {
+  std::string method = "quasi_deer";  // deer | quasi_deer | block_deer | picard | jacobi | sequential
+  int64_t max_iter = -1;
+  double atol = -1.0, rtol = -1.0;
+  double damping = 0.0, clip = 0.0;
+  std::string init = "zeros";  // zeros | one_step | states (with init_states)
+  bool fixed_iterations = false;
+  bool fallback = true;
+  std::string adjoint = "auto";  // auto | scan | iterative | sequential
+};
+
+// Per-sequence diagnostics of one solve ([B] each).
+struct SolveStats {
+  at::Tensor iterations, residual, converged, fell_back;
+};
+
+// Solves a built-in cell ("gru", "lstm", "rnn_tanh", "rnn_relu", "diag_gru", "diag_lstm")
+// over gi [B, T, G] from s0 [B, S]; returns the states [B, T, S] and the diagnostics.
+inline std::tuple<at::Tensor, SolveStats> newton_rnn(const std::string& cell, const at::Tensor& gi,
+                                                     const at::Tensor& W_hh, const std::optional<at::Tensor>& b_hh,
+                                                     const at::Tensor& s0, const SolverOptions& o = {},
+                                                     const std::optional<at::Tensor>& init_states = std::nullopt) {
+  using Sig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      c10::string_view, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+      c10::string_view, int64_t, double, double, double, double, c10::string_view, const std::optional<at::Tensor>&,
+      bool, bool, c10::string_view);
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("pnewton::newton_rnn", "").typed<Sig>();
+  auto [states, iterations, residual, converged, fell_back] =
+      op.call(cell, gi, W_hh, b_hh, s0, o.method, o.max_iter, o.atol, o.rtol, o.damping, o.clip, o.init, init_states,
+              o.fixed_iterations, o.fallback, o.adjoint);
+  return {states, SolveStats{iterations, residual, converged, fell_back}};
+}
+
+}  // namespace pnewton

@@ -1,0 +1,167 @@
+// pnewton::nn::GRU / LSTM / RNN: torch::nn-compatible modules on the Newton solver.
+#include <torch/nn/init.h>
+#include <torch/nn/module.h>
+
+#include <cmath>
+
+#include "pnewton/nn.h"
+
+namespace pnewton::nn {
+namespace detail {
+
+namespace {
+
+std::string suffix(int64_t layer, int64_t direction) {
+  return "_l" + std::to_string(layer) + (direction ? "_reverse" : "");
+}
+
+const at::Tensor& parameter(const torch::nn::Module& module, const std::string& name) {
+  const at::Tensor* p = module.named_parameters(/*recurse=*/false).find(name);
+  TORCH_CHECK(p != nullptr, "pnewton.nn: missing parameter ", name);
+  return *p;
+}
+
+}  // namespace
+
+int64_t RNNStack::gates() const { return cell == "gru" ? 3 : cell == "lstm" ? 4 : 1; }
+
+void RNNStack::register_parameters(torch::nn::Module& module) {
+  const int64_t D = options.hidden_size(), G = gates() * D, dirs = options.bidirectional() ? 2 : 1;
+  TORCH_CHECK(options.input_size() > 0 && D > 0 && options.num_layers() > 0,
+              "pnewton.nn: input_size, hidden_size and num_layers must be positive");
+  TORCH_CHECK(options.dropout() >= 0 && options.dropout() <= 1, "pnewton.nn: dropout must be in [0, 1], got ",
+              options.dropout());
+  const double bound = 1.0 / std::sqrt(static_cast<double>(D));  // torch.nn's initialisation
+  auto add = [&](const std::string& name, std::vector<int64_t> shape) {
+    at::Tensor p = torch::empty(shape);
+    torch::nn::init::uniform_(p, -bound, bound);
+    module.register_parameter(name, p);
+  };
+  for (int64_t layer = 0; layer < options.num_layers(); ++layer) {
+    for (int64_t d = 0; d < dirs; ++d) {
+      const std::string s = suffix(layer, d);
+      add("weight_ih" + s, {G, layer == 0 ? options.input_size() : D * dirs});
+      add("weight_hh" + s, {G, D});
+      if (options.bias()) {
+        add("bias_ih" + s, {G});
+        add("bias_hh" + s, {G});
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> RNNStack::run(const torch::nn::Module& module, const at::Tensor& input,
+                                                 const at::Tensor& state0, bool training) {
+  const int64_t dirs = options.bidirectional() ? 2 : 1, D = options.hidden_size();
+  const bool lstm = cell == "lstm";
+  at::Tensor x = options.batch_first() ? input : input.transpose(0, 1);
+  std::vector<at::Tensor> finals;
+  std::vector<SolveStats> stats;
+  for (int64_t layer = 0; layer < options.num_layers(); ++layer) {
+    std::vector<at::Tensor> outs;
+    for (int64_t d = 0; d < dirs; ++d) {
+      const std::string s = suffix(layer, d);
+      const at::Tensor seq = d ? x.flip(1) : x;
+      std::optional<at::Tensor> b_ih, b_hh;
+      if (options.bias()) b_ih = parameter(module, "bias_ih" + s), b_hh = parameter(module, "bias_hh" + s);
+      const at::Tensor gi = at::linear(seq, parameter(module, "weight_ih" + s), b_ih);  // one GEMM for all t
+      const at::Tensor s0 = state0[layer * dirs + d];
+      auto [states, st] = newton_rnn(cell, gi, parameter(module, "weight_hh" + s), b_hh, s0, options.solver());
+      stats.push_back(st);
+      finals.push_back(states.size(1) > 0 ? states.select(1, states.size(1) - 1) : s0);
+      const at::Tensor h = lstm ? states.unflatten(-1, {D, 2}).select(-1, 0) : states;
+      outs.push_back(d ? h.flip(1) : h);
+    }
+    x = at::cat(outs, -1);
+    if (options.dropout() > 0 && training && layer + 1 < options.num_layers()) {
+      x = at::dropout(x, options.dropout(), /*train=*/true);
+    }
+  }
+  // The worst case over the stack's solves, per sequence.
+  auto merge = [&](auto field, auto reduce) {
+    std::vector<at::Tensor> all;
+    for (const SolveStats& s : stats) all.push_back(s.*field);
+    return reduce(at::stack(all));
+  };
+  last_stats.iterations = merge(&SolveStats::iterations, [](const at::Tensor& t) { return t.amax(0); });
+  last_stats.residual = merge(&SolveStats::residual, [](const at::Tensor& t) { return t.amax(0); });
+  last_stats.converged = merge(&SolveStats::converged, [](const at::Tensor& t) { return t.all(0); });
+  last_stats.fell_back = merge(&SolveStats::fell_back, [](const at::Tensor& t) { return t.any(0); });
+  return {options.batch_first() ? x : x.transpose(0, 1), at::stack(finals)};
+}
+
+}  // namespace detail
+
+namespace {
+
+// Checks the input and returns (layers · directions, batch) for the initial state.
+std::pair<int64_t, int64_t> state_shape(const RNNOptions& o, const at::Tensor& input, const char* name) {
+  TORCH_CHECK(input.dim() == 3, "pnewton.nn.", name, ": input must be 3-d ([T, B, input] or batch_first), got ",
+              input.dim(), "-d");
+  TORCH_CHECK(input.size(-1) == o.input_size(), "pnewton.nn.", name, ": input.size(-1) must be ", o.input_size(),
+              ", got ", input.size(-1));
+  return {o.num_layers() * (o.bidirectional() ? 2 : 1), input.size(o.batch_first() ? 0 : 1)};
+}
+
+void check_state(const char* name, const char* arg, const at::Tensor& h, int64_t n, int64_t B, int64_t D) {
+  TORCH_CHECK(h.dim() == 3 && h.size(0) == n && h.size(1) == B && h.size(2) == D, "pnewton.nn.", name, ": ", arg,
+              " must have shape [", n, ", ", B, ", ", D, "], got ", h.sizes());
+}
+
+}  // namespace
+
+GRUImpl::GRUImpl(const GRUOptions& options_) : options(options_), stack_(options_, "gru") { reset(); }
+
+void GRUImpl::reset() {
+  stack_.options = options;
+  stack_.register_parameters(*this);
+}
+
+std::tuple<at::Tensor, at::Tensor> GRUImpl::forward(const at::Tensor& input, at::Tensor hx) {
+  const auto [n, B] = state_shape(options, input, "GRU");
+  if (!hx.defined()) hx = torch::zeros({n, B, options.hidden_size()}, input.options());
+  check_state("GRU", "hx", hx, n, B, options.hidden_size());
+  return stack_.run(*this, input, hx, is_training());
+}
+
+LSTMImpl::LSTMImpl(const LSTMOptions& options_) : options(options_), stack_(options_, "lstm") { reset(); }
+
+void LSTMImpl::reset() {
+  stack_.options = options;
+  stack_.register_parameters(*this);
+}
+
+std::tuple<at::Tensor, std::tuple<at::Tensor, at::Tensor>> LSTMImpl::forward(
+    const at::Tensor& input, std::optional<std::tuple<at::Tensor, at::Tensor>> hx) {
+  const auto [n, B] = state_shape(options, input, "LSTM");
+  const int64_t D = options.hidden_size();
+  if (!hx) hx = std::make_tuple(torch::zeros({n, B, D}, input.options()), torch::zeros({n, B, D}, input.options()));
+  check_state("LSTM", "h0", std::get<0>(*hx), n, B, D);
+  check_state("LSTM", "c0", std::get<1>(*hx), n, B, D);
+  // The solver's LSTM state interleaves (h_i, c_i) per channel.
+  const at::Tensor state0 = at::stack({std::get<0>(*hx), std::get<1>(*hx)}, -1).flatten(-2);
+  auto [out, final] = stack_.run(*this, input, state0, is_training());
+  const at::Tensor pairs = final.unflatten(-1, {D, 2});
+  return {out, {pairs.select(-1, 0).contiguous(), pairs.select(-1, 1).contiguous()}};
+}
+
+RNNImpl::RNNImpl(const RNNOptions& options_)
+    : options(options_), stack_(options_, options_.nonlinearity() == "relu" ? "rnn_relu" : "rnn_tanh") {
+  TORCH_CHECK(options.nonlinearity() == "tanh" || options.nonlinearity() == "relu",
+              "pnewton.nn.RNN: nonlinearity must be 'tanh' or 'relu', got '", options.nonlinearity(), "'");
+  reset();
+}
+
+void RNNImpl::reset() {
+  stack_.options = options;
+  stack_.register_parameters(*this);
+}
+
+std::tuple<at::Tensor, at::Tensor> RNNImpl::forward(const at::Tensor& input, at::Tensor hx) {
+  const auto [n, B] = state_shape(options, input, "RNN");
+  if (!hx.defined()) hx = torch::zeros({n, B, options.hidden_size()}, input.options());
+  check_state("RNN", "hx", hx, n, B, options.hidden_size());
+  return stack_.run(*this, input, hx, is_training());
+}
+
+}  // namespace pnewton::nn

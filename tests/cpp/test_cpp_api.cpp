@@ -1,0 +1,109 @@
+// The pnewton C++ API through LibTorch: modules against torch::nn on the same weights,
+// gradients through torch::autograd, scans and the solver through the dispatcher, errors.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <pnewton/pnewton.h>
+
+namespace {
+
+template <typename Ours, typename Theirs>
+void copy_weights(Ours& ours, Theirs& theirs) {
+  torch::NoGradGuard no_grad;
+  auto src = theirs->named_parameters();
+  for (auto& p : ours->named_parameters()) p.value().copy_(src[p.key()]);
+}
+
+void expect_close(const torch::Tensor& a, const torch::Tensor& b, double tol) {
+  ASSERT_EQ(a.sizes(), b.sizes());
+  EXPECT_LT((a - b).abs().max().item<double>(), tol);
+}
+
+TEST(CppApi, GRUMatchesTorchNNForwardAndGradients) {
+  torch::manual_seed(0);
+  auto opts = pnewton::nn::GRUOptions(3, 5).num_layers(2).bidirectional(true).batch_first(true);
+  pnewton::nn::GRU ours(opts);
+  torch::nn::GRU theirs(torch::nn::GRUOptions(3, 5).num_layers(2).bidirectional(true).batch_first(true));
+  ours->to(torch::kDouble);
+  theirs->to(torch::kDouble);
+  copy_weights(ours, theirs);
+  const auto x = torch::randn({2, 50, 3}, torch::kDouble);
+  auto [out, h] = ours->forward(x);
+  auto [out_ref, h_ref] = theirs->forward(x);
+  expect_close(out, out_ref, 1e-8);
+  expect_close(h, h_ref, 1e-8);
+  EXPECT_TRUE(ours->last_stats().converged.all().item<bool>());
+  const auto g = torch::randn_like(out);
+  (out * g).sum().backward();
+  (out_ref * g).sum().backward();
+  auto ref_params = theirs->named_parameters();
+  for (auto& p : ours->named_parameters()) expect_close(p.value().grad(), ref_params[p.key()].grad(), 1e-7);
+}
+
+TEST(CppApi, LSTMAndRNNMatchTorchNN) {
+  torch::manual_seed(1);
+  pnewton::nn::LSTM lstm(pnewton::nn::LSTMOptions(4, 6));
+  torch::nn::LSTM lstm_ref(torch::nn::LSTMOptions(4, 6));
+  lstm->to(torch::kDouble);
+  lstm_ref->to(torch::kDouble);
+  copy_weights(lstm, lstm_ref);
+  const auto x = torch::randn({40, 3, 4}, torch::kDouble);
+  const auto h0 = torch::randn({1, 3, 6}, torch::kDouble), c0 = torch::randn({1, 3, 6}, torch::kDouble);
+  auto [out, hc] = lstm->forward(x, std::make_tuple(h0, c0));
+  auto [out_ref, hc_ref] = lstm_ref->forward(x, std::make_tuple(h0, c0));
+  expect_close(out, out_ref, 1e-8);
+  expect_close(std::get<1>(hc), std::get<1>(hc_ref), 1e-8);
+
+  pnewton::nn::RNN rnn(pnewton::nn::RNNOptions(4, 6).nonlinearity("relu"));
+  torch::nn::RNN rnn_ref(torch::nn::RNNOptions(4, 6).nonlinearity(torch::kReLU));
+  rnn->to(torch::kDouble);
+  rnn_ref->to(torch::kDouble);
+  copy_weights(rnn, rnn_ref);
+  expect_close(std::get<0>(rnn->forward(x)), std::get<0>(rnn_ref->forward(x)), 1e-8);
+}
+
+TEST(CppApi, ScanAndSolverThroughTheDispatcherWithAutograd) {
+  torch::manual_seed(2);
+  const auto a = torch::rand({2, 30, 3}, torch::kDouble).requires_grad_();
+  const auto b = torch::randn({2, 30, 3}, torch::kDouble).requires_grad_();
+  auto x = pnewton::scan_diag(a, b);
+  auto loop = torch::zeros({2, 3}, torch::kDouble);
+  std::vector<torch::Tensor> steps;
+  for (int64_t t = 0; t < 30; ++t) steps.push_back(loop = a.select(1, t) * loop + b.select(1, t));
+  const auto ref = torch::stack(steps, 1);
+  expect_close(x, ref, 1e-12);
+  auto grads = torch::autograd::grad({x.square().sum()}, {a, b});
+  auto grads_ref = torch::autograd::grad({ref.square().sum()}, {a, b});
+  expect_close(grads[0], grads_ref[0], 1e-10);
+  expect_close(grads[1], grads_ref[1], 1e-10);
+
+  const auto gi = torch::randn({2, 100, 12}, torch::kDouble);
+  const auto W = torch::randn({12, 4}, torch::kDouble) * 0.3;
+  pnewton::SolverOptions o;
+  o.method = "deer";
+  auto [states, stats] = pnewton::newton_rnn("gru", gi, W, std::nullopt, torch::zeros({2, 4}, torch::kDouble), o);
+  o.method = "sequential";
+  auto [exact, _] = pnewton::newton_rnn("gru", gi, W, std::nullopt, torch::zeros({2, 4}, torch::kDouble), o);
+  expect_close(states, exact, 1e-9);
+  EXPECT_LE(stats.iterations.max().item<int64_t>(), 6);
+}
+
+TEST(CppApi, BadInputRaisesErrorsNamingTheArgument) {
+  pnewton::nn::GRU gru(pnewton::nn::GRUOptions(3, 5));
+  try {
+    gru->forward(torch::randn({10, 2, 4}));
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("input.size(-1) must be 3"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(gru->forward(torch::randn({10, 2, 3}), torch::zeros({2, 2, 5})), c10::Error);
+  EXPECT_THROW(pnewton::scan_diag(torch::rand({2, 5, 3}), torch::rand({2, 5, 4})), c10::Error);
+  pnewton::SolverOptions bad;
+  bad.method = "newton";
+  EXPECT_THROW(pnewton::newton_rnn("gru", torch::randn({1, 4, 15}), torch::randn({15, 5}), std::nullopt,
+                                   torch::zeros({1, 5}), bad),
+               c10::Error);
+  EXPECT_THROW(pnewton::nn::RNN(pnewton::nn::RNNOptions(3, 4).nonlinearity("gelu")), c10::Error);
+}
+
+}  // namespace
