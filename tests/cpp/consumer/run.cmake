@@ -1,0 +1,21 @@
+# ctest driver: install pnewton from BUILD_DIR into a prefix, then configure, build and run
+# the consumer project against it.
+set(prefix "${BUILD_DIR}/consumer-install")
+execute_process(COMMAND "${CMAKE_COMMAND}" --install "${BUILD_DIR}" --prefix "${prefix}" RESULT_VARIABLE rc)
+if(rc)
+  message(FATAL_ERROR "cmake --install failed")
+endif()
+set(work "${BUILD_DIR}/consumer-build")
+execute_process(COMMAND "${CMAKE_COMMAND}" -S "${SOURCE_DIR}" -B "${work}" -G Ninja
+                        "-DCMAKE_PREFIX_PATH=${prefix};${TORCH_PREFIX}" -DCMAKE_BUILD_TYPE=Release RESULT_VARIABLE rc)
+if(rc)
+  message(FATAL_ERROR "configuring the consumer project failed")
+endif()
+execute_process(COMMAND "${CMAKE_COMMAND}" --build "${work}" RESULT_VARIABLE rc)
+if(rc)
+  message(FATAL_ERROR "building the consumer project failed")
+endif()
+execute_process(COMMAND "${work}/consumer" RESULT_VARIABLE rc)
+if(rc)
+  message(FATAL_ERROR "the consumer program failed")
+endif()
