@@ -69,7 +69,7 @@ Cell::Cell(CellKind kind, const at::Tensor& W_hh, const c10::optional<at::Tensor
   }
 }
 
-JacobianPart Cell::exact_part() const {
+JacobianPart Cell::structure() const {
   if (kind_ == CellKind::diag_gru) return JacobianPart::diagonal;
   if (kind_ == CellKind::diag_lstm) return JacobianPart::block2;
   return JacobianPart::dense;
@@ -104,13 +104,13 @@ at::Tensor Cell::scaled_gate(const at::Tensor& c, int64_t k, bool dense) const {
   return dense ? c.unsqueeze(-1) * w : c * w.diagonal();
 }
 
-at::Tensor Cell::step(const at::Tensor& s, const at::Tensor& gi) const { return evaluate(s, gi, c10::nullopt).F; }
+at::Tensor Cell::step(const at::Tensor& s, const at::Tensor& gi) const { return evaluate(s, gi, std::nullopt).F; }
 
 at::Tensor Cell::jacobian(const at::Tensor& s, const at::Tensor& gi, JacobianPart part) const {
   return evaluate(s, gi, part).J;
 }
 
-Cell::Evaluation Cell::evaluate(const at::Tensor& s, const at::Tensor& gi, c10::optional<JacobianPart> part) const {
+Cell::Evaluation Cell::evaluate(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const {
   // Gates are computed once and serve both f and its Jacobian.
   const bool dense = part == JacobianPart::dense;
   if (is_lstm()) {

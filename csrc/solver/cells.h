@@ -12,18 +12,16 @@
 
 #include <string>
 
+#include "pnewton/cell.h"
+
 namespace pnewton {
 
 enum class CellKind { gru, lstm, rnn_tanh, rnn_relu, diag_gru, diag_lstm };
 
-// The part of ∂f/∂s that is formed: its diagonal [N, S], its 2×2 (h_i, c_i) blocks
-// [N, D, 2, 2] (LSTM cells), or the dense matrix [N, S, S].
-enum class JacobianPart { diagonal, block2, dense };
-
 CellKind parse_cell(const std::string& name);
 const char* cell_name(CellKind kind);
 
-class Cell {
+class Cell : public CellFunction {
  public:
   // Checks W_hh, b_hh against the cell and the hidden size D they imply.
   Cell(CellKind kind, const at::Tensor& W_hh, const c10::optional<at::Tensor>& b_hh);
@@ -31,20 +29,20 @@ class Cell {
   CellKind kind() const { return kind_; }
   int64_t hidden() const { return D_; }
   const at::Tensor& weight() const { return W_; }
-  int64_t state_size() const { return is_lstm() ? 2 * D_ : D_; }
+  int64_t state_size() const override { return is_lstm() ? 2 * D_ : D_; }
   int64_t gate_size() const { return gates_ * D_; }
   bool is_lstm() const { return kind_ == CellKind::lstm || kind_ == CellKind::diag_lstm; }
   bool diagonal_weights() const { return kind_ == CellKind::diag_gru || kind_ == CellKind::diag_lstm; }
-  // The structure of the true Jacobian: what an exact Newton step or adjoint must form.
-  JacobianPart exact_part() const;
+  JacobianPart structure() const override;
+  bool has_blocks() const override { return is_lstm(); }
 
   // f(s, gi) and, when a part is asked for, ∂f/∂s in that part, from one gate evaluation.
-  struct Evaluation {
-    at::Tensor F, J;
-  };
-  Evaluation evaluate(const at::Tensor& s, const at::Tensor& gi, c10::optional<JacobianPart> part) const;
-  at::Tensor step(const at::Tensor& s, const at::Tensor& gi) const;
-  at::Tensor jacobian(const at::Tensor& s, const at::Tensor& gi, JacobianPart part) const;
+  Evaluation evaluate(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const override;
+  at::Tensor step(const at::Tensor& s, const at::Tensor& gi) const override;
+  at::Tensor jacobian(const at::Tensor& s, const at::Tensor& gi, JacobianPart part) const override;
+  at::Tensor transpose_product(const at::Tensor& s, const at::Tensor& gi, const at::Tensor& v) const override {
+    return vjp(s, gi, v).s;
+  }
 
   // For a cotangent v of f(s, gi): ∂f/∂sᵀ v, and the cotangents of gi and of the
   // recurrent pre-activations gh = W_hh h + b_hh (for the weight gradients).

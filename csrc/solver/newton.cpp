@@ -14,7 +14,8 @@ at::Tensor shifted(const at::Tensor& s0, const at::Tensor& s) {
   return at::cat({s0.unsqueeze(1), s.narrow(1, 0, s.size(1) - 1)}, 1);
 }
 
-at::Tensor flat(const at::Tensor& x) { return x.reshape({x.size(0) * x.size(1), x.size(2)}); }
+// [B, T, ...] -> [B·T, ...]: every step of every sequence as one row.
+at::Tensor flat(const at::Tensor& x) { return x.flatten(0, 1); }
 
 // Clip a Jacobian approximation: entries (diagonal) or blocks by their Frobenius norm,
 // which bounds the spectral norm, so every clipped step is a contraction when clip < 1.
@@ -35,12 +36,12 @@ at::Tensor newton_delta(const at::Tensor& a, const at::Tensor& r, JacobianPart p
   return r;
 }
 
-JacobianPart method_part(const Cell& cell, Method method) {
+JacobianPart method_part(const CellFunction& cell, Method method) {
   switch (method) {
-    case Method::deer: return cell.exact_part();
+    case Method::deer: return cell.structure();
     case Method::block_deer:
-      TORCH_CHECK(cell.is_lstm(), "pnewton.newton_rnn: method 'block_deer' needs an lstm or diag_lstm cell, got '",
-                  cell_name(cell.kind()), "'");
+      TORCH_CHECK(cell.has_blocks(), "pnewton: method 'block_deer' needs an lstm, diag_lstm or other cell with 2x2 "
+                  "blocks of state pairs");
       return JacobianPart::block2;
     default: return JacobianPart::diagonal;
   }
@@ -69,7 +70,7 @@ Adjoint parse_adjoint(const std::string& name) {
 
 double default_tolerance(at::ScalarType dtype) { return dtype == at::kDouble ? 1e-10 : 1e-5; }
 
-at::Tensor sequential_states(const Cell& cell, const at::Tensor& gi, const at::Tensor& s0) {
+at::Tensor sequential_states(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0) {
   const int64_t T = gi.size(1);
   at::Tensor out = at::empty({gi.size(0), T, s0.size(1)}, s0.options());
   at::Tensor s = s0;
@@ -80,7 +81,7 @@ at::Tensor sequential_states(const Cell& cell, const at::Tensor& gi, const at::T
   return out;
 }
 
-NewtonResult newton_solve(const Cell& cell, const at::Tensor& gi, const at::Tensor& s0, const NewtonOptions& o) {
+NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0, const NewtonOptions& o) {
   const int64_t B = gi.size(0), T = gi.size(1), S = s0.size(1);
   const auto opts = s0.options();
   const double atol = o.atol < 0 ? default_tolerance(s0.scalar_type()) : o.atol;
@@ -117,7 +118,7 @@ NewtonResult newton_solve(const Cell& cell, const at::Tensor& gi, const at::Tens
     const at::Tensor s_prev = flat(shifted(s0, s));
     // f and the Jacobian part from one evaluation of the gates (none after the last step).
     const Cell::Evaluation e =
-        cell.evaluate(s_prev, gi_flat, newton_like && it < max_iter ? c10::optional<JacobianPart>(part) : c10::nullopt);
+        cell.evaluate(s_prev, gi_flat, newton_like && it < max_iter ? std::optional<JacobianPart>(part) : std::nullopt);
     const at::Tensor F = e.F.view({B, T, S});
     const at::Tensor r = s - F;
     residual = r.abs().amax({1, 2});
@@ -134,12 +135,12 @@ NewtonResult newton_solve(const Cell& cell, const at::Tensor& gi, const at::Tens
       next = s - r.cumsum(1);
     } else {
       const std::vector<int64_t> shape = part == JacobianPart::diagonal ? std::vector<int64_t>{B, T, S}
-                                         : part == JacobianPart::block2 ? std::vector<int64_t>{B, T, cell.hidden(), 2, 2}
+                                         : part == JacobianPart::block2 ? std::vector<int64_t>{B, T, S / 2, 2, 2}
                                                                         : std::vector<int64_t>{B, T, S, S};
       at::Tensor a = e.J.view(shape);
       if (o.damping > 0) a = a * (1.0 - o.damping);
       if (o.clip > 0) a = clip_jacobian(a, part, o.clip);
-      next = s + newton_delta(a, r, part, cell.hidden());
+      next = s + newton_delta(a, r, part, S / 2);
     }
     // Non-finite values can only appear beyond the exact prefix (after iteration i the
     // first i states are exact), so resetting them keeps the ≤ T-iteration guarantee.
@@ -169,9 +170,9 @@ namespace {
 
 // λ by one transposed reverse scan over the true Jacobian A_{t+1} = A[:, 1:] (a view:
 // no shifted copy), entering from λ_{T-1} = g_{T-1}.
-at::Tensor adjoint_by_scan(const Cell& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
+at::Tensor adjoint_by_scan(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
                            const at::Tensor& g, JacobianPart part) {
-  const int64_t B = g.size(0), T = g.size(1), S = g.size(2), D = cell.hidden();
+  const int64_t B = g.size(0), T = g.size(1), S = g.size(2), D = S / 2;
   at::Tensor head;
   const at::Tensor J = cell.jacobian(s_prev, gi_flat, part);
   const at::Tensor g_head = g.narrow(1, 0, T - 1), g_last = g.select(1, T - 1);
@@ -190,22 +191,22 @@ at::Tensor adjoint_by_scan(const Cell& cell, const at::Tensor& s_prev, const at:
 }
 
 // w_t = A_{t+1}ᵀ λ_{t+1} (zero at the last step), matrix-free through the cell's VJP.
-at::Tensor next_step_transpose_product(const Cell& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
+at::Tensor next_step_transpose_product(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
                                        const at::Tensor& lambda) {
   const int64_t B = lambda.size(0), T = lambda.size(1), S = lambda.size(2);
-  const at::Tensor u = cell.vjp(s_prev, gi_flat, flat(lambda)).s.view({B, T, S});
+  const at::Tensor u = cell.transpose_product(s_prev, gi_flat, flat(lambda)).view({B, T, S});
   return at::cat({u.narrow(1, 1, T - 1), at::zeros_like(u.narrow(1, 0, 1))}, 1);
 }
 
-at::Tensor adjoint_sequential(const Cell& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
+at::Tensor adjoint_sequential(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
                               const at::Tensor& g) {
   const int64_t B = g.size(0), T = g.size(1), S = g.size(2);
-  const at::Tensor sp = s_prev.view({B, T, S}), gv = gi_flat.view({B, T, -1});
+  const at::Tensor sp = s_prev.view({B, T, S}), gv = gi_flat.unflatten(0, {B, T});
   at::Tensor lambda = at::empty_like(g);
   at::Tensor l = g.select(1, T - 1);
   lambda.select(1, T - 1).copy_(l);
   for (int64_t t = T - 2; t >= 0; --t) {
-    l = g.select(1, t) + cell.vjp(sp.select(1, t + 1), gv.select(1, t + 1), l).s;
+    l = g.select(1, t) + cell.transpose_product(sp.select(1, t + 1), gv.select(1, t + 1), l);
     lambda.select(1, t).copy_(l);
   }
   return lambda;
@@ -213,7 +214,7 @@ at::Tensor adjoint_sequential(const Cell& cell, const at::Tensor& s_prev, const 
 
 // λ without forming A: a splitting iteration whose inner solve is the diagonal reverse
 // scan. Like any undamped scheme it makes the last i adjoints exact after i sweeps.
-at::Tensor adjoint_iterative(const Cell& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
+at::Tensor adjoint_iterative(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
                              const at::Tensor& g) {
   const int64_t B = g.size(0), T = g.size(1), S = g.size(2);
   const double tol = default_tolerance(g.scalar_type());
@@ -239,6 +240,24 @@ at::Tensor adjoint_iterative(const Cell& cell, const at::Tensor& s_prev, const a
 
 }  // namespace
 
+at::Tensor solve_adjoint(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& u_flat,
+                         const at::Tensor& g, Adjoint adjoint) {
+  const int64_t B = g.size(0), T = g.size(1), S = g.size(2);
+  if (adjoint == Adjoint::automatic) {
+    // The dense Jacobian costs B·T·S² numbers: form it only while that stays small.
+    constexpr int64_t kDenseAdjointBudget = int64_t(1) << 24;
+    adjoint = cell.structure() != JacobianPart::dense || B * T * S * S <= kDenseAdjointBudget ? Adjoint::scan
+                                                                                             : Adjoint::iterative;
+  }
+  switch (adjoint) {
+    case Adjoint::scan: return adjoint_by_scan(cell, s_prev, u_flat, g, cell.structure());
+    case Adjoint::iterative: return adjoint_iterative(cell, s_prev, u_flat, g);
+    default: return adjoint_sequential(cell, s_prev, u_flat, g);
+  }
+}
+
+at::Tensor previous_states(const at::Tensor& s0, const at::Tensor& states) { return flat(shifted(s0, states)); }
+
 NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, const at::Tensor& gi,
                             const at::Tensor& s0, const at::Tensor& states, Adjoint adjoint) {
   const int64_t B = gi.size(0), T = gi.size(1), S = s0.size(1);
@@ -250,21 +269,9 @@ NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, con
     grads.s0 = at::zeros_like(s0);
     return grads;
   }
-  const at::Tensor s_prev = flat(shifted(s0, states));
+  const at::Tensor s_prev = previous_states(s0, states);
   const at::Tensor gi_flat = flat(gi);
-  const at::Tensor g = grad_states.contiguous();
-  if (adjoint == Adjoint::automatic) {
-    // The dense Jacobian costs B·T·S² numbers: form it only while that stays small.
-    constexpr int64_t kDenseAdjointBudget = int64_t(1) << 24;
-    adjoint = cell.exact_part() != JacobianPart::dense || B * T * S * S <= kDenseAdjointBudget ? Adjoint::scan
-                                                                                                : Adjoint::iterative;
-  }
-  at::Tensor lambda;
-  switch (adjoint) {
-    case Adjoint::scan: lambda = adjoint_by_scan(cell, s_prev, gi_flat, g, cell.exact_part()); break;
-    case Adjoint::iterative: lambda = adjoint_iterative(cell, s_prev, gi_flat, g); break;
-    default: lambda = adjoint_sequential(cell, s_prev, gi_flat, g); break;
-  }
+  const at::Tensor lambda = solve_adjoint(cell, s_prev, gi_flat, grad_states.contiguous(), adjoint);
   // Everything else is parallel over t: one VJP of the cell at the solution.
   const Cell::Vjp v = cell.vjp(s_prev, gi_flat, flat(lambda));
   grads.gi = v.gi.view({B, T, -1});

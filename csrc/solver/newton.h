@@ -38,10 +38,12 @@ struct NewtonResult {
 double default_tolerance(at::ScalarType dtype);
 
 // gi [B, T, G] input projections, s0 [B, S]. Float32/float64 (callers widen fp16/bf16).
-NewtonResult newton_solve(const Cell& cell, const at::Tensor& gi, const at::Tensor& s0, const NewtonOptions& options);
+// Any CellFunction: gi are then its inputs [B, T, ...].
+NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0,
+                          const NewtonOptions& options);
 
 // The states by the step-by-step loop.
-at::Tensor sequential_states(const Cell& cell, const at::Tensor& gi, const at::Tensor& s0);
+at::Tensor sequential_states(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0);
 
 enum class Adjoint { automatic, scan, iterative, sequential };
 Adjoint parse_adjoint(const std::string& name);
@@ -55,6 +57,13 @@ struct NewtonGrads {
 // one transposed reverse scan. iterative: never forms it; λ is iterated with the diagonal
 // scan as preconditioner and matrix-free Aᵀλ products, to tolerance, then falls back to
 // the sequential reverse sweep. automatic: scan for structured cells or while B·T·S² ≤ 2^24.
+// λ_t = g_t + A_{t+1}ᵀ λ_{t+1} for the true Jacobian A_t = ∂f/∂s at (s_prev_t, u_t):
+// s_prev and u_flat are flattened [B·T, ...] rows, g is [B, T, S].
+at::Tensor solve_adjoint(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& u_flat,
+                         const at::Tensor& g, Adjoint adjoint);
+// [s0, s_1, ..., s_{T-1}] flattened to [B·T, S]: the state each step reads.
+at::Tensor previous_states(const at::Tensor& s0, const at::Tensor& states);
+
 NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, const at::Tensor& gi,
                             const at::Tensor& s0, const at::Tensor& states, Adjoint adjoint);
 

@@ -88,6 +88,48 @@ TEST(CppApi, ScanAndSolverThroughTheDispatcherWithAutograd) {
   EXPECT_LE(stats.iterations.max().item<int64_t>(), 6);
 }
 
+// An example user cell: a leaky tanh RNN, s' = (1 - a) s + a tanh(W s + u), with its
+// parameter W. Only step() is given; Jacobians and products come from autograd.
+class LeakyTanhCell : public pnewton::CellFunction {
+ public:
+  LeakyTanhCell(torch::Tensor W, double leak) : W_(std::move(W)), leak_(leak) {}
+  int64_t state_size() const override { return W_.size(0); }
+  torch::Tensor step(const torch::Tensor& s, const torch::Tensor& u) const override {
+    return (1 - leak_) * s + leak_ * torch::tanh(torch::matmul(s, W_.t()) + u);
+  }
+
+ private:
+  torch::Tensor W_;
+  double leak_;
+};
+
+TEST(CppApi, UserCellSolvesToItsSequentialLoopWithExactGradients) {
+  torch::manual_seed(3);
+  const auto W = (torch::randn({4, 4}, torch::kDouble) * 0.5).requires_grad_();
+  const auto s0 = torch::randn({2, 4}, torch::kDouble).requires_grad_();
+  const auto u = torch::randn({2, 300, 4}, torch::kDouble).requires_grad_();
+  LeakyTanhCell cell(W, 0.3);
+  for (const char* method : {"deer", "quasi_deer", "jacobi"}) {
+    pnewton::SolverOptions o;
+    o.method = method;
+    o.fallback = false;
+    o.max_iter = 300;
+    o.atol = o.rtol = 1e-13;
+    auto [states, stats] = pnewton::solve(cell, s0, u, o);
+    ASSERT_TRUE(stats.converged.all().item<bool>()) << method;
+    // The sequential loop, differentiated by plain autograd.
+    std::vector<torch::Tensor> steps;
+    auto s = s0;
+    for (int64_t t = 0; t < 300; ++t) steps.push_back(s = cell.step(s, u.select(1, t)));
+    const auto loop = torch::stack(steps, 1);
+    expect_close(states, loop, 1e-10);
+    const auto g = torch::randn_like(loop);
+    auto ours = torch::autograd::grad({(states * g).sum()}, {W, s0, u});
+    auto ref = torch::autograd::grad({(loop * g).sum()}, {W, s0, u});
+    for (size_t i = 0; i < ours.size(); ++i) expect_close(ours[i], ref[i], 1e-9);
+  }
+}
+
 TEST(CppApi, BadInputRaisesErrorsNamingTheArgument) {
   pnewton::nn::GRU gru(pnewton::nn::GRUOptions(3, 5));
   try {

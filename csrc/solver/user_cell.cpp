@@ -1,0 +1,101 @@
+// User cells (pnewton/cell.h): autograd defaults for their Jacobians, and pnewton::solve,
+// which runs the same Newton solver as the built-in cells and reattaches gradients at the
+// solution through the exact adjoint.
+#include <torch/autograd.h>
+
+#include "csrc/solver/newton.h"
+#include "pnewton/cell.h"
+
+namespace pnewton {
+
+at::Tensor CellFunction::transpose_product(const at::Tensor& s, const at::Tensor& u, const at::Tensor& v) const {
+  at::AutoGradMode enable(true);
+  const at::Tensor s_ = s.detach().requires_grad_(true);
+  const at::Tensor F = step(s_, u.detach());
+  const at::Tensor g = torch::autograd::grad({F}, {s_}, {v}, /*retain_graph=*/false, /*create_graph=*/false,
+                                             /*allow_unused=*/true)[0];
+  return g.defined() ? g : at::zeros_like(s);
+}
+
+at::Tensor CellFunction::jacobian(const at::Tensor& s, const at::Tensor& u, JacobianPart part) const {
+  // Row i of ∂f/∂s is (∂f/∂s)ᵀ e_i: S transpose products.
+  const int64_t N = s.size(0), S = s.size(1);
+  std::vector<at::Tensor> rows;
+  for (int64_t i = 0; i < S; ++i) {
+    rows.push_back(transpose_product(s, u, at::one_hot(at::full({N}, i, s.options().dtype(at::kLong)), S).to(s.dtype())));
+  }
+  const at::Tensor J = at::stack(rows, 1);
+  if (part == JacobianPart::dense) return J;
+  if (part == JacobianPart::diagonal) return J.diagonal(0, 1, 2);
+  TORCH_CHECK(S % 2 == 0, "pnewton: 2x2 blocks need an even state size, got ", S);
+  // Block b is J[2b:2b+2, 2b:2b+2].
+  return J.view({N, S / 2, 2, S / 2, 2}).diagonal(0, 1, 3).permute({0, 3, 1, 2});
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Identity forward; backward maps g to λ_t = g_t + A_{t+1}ᵀ λ_{t+1} with the true Jacobian.
+class UserAdjoint : public torch::autograd::Function<UserAdjoint> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& F, const at::Tensor& s_prev,
+                            const at::Tensor& u_flat, int64_t cell_address, int64_t adjoint) {
+    ctx->save_for_backward({s_prev, u_flat});
+    // The cell is a C++ object the caller keeps alive (documented in pnewton/cell.h).
+    ctx->saved_data["cell"] = cell_address;
+    ctx->saved_data["adjoint"] = adjoint;
+    return F.clone();
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto* cell = reinterpret_cast<const CellFunction*>(ctx->saved_data["cell"].toInt());
+    const at::Tensor lambda = solve_adjoint(*cell, saved[0], saved[1], grads[0].contiguous(),
+                                            static_cast<Adjoint>(ctx->saved_data["adjoint"].toInt()));
+    return {lambda, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, SolveStats> solve(const CellFunction& cell, const at::Tensor& s0, const at::Tensor& inputs,
+                                         const SolverOptions& options) {
+  TORCH_CHECK(s0.dim() == 2 && s0.size(1) == cell.state_size(), "pnewton.solve: s0 must be [B, ", cell.state_size(),
+              "], got ", s0.sizes());
+  TORCH_CHECK(inputs.dim() >= 2 && inputs.size(0) == s0.size(0), "pnewton.solve: inputs must be [B, T, ...] with B = ",
+              s0.size(0), ", got ", inputs.sizes());
+  TORCH_CHECK(options.init != "states", "pnewton.solve: init='states' is not available here");
+  NewtonOptions o;
+  o.method = parse_method(options.method);
+  o.max_iter = options.max_iter;
+  o.atol = options.atol;
+  o.rtol = options.rtol;
+  o.damping = options.damping;
+  o.clip = options.clip;
+  o.init = options.init;
+  o.fixed_iterations = options.fixed_iterations;
+  o.fallback = options.fallback;
+  const Adjoint adjoint = parse_adjoint(options.adjoint);
+
+  NewtonResult r;
+  {
+    at::NoGradGuard no_grad;
+    r = newton_solve(cell, inputs.detach(), s0.detach(), o);
+  }
+  SolveStats stats{r.iterations, r.residual, r.converged, r.fell_back};
+  const int64_t T = inputs.size(1);
+  if (!at::GradMode::is_enabled() || T == 0) return {r.states, stats};
+  // Reattach gradients at the solution: F = f(s*_{t-1}, u_t) carries the graph to s0 (through
+  // step 1), the inputs and the cell's parameters; the adjoint maps g to λ.
+  const at::Tensor s_prev = at::cat({s0.unsqueeze(1), r.states.narrow(1, 0, T - 1)}, 1).flatten(0, 1);
+  const at::Tensor u_flat = inputs.flatten(0, 1);
+  const at::Tensor F = cell.step(s_prev, u_flat).view(r.states.sizes());
+  if (!F.requires_grad()) return {r.states, stats};
+  const at::Tensor out = UserAdjoint::apply(F, s_prev.detach(), u_flat.detach(),
+                                            reinterpret_cast<int64_t>(&cell), static_cast<int64_t>(adjoint));
+  return {out + (r.states - out).detach(), stats};
+}
+
+}  // namespace pnewton
