@@ -6,6 +6,8 @@
 
 #include "pnewton/nn.h"
 
+#include "csrc/solver/rnn_stack.h"
+
 namespace pnewton::nn {
 namespace detail {
 
@@ -52,42 +54,23 @@ void RNNStack::register_parameters(torch::nn::Module& module) {
 
 std::tuple<at::Tensor, at::Tensor> RNNStack::run(const torch::nn::Module& module, const at::Tensor& input,
                                                  const at::Tensor& state0, bool training) {
-  const int64_t dirs = options.bidirectional() ? 2 : 1, D = options.hidden_size();
-  const bool lstm = cell == "lstm";
-  at::Tensor x = options.batch_first() ? input : input.transpose(0, 1);
-  std::vector<at::Tensor> finals;
-  std::vector<SolveStats> stats;
+  std::vector<at::Tensor> params;
+  const int64_t dirs = options.bidirectional() ? 2 : 1;
   for (int64_t layer = 0; layer < options.num_layers(); ++layer) {
-    std::vector<at::Tensor> outs;
     for (int64_t d = 0; d < dirs; ++d) {
       const std::string s = suffix(layer, d);
-      const at::Tensor seq = d ? x.flip(1) : x;
-      std::optional<at::Tensor> b_ih, b_hh;
-      if (options.bias()) b_ih = parameter(module, "bias_ih" + s), b_hh = parameter(module, "bias_hh" + s);
-      const at::Tensor gi = at::linear(seq, parameter(module, "weight_ih" + s), b_ih);  // one GEMM for all t
-      const at::Tensor s0 = state0[layer * dirs + d];
-      auto [states, st] = newton_rnn(cell, gi, parameter(module, "weight_hh" + s), b_hh, s0, options.solver());
-      stats.push_back(st);
-      finals.push_back(states.size(1) > 0 ? states.select(1, states.size(1) - 1) : s0);
-      const at::Tensor h = lstm ? states.unflatten(-1, {D, 2}).select(-1, 0) : states;
-      outs.push_back(d ? h.flip(1) : h);
-    }
-    x = at::cat(outs, -1);
-    if (options.dropout() > 0 && training && layer + 1 < options.num_layers()) {
-      x = at::dropout(x, options.dropout(), /*train=*/true);
+      for (const char* name : {"weight_ih", "weight_hh", "bias_ih", "bias_hh"}) {
+        if (options.bias() || name[0] == 'w') params.push_back(parameter(module, name + s));
+      }
     }
   }
-  // The worst case over the stack's solves, per sequence.
-  auto merge = [&](auto field, auto reduce) {
-    std::vector<at::Tensor> all;
-    for (const SolveStats& s : stats) all.push_back(s.*field);
-    return reduce(at::stack(all));
-  };
-  last_stats.iterations = merge(&SolveStats::iterations, [](const at::Tensor& t) { return t.amax(0); });
-  last_stats.residual = merge(&SolveStats::residual, [](const at::Tensor& t) { return t.amax(0); });
-  last_stats.converged = merge(&SolveStats::converged, [](const at::Tensor& t) { return t.all(0); });
-  last_stats.fell_back = merge(&SolveStats::fell_back, [](const at::Tensor& t) { return t.any(0); });
-  return {options.batch_first() ? x : x.transpose(0, 1), at::stack(finals)};
+  const SolverOptions& o = options.solver();
+  auto [out, final, iterations, residual, converged, fell_back] =
+      rnn_stack(cell, input, state0, params, options.bias(), options.num_layers(), options.dropout(), training,
+                options.bidirectional(), options.batch_first(), o.method, o.max_iter, o.atol, o.rtol, o.damping,
+                o.clip, o.init, o.fixed_iterations, o.fallback, o.adjoint);
+  last_stats = SolveStats{iterations, residual, converged, fell_back};
+  return {out, final};
 }
 
 }  // namespace detail

@@ -24,6 +24,16 @@ TORCH_LIBRARY(pnewton, m) {
       "str init=\"zeros\", Tensor? init_states=None, bool fixed_iterations=False, bool fallback=True, "
       "str adjoint=\"auto\") -> (Tensor states, Tensor iterations, Tensor residual, Tensor converged, "
       "Tensor fell_back)");
+  // A stack of recurrent layers (torch.nn's GRU/LSTM/RNN semantics), each layer and direction
+  // one newton_rnn solve; params per (layer, direction): W_ih, W_hh[, b_ih, b_hh]. input is
+  // [T, B, in] ([B, T, in] if batch_first), state0 [layers·dirs, B, S]. Composite: autograd
+  // flows through its parts. Diagnostics are the worst case over the stack, per sequence.
+  m.def(
+      "rnn_stack(str cell, Tensor input, Tensor state0, Tensor[] params, bool has_biases, int num_layers, "
+      "float dropout, bool train, bool bidirectional, bool batch_first, str method=\"quasi_deer\", int max_iter=-1, "
+      "float atol=-1.0, float rtol=-1.0, float damping=0.0, float clip=0.0, str init=\"zeros\", "
+      "bool fixed_iterations=False, bool fallback=True, str adjoint=\"auto\") -> (Tensor output, Tensor final, "
+      "Tensor iterations, Tensor residual, Tensor converged, Tensor fell_back)");
   // Exact gradients at the solution (the adjoint with the true Jacobian); grad_b_hh is
   // returned even when b_hh is None.
   m.def(

@@ -3,8 +3,9 @@
 ``pnewton.GRU``, ``pnewton.LSTM`` and ``pnewton.RNN`` take torch.nn's constructor and
 forward arguments and hold the same parameters under the same names, so state_dicts
 load in both directions. Every layer and direction is one ``torch.ops.pnewton.newton_rnn``
-call over the whole sequence (the C++ solver, csrc/solver); the input projection
-W_ih x_t + b_ih is one GEMM before it. ``DiagGRU`` and ``DiagLSTM`` have per-channel
+call over the whole sequence (the C++ solver, csrc/solver), the whole stack one
+``torch.ops.pnewton.rnn_stack`` call (shared with the C++ modules); the input projection
+W_ih x_t + b_ih is one GEMM before each solve. ``DiagGRU`` and ``DiagLSTM`` have per-channel
 recurrent weights (vectors), so their Newton steps are exact with diagonal / 2×2 scans.
 """
 import torch
@@ -83,30 +84,11 @@ class _NewtonRNNBase(nn.Module):
     def _is_lstm(self):
         return self.mode in ("LSTM", "DIAG_LSTM")
 
-    def _run(self, x, state0):
-        """x: [B, T, input] batch-first; state0: [layers * directions, B, S] (LSTM: (h_i, c_i) interleaved)."""
+    def _params(self):
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if self.bias else ("weight_ih", "weight_hh")
         directions = 2 if self.bidirectional else 1
-        finals, stats = [], []
-        for layer in range(self.num_layers):
-            outs = []
-            for direction in range(directions):
-                suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                seq = x.flip(1) if direction else x
-                b_ih = getattr(self, "bias_ih" + suffix) if self.bias else None
-                gi = F.linear(seq, getattr(self, "weight_ih" + suffix), b_ih)  # one GEMM for all t
-                b_hh = getattr(self, "bias_hh" + suffix) if self.bias else None
-                s0 = state0[layer * directions + direction]
-                states, st = newton_rnn(self._cells[self.mode], gi, getattr(self, "weight_hh" + suffix), b_hh, s0,
-                                        **self.solver_options)
-                stats.append(st)
-                finals.append(states[:, -1] if states.shape[1] > 0 else s0)
-                h = states.unflatten(-1, (self.hidden_size, 2))[..., 0] if self._is_lstm else states
-                outs.append(h.flip(1) if direction else h)
-            x = torch.cat(outs, -1)
-            if self.dropout and self.training and layer < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, training=True)
-        self.last_stats = _merge(stats)
-        return x, torch.stack(finals, 0)
+        return [getattr(self, f"{name}_l{layer}" + ("_reverse" if d else ""))
+                for layer in range(self.num_layers) for d in range(directions) for name in names]
 
     def _forward(self, input, hx):
         if input.dim() not in (2, 3):
@@ -117,22 +99,27 @@ class _NewtonRNNBase(nn.Module):
             input = input.unsqueeze(1 if not self.batch_first else 0)
             hx = None if hx is None else (tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple)
                                           else hx.unsqueeze(1))
-        x = input if self.batch_first else input.transpose(0, 1)
-        if x.shape[-1] != self.input_size:
+        if input.shape[-1] != self.input_size:
             raise ValueError(f"pnewton.{type(self).__name__}: input.size(-1) must be {self.input_size}, "
-                             f"got {x.shape[-1]}")
-        B = x.shape[0]
+                             f"got {input.shape[-1]}")
+        B = input.shape[0 if self.batch_first else 1]
         n = self.num_layers * (2 if self.bidirectional else 1)
         expected = (n, B, self.hidden_size)
         if hx is None:
-            hx = (x.new_zeros(expected), x.new_zeros(expected)) if self._is_lstm else x.new_zeros(expected)
+            hx = (input.new_zeros(expected), input.new_zeros(expected)) if self._is_lstm else input.new_zeros(expected)
         for name, h in zip(("h0", "c0"), hx if self._is_lstm else (hx,)):
             if tuple(h.shape) != expected:
                 raise ValueError(f"pnewton.{type(self).__name__}: {name} must have shape {expected}, "
                                  f"got {tuple(h.shape)}")
         state0 = torch.stack(hx, -1).flatten(-2) if self._is_lstm else hx
-        out, final = self._run(x, state0)
-        out = out if self.batch_first else out.transpose(0, 1)
+        o = {**SOLVER_DEFAULTS, **self.solver_options}
+        out, final, iterations, residual, converged, fell_back = torch.ops.pnewton.rnn_stack(
+            self._cells[self.mode], input, state0, self._params(), self.bias, self.num_layers, self.dropout,
+            self.training, self.bidirectional, self.batch_first, o["method"],
+            -1 if o["max_iter"] is None else o["max_iter"], -1.0 if o["atol"] is None else o["atol"],
+            -1.0 if o["rtol"] is None else o["rtol"], o["damping"], o["clip"], o["init"], o["fixed_iterations"],
+            o["fallback"], o["adjoint"])
+        self.last_stats = SolveStats(iterations, residual, converged, fell_back, o["method"])
         if self._is_lstm:
             pairs = final.unflatten(-1, (self.hidden_size, 2))
             final = (pairs[..., 0].contiguous(), pairs[..., 1].contiguous())
@@ -146,17 +133,6 @@ class _NewtonRNNBase(nn.Module):
         if self.bidirectional:
             s += ", bidirectional=True"
         return s + f", solver={self.solver_options or 'defaults'}"
-
-
-def _merge(stats):
-    """One SolveStats record for a whole layer stack: the worst case over its solves."""
-    return SolveStats(
-        iterations=torch.stack([s.iterations for s in stats]).amax(0),
-        residual=torch.stack([s.residual for s in stats]).amax(0),
-        converged=torch.stack([s.converged for s in stats]).all(0),
-        fell_back=torch.stack([s.fell_back for s in stats]).any(0),
-        requested=stats[0].requested,
-    )
 
 
 class GRU(_NewtonRNNBase):

@@ -1,0 +1,70 @@
+#include "csrc/solver/rnn_stack.h"
+
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "pnewton/solver.h"
+
+namespace pnewton {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack(
+    c10::string_view cell, const at::Tensor& input, const at::Tensor& state0, at::TensorList params, bool has_biases,
+    int64_t num_layers, double dropout, bool train, bool bidirectional, bool batch_first, c10::string_view method,
+    int64_t max_iter, double atol, double rtol, double damping, double clip, c10::string_view init,
+    bool fixed_iterations, bool fallback, c10::string_view adjoint) {
+  const char* op = "pnewton.rnn_stack";
+  const int64_t dirs = bidirectional ? 2 : 1, per = has_biases ? 4 : 2;
+  TORCH_CHECK(num_layers > 0, op, ": num_layers must be positive, got ", num_layers);
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == num_layers * dirs * per, op, ": params must hold ",
+              num_layers * dirs * per, " tensors (W_ih, W_hh", has_biases ? ", b_ih, b_hh" : "",
+              " per layer and direction), got ", params.size());
+  TORCH_CHECK(input.dim() == 3, op, ": input must be 3-d, got ", input.dim(), "-d");
+  TORCH_CHECK(state0.dim() == 3 && state0.size(0) == num_layers * dirs, op, ": state0 must be [", num_layers * dirs,
+              ", B, S], got ", state0.sizes());
+  const bool lstm = cell == "lstm" || cell == "diag_lstm";
+  SolverOptions o;
+  o.method = std::string(method);
+  o.max_iter = max_iter;
+  o.atol = atol;
+  o.rtol = rtol;
+  o.damping = damping;
+  o.clip = clip;
+  o.init = std::string(init);
+  o.fixed_iterations = fixed_iterations;
+  o.fallback = fallback;
+  o.adjoint = std::string(adjoint);
+
+  at::Tensor x = batch_first ? input : input.transpose(0, 1);
+  std::vector<at::Tensor> finals, iterations, residual, converged, fell_back;
+  for (int64_t layer = 0; layer < num_layers; ++layer) {
+    std::vector<at::Tensor> outs;
+    for (int64_t d = 0; d < dirs; ++d) {
+      const int64_t k = (layer * dirs + d) * per;
+      const at::Tensor seq = d ? x.flip(1) : x;
+      const at::Tensor gi = at::linear(seq, params[k], has_biases ? c10::optional<at::Tensor>(params[k + 2])
+                                                                 : c10::nullopt);  // one GEMM for all t
+      const at::Tensor s0 = state0[layer * dirs + d];
+      auto [states, stats] = newton_rnn(std::string(cell), gi, params[k + 1],
+                                        has_biases ? std::optional<at::Tensor>(params[k + 3]) : std::nullopt, s0, o);
+      iterations.push_back(stats.iterations);
+      residual.push_back(stats.residual);
+      converged.push_back(stats.converged);
+      fell_back.push_back(stats.fell_back);
+      finals.push_back(states.size(1) > 0 ? states.select(1, states.size(1) - 1) : s0);
+      // The hidden part of the state (LSTM: h of the interleaved (h_i, c_i) pairs).
+      const at::Tensor h = lstm ? states.unflatten(-1, {states.size(-1) / 2, 2}).select(-1, 0) : states;
+      outs.push_back(d ? h.flip(1) : h);
+    }
+    x = at::cat(outs, -1);
+    if (dropout > 0 && train && layer + 1 < num_layers) x = at::dropout(x, dropout, /*train=*/true);
+  }
+  return {batch_first ? x : x.transpose(0, 1), at::stack(finals), at::stack(iterations).amax(0),
+          at::stack(residual).amax(0), at::stack(converged).all(0), at::stack(fell_back).any(0)};
+}
+
+// Composite: autograd, torch.compile and export see its parts (newton_rnn, linear, ...).
+TORCH_LIBRARY_IMPL(pnewton, CompositeImplicitAutograd, m) { m.impl("rnn_stack", &rnn_stack); }
+
+}  // namespace pnewton
