@@ -9,7 +9,6 @@ W_ih x_t + b_ih is one GEMM before each solve. ``DiagGRU`` and ``DiagLSTM`` have
 recurrent weights (vectors), so their Newton steps are exact with diagonal / 2×2 scans.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .solve import SolveStats
@@ -17,6 +16,11 @@ from .solve import SolveStats
 # Solver options accepted by the layers, with their defaults (see newton_rnn in csrc/ops.cpp).
 SOLVER_DEFAULTS = dict(method="quasi_deer", max_iter=None, atol=None, rtol=None, damping=0.0, clip=0.0,
                        init="zeros", fixed_iterations=False, fallback=True, adjoint="auto")
+
+
+def _limits(max_iter, atol, rtol):
+    """None (the per-dtype defaults) as the ops spell it: -1."""
+    return (-1 if max_iter is None else max_iter, -1.0 if atol is None else atol, -1.0 if rtol is None else rtol)
 
 
 def newton_rnn(cell, gi, W_hh, b_hh, s0, method="quasi_deer", max_iter=None, atol=None, rtol=None, damping=0.0,
@@ -31,8 +35,8 @@ def newton_rnn(cell, gi, W_hh, b_hh, s0, method="quasi_deer", max_iter=None, ato
     ``adjoint``: how gradients solve the adjoint — auto, scan, iterative, sequential.
     """
     states, iterations, residual, converged, fell_back = torch.ops.pnewton.newton_rnn(
-        cell, gi, W_hh, b_hh, s0, method, -1 if max_iter is None else max_iter, -1.0 if atol is None else atol,
-        -1.0 if rtol is None else rtol, damping, clip, init, init_states, fixed_iterations, fallback, adjoint)
+        cell, gi, W_hh, b_hh, s0, method, *_limits(max_iter, atol, rtol), damping, clip, init, init_states,
+        fixed_iterations, fallback, adjoint)
     return states, SolveStats(iterations, residual, converged, fell_back, method)
 
 
@@ -61,7 +65,6 @@ class _NewtonRNNBase(nn.Module):
         factory = {"device": device, "dtype": dtype}
         gate = self._gates[mode] * hidden_size
         directions = 2 if bidirectional else 1
-        self._flat_weights_names = []
         for layer in range(num_layers):
             for direction in range(directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
@@ -72,7 +75,6 @@ class _NewtonRNNBase(nn.Module):
                     params.update({"bias_ih": (gate,), "bias_hh": (gate,)})
                 for name, shape in params.items():
                     self.register_parameter(name + suffix, nn.Parameter(torch.empty(shape, **factory)))
-                    self._flat_weights_names.append(name + suffix)
         self.reset_parameters()
 
     def reset_parameters(self):  # torch.nn's initialisation
@@ -116,8 +118,7 @@ class _NewtonRNNBase(nn.Module):
         out, final, iterations, residual, converged, fell_back = torch.ops.pnewton.rnn_stack(
             self._cells[self.mode], input, state0, self._params(), self.bias, self.num_layers, self.dropout,
             self.training, self.bidirectional, self.batch_first, o["method"],
-            -1 if o["max_iter"] is None else o["max_iter"], -1.0 if o["atol"] is None else o["atol"],
-            -1.0 if o["rtol"] is None else o["rtol"], o["damping"], o["clip"], o["init"], o["fixed_iterations"],
+            *_limits(o["max_iter"], o["atol"], o["rtol"]), o["damping"], o["clip"], o["init"], o["fixed_iterations"],
             o["fallback"], o["adjoint"])
         self.last_stats = SolveStats(iterations, residual, converged, fell_back, o["method"])
         if self._is_lstm:

@@ -117,7 +117,7 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
   for (int64_t it = 0;; ++it) {
     const at::Tensor s_prev = flat(shifted(s0, s));
     // f and the Jacobian part from one evaluation of the gates (none after the last step).
-    const Cell::Evaluation e =
+    const CellFunction::Evaluation e =
         cell.evaluate(s_prev, gi_flat, newton_like && it < max_iter ? std::optional<JacobianPart>(part) : std::nullopt);
     const at::Tensor F = e.F.view({B, T, S});
     const at::Tensor r = s - F;
