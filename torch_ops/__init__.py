@@ -6,10 +6,11 @@ the fake kernels that ``torch.compile`` and ``torch.export`` use.
 from . import _library  # noqa: F401  (loads the ops first)
 from . import _fake  # noqa: F401
 from ._library import built_with_cuda
+from .lyapunov import lyapunov
 from .nn import GRU, LSTM, RNN, DiagGRU, DiagLSTM, from_torch, newton_rnn
 from .scan import scan_block, scan_diag
 from .solve import SolveStats, solve
 
-__all__ = ["scan_diag", "scan_block", "solve", "SolveStats", "newton_rnn", "GRU", "LSTM", "RNN", "DiagGRU", "DiagLSTM",
+__all__ = ["scan_diag", "scan_block", "solve", "SolveStats", "lyapunov", "newton_rnn", "GRU", "LSTM", "RNN", "DiagGRU", "DiagLSTM",
            "from_torch", "built_with_cuda"]
 __version__ = "0.1.0"
