@@ -33,11 +33,26 @@ echo "== pytest -m cuda"
 $PY -m pytest tests/python -q -m cuda -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/pytest_cuda.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+echo "== compute-sanitizer memcheck (one small scan and solve)"
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  compute-sanitizer --tool memcheck --error-exitcode 3 $PY -c "
+import torch, pnewton
+a, b = torch.rand(2, 300, 5, device='cuda'), torch.randn(2, 300, 5, device='cuda')
+pnewton.scan_diag(a, b, reverse=True).sum().item()
+A = torch.randn(2, 300, 3, 4, 4, device='cuda') / 4
+pnewton.scan_block(A, torch.randn(2, 300, 3, 4, device='cuda'), transpose=True).sum().item()
+pnewton.GRU(3, 8, batch_first=True).cuda()(torch.randn(2, 200, 3, device='cuda'))[0].sum().item()
+" >"$OUT/memcheck.txt" 2>&1 && echo "memcheck clean" || { status=1; tail -20 "$OUT/memcheck.txt"; }
+fi
+
 echo "== benchmarks"
 $PY benchmarks/bench_scan.py --device cuda --B 16 --T 65536 --D 256 2>&1 | tee "$OUT/bench_scan_cuda.txt"
+timeout 240 $PY benchmarks/bench_layers.py --device cuda --B 16 --D 64 --T 1024 16384 65536 \
+  --layers GRU:quasi_deer LSTM:block_deer 2>&1 | tee "$OUT/bench_layers_cuda.txt"
 
 echo
 echo "== summary (${gpu:-no GPU})"
 printf '%-12s %s\n' "cuda tests" "$(tail -1 "$OUT/pytest_cuda.txt")"
 sed -n '2,$p' "$OUT/bench_scan_cuda.txt"
+sed -n '2,$p' "$OUT/bench_layers_cuda.txt"
 exit $status
