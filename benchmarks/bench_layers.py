@@ -7,25 +7,10 @@ times of pnewton and of torch.nn (cuDNN on a GPU), the speed-up, the Newton iter
 and the largest difference between the two outputs (fp32).
 """
 import argparse
-import statistics
-import time
-
 import torch
 
 import pnewton
-
-
-def median_seconds(fn, repeats, device):
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from timing import median_seconds
 
 
 def main():

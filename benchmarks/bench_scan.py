@@ -8,25 +8,10 @@ once and writes one output, so about 1 is the memory-bound floor).
 """
 import argparse
 import platform
-import statistics
-import time
-
 import torch
 
 import pnewton
-
-
-def median_seconds(fn, repeats, device):
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fn()  # warm-up: first-touch page faults, thread-pool start, CUDA context
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from timing import median_seconds
 
 
 def cases(B, T, D, device):

@@ -68,6 +68,45 @@ Adjoint parse_adjoint(const std::string& name) {
   TORCH_CHECK(false, "pnewton.newton_rnn: adjoint must be one of auto, scan, iterative, sequential; got '", name, "'");
 }
 
+SolverOptions solver_options(c10::string_view method, int64_t max_iter, double atol, double rtol, double damping,
+                             double clip, c10::string_view init, bool fixed_iterations, bool fallback,
+                             c10::string_view adjoint) {
+  SolverOptions o;
+  o.method = std::string(method);
+  o.max_iter = max_iter;
+  o.atol = atol;
+  o.rtol = rtol;
+  o.damping = damping;
+  o.clip = clip;
+  o.init = std::string(init);
+  o.fixed_iterations = fixed_iterations;
+  o.fallback = fallback;
+  o.adjoint = std::string(adjoint);
+  return o;
+}
+
+NewtonOptions newton_options(const SolverOptions& s) {
+  const char* op = "pnewton";
+  parse_adjoint(s.adjoint);  // checked here, used by the backward
+  TORCH_CHECK(s.max_iter >= -1, op, ": max_iter must be >= 0 (or -1 for the default), got ", s.max_iter);
+  TORCH_CHECK(!s.fixed_iterations || s.max_iter >= 0, op, ": fixed_iterations needs an explicit max_iter >= 0");
+  TORCH_CHECK(s.atol >= 0 || s.atol == -1.0, op, ": atol must be >= 0, got ", s.atol);
+  TORCH_CHECK(s.rtol >= 0 || s.rtol == -1.0, op, ": rtol must be >= 0, got ", s.rtol);
+  TORCH_CHECK(s.damping >= 0 && s.damping < 1, op, ": damping must be in [0, 1), got ", s.damping);
+  TORCH_CHECK(s.clip >= 0, op, ": clip must be >= 0 (0 = off), got ", s.clip);
+  NewtonOptions o;
+  o.method = parse_method(s.method);
+  o.max_iter = s.max_iter;
+  o.atol = s.atol;
+  o.rtol = s.rtol;
+  o.damping = s.damping;
+  o.clip = s.clip;
+  o.init = s.init;
+  o.fixed_iterations = s.fixed_iterations;
+  o.fallback = s.fallback;
+  return o;
+}
+
 double default_tolerance(at::ScalarType dtype) { return dtype == at::kDouble ? 1e-10 : 1e-5; }
 
 at::Tensor sequential_states(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0) {

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "csrc/solver/cells.h"
+#include "pnewton/solver.h"
 
 namespace pnewton {
 
@@ -33,6 +34,12 @@ struct NewtonResult {
   at::Tensor converged;   // [B] bool
   at::Tensor fell_back;   // [B] bool: the sequential fallback produced this sequence
 };
+
+// The public options from an op's arguments, and checked and parsed for the solver.
+SolverOptions solver_options(c10::string_view method, int64_t max_iter, double atol, double rtol, double damping,
+                             double clip, c10::string_view init, bool fixed_iterations, bool fallback,
+                             c10::string_view adjoint);
+NewtonOptions newton_options(const SolverOptions& options);
 
 // Residual tolerance (atol = rtol) used when the caller passes a negative one.
 double default_tolerance(at::ScalarType dtype);

@@ -50,26 +50,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> newton_rn
     double clip, c10::string_view init, const c10::optional<at::Tensor>& init_states, bool fixed_iterations,
     bool fallback, c10::string_view adjoint) {
   checked_cell(std::string(cell_name_), gi, W_hh, b_hh, s0);
-  parse_adjoint(std::string(adjoint));  // validated here, used by the backward
-  TORCH_CHECK(max_iter >= -1, kOp, ": max_iter must be >= 0 (or -1 for the default), got ", max_iter);
-  TORCH_CHECK(!fixed_iterations || max_iter >= 0, kOp, ": fixed_iterations needs an explicit max_iter >= 0");
-  TORCH_CHECK(atol >= 0 || atol == -1.0, kOp, ": atol must be >= 0, got ", atol);
-  TORCH_CHECK(rtol >= 0 || rtol == -1.0, kOp, ": rtol must be >= 0, got ", rtol);
-  TORCH_CHECK(damping >= 0 && damping < 1, kOp, ": damping must be in [0, 1), got ", damping);
-  TORCH_CHECK(clip >= 0, kOp, ": clip must be >= 0 (0 = off), got ", clip);
+  NewtonOptions o = newton_options(
+      solver_options(method, max_iter, atol, rtol, damping, clip, init, fixed_iterations, fallback, adjoint));
   const at::ScalarType type = compute_type(gi.scalar_type());
   const Cell cell(parse_cell(std::string(cell_name_)), W_hh.to(type), widen(b_hh, type));
-  NewtonOptions o;
-  o.method = parse_method(std::string(method));
-  o.max_iter = max_iter;
-  o.atol = atol;
-  o.rtol = rtol;
-  o.damping = damping;
-  o.clip = clip;
-  o.init = std::string(init);
   if (init_states.has_value()) o.init_states = init_states->to(type);
-  o.fixed_iterations = fixed_iterations;
-  o.fallback = fallback;
   NewtonResult r = newton_solve(cell, gi.to(type), s0.to(type), o);
   return {r.states.to(gi.scalar_type()), r.iterations, r.residual.to(gi.scalar_type()), r.converged, r.fell_back};
 }

@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "pnewton/solver.h"
+#include "csrc/solver/newton.h"
 
 namespace pnewton {
 
@@ -24,17 +24,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(state0.dim() == 3 && state0.size(0) == num_layers * dirs, op, ": state0 must be [", num_layers * dirs,
               ", B, S], got ", state0.sizes());
   const bool lstm = cell == "lstm" || cell == "diag_lstm";
-  SolverOptions o;
-  o.method = std::string(method);
-  o.max_iter = max_iter;
-  o.atol = atol;
-  o.rtol = rtol;
-  o.damping = damping;
-  o.clip = clip;
-  o.init = std::string(init);
-  o.fixed_iterations = fixed_iterations;
-  o.fallback = fallback;
-  o.adjoint = std::string(adjoint);
+  const SolverOptions o =
+      solver_options(method, max_iter, atol, rtol, damping, clip, init, fixed_iterations, fallback, adjoint);
 
   at::Tensor x = batch_first ? input : input.transpose(0, 1);
   std::vector<at::Tensor> finals, iterations, residual, converged, fell_back;

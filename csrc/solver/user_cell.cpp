@@ -67,16 +67,7 @@ std::tuple<at::Tensor, SolveStats> solve(const CellFunction& cell, const at::Ten
   TORCH_CHECK(inputs.dim() >= 2 && inputs.size(0) == s0.size(0), "pnewton.solve: inputs must be [B, T, ...] with B = ",
               s0.size(0), ", got ", inputs.sizes());
   TORCH_CHECK(options.init != "states", "pnewton.solve: init='states' is not available here");
-  NewtonOptions o;
-  o.method = parse_method(options.method);
-  o.max_iter = options.max_iter;
-  o.atol = options.atol;
-  o.rtol = options.rtol;
-  o.damping = options.damping;
-  o.clip = options.clip;
-  o.init = options.init;
-  o.fixed_iterations = options.fixed_iterations;
-  o.fallback = options.fallback;
+  const NewtonOptions o = newton_options(options);
   const Adjoint adjoint = parse_adjoint(options.adjoint);
 
   NewtonResult r;
