@@ -91,28 +91,34 @@ void check_state(const char* name, const char* arg, const at::Tensor& h, int64_t
               " must have shape [", n, ", ", B, ", ", D, "], got ", h.sizes());
 }
 
+// GRU and RNN: one hidden state per layer and direction.
+std::tuple<at::Tensor, at::Tensor> forward_hidden(detail::RNNStack& stack, const torch::nn::Module& module,
+                                                  const RNNOptions& options, const char* name, const at::Tensor& input,
+                                                  at::Tensor hx) {
+  const auto [n, B] = state_shape(options, input, name);
+  if (!hx.defined()) hx = torch::zeros({n, B, options.hidden_size()}, input.options());
+  check_state(name, "hx", hx, n, B, options.hidden_size());
+  return stack.run(module, input, hx, module.is_training());
+}
+
 }  // namespace
+
+void detail::RNNStack::reset(torch::nn::Module& module, const RNNOptions& new_options) {
+  options = new_options;
+  register_parameters(module);
+}
 
 GRUImpl::GRUImpl(const GRUOptions& options_) : options(options_), stack_(options_, "gru") { reset(); }
 
-void GRUImpl::reset() {
-  stack_.options = options;
-  stack_.register_parameters(*this);
-}
+void GRUImpl::reset() { stack_.reset(*this, options); }
 
 std::tuple<at::Tensor, at::Tensor> GRUImpl::forward(const at::Tensor& input, at::Tensor hx) {
-  const auto [n, B] = state_shape(options, input, "GRU");
-  if (!hx.defined()) hx = torch::zeros({n, B, options.hidden_size()}, input.options());
-  check_state("GRU", "hx", hx, n, B, options.hidden_size());
-  return stack_.run(*this, input, hx, is_training());
+  return forward_hidden(stack_, *this, options, "GRU", input, std::move(hx));
 }
 
 LSTMImpl::LSTMImpl(const LSTMOptions& options_) : options(options_), stack_(options_, "lstm") { reset(); }
 
-void LSTMImpl::reset() {
-  stack_.options = options;
-  stack_.register_parameters(*this);
-}
+void LSTMImpl::reset() { stack_.reset(*this, options); }
 
 std::tuple<at::Tensor, std::tuple<at::Tensor, at::Tensor>> LSTMImpl::forward(
     const at::Tensor& input, std::optional<std::tuple<at::Tensor, at::Tensor>> hx) {
@@ -135,16 +141,10 @@ RNNImpl::RNNImpl(const RNNOptions& options_)
   reset();
 }
 
-void RNNImpl::reset() {
-  stack_.options = options;
-  stack_.register_parameters(*this);
-}
+void RNNImpl::reset() { stack_.reset(*this, options); }
 
 std::tuple<at::Tensor, at::Tensor> RNNImpl::forward(const at::Tensor& input, at::Tensor hx) {
-  const auto [n, B] = state_shape(options, input, "RNN");
-  if (!hx.defined()) hx = torch::zeros({n, B, options.hidden_size()}, input.options());
-  check_state("RNN", "hx", hx, n, B, options.hidden_size());
-  return stack_.run(*this, input, hx, is_training());
+  return forward_hidden(stack_, *this, options, "RNN", input, std::move(hx));
 }
 
 }  // namespace pnewton::nn

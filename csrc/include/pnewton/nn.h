@@ -43,6 +43,8 @@ class RNNStack {
   int64_t gates() const;
   // Registers torch.nn's parameters (weight_ih_l0, ..., _reverse) on `module`.
   void register_parameters(torch::nn::Module& module);
+  // Takes the module's (possibly edited) options and registers fresh parameters.
+  void reset(torch::nn::Module& module, const RNNOptions& new_options);
   // input [T, B, in] or [B, T, in] (batch_first), state0 [layers·dirs, B, S] -> (output, final).
   std::tuple<at::Tensor, at::Tensor> run(const torch::nn::Module& module, const at::Tensor& input,
                                          const at::Tensor& state0, bool training);
