@@ -65,11 +65,11 @@ std::tuple<at::Tensor, at::Tensor> RNNStack::run(const torch::nn::Module& module
     }
   }
   const SolverOptions& o = options.solver();
-  auto [out, final, iterations, residual, converged, fell_back] =
+  auto [out, final, iterations, residual, converged, path] =
       rnn_stack(cell, input, state0, params, options.bias(), options.num_layers(), options.dropout(), training,
                 options.bidirectional(), options.batch_first(), o.method, o.max_iter, o.atol, o.rtol, o.damping,
                 o.clip, o.init, o.fixed_iterations, o.fallback, o.adjoint);
-  last_stats = SolveStats{iterations, residual, converged, fell_back};
+  last_stats = SolveStats{iterations, residual, converged, path};
   return {out, final};
 }
 

@@ -14,26 +14,35 @@ TORCH_LIBRARY(pnewton, m) {
       "scan_block_backward(Tensor grad_x, Tensor A, Tensor x, Tensor? x0, bool reverse, bool transpose) -> "
       "(Tensor, Tensor, Tensor)");
 
+  // The ELK (Levenberg–Marquardt) step by Kalman filtering and smoothing, for the generic
+  // solver: a is the diagonal [B, T, S] or the dense [B, T, S, S] Jacobian approximation,
+  // r [B, T, S] the residual, lam [B] > 0 the damping; smooth=False: filter means only.
+  m.def("elk_step(Tensor a, Tensor r, Tensor lam, bool smooth=True) -> Tensor");
+
   // The parallel Newton solver for the built-in cells (csrc/solver). gi [B, T, G] is the
   // input projection for all t; s0 [B, S] the initial state (LSTM: (h_i, c_i) interleaved).
   // Returns the states [B, T, S] and per-sequence diagnostics: iterations (int64),
-  // residual, converged (bool), fell_back (bool). Negative max_iter/atol/rtol: defaults.
+  // residual, converged (bool) and path (int64: bit i set when method i of
+  // the Method enum in csrc/solver/newton.h moved the sequence; bit 5 is the sequential loop). Negative max_iter/atol/rtol: defaults.
   m.def(
-      "newton_rnn(str cell, Tensor gi, Tensor W_hh, Tensor? b_hh, Tensor s0, str method=\"quasi_deer\", "
+      "newton_rnn(str cell, Tensor gi, Tensor W_hh, Tensor? b_hh, Tensor s0, str method=\"auto\", "
       "int max_iter=-1, float atol=-1.0, float rtol=-1.0, float damping=0.0, float clip=0.0, "
       "str init=\"zeros\", Tensor? init_states=None, bool fixed_iterations=False, bool fallback=True, "
       "str adjoint=\"auto\") -> (Tensor states, Tensor iterations, Tensor residual, Tensor converged, "
-      "Tensor fell_back)");
+      "Tensor path)");
   // A stack of recurrent layers (torch.nn's GRU/LSTM/RNN semantics), each layer and direction
   // one newton_rnn solve; params per (layer, direction): W_ih, W_hh[, b_ih, b_hh]. input is
   // [T, B, in] ([B, T, in] if batch_first), state0 [layers·dirs, B, S]. Composite: autograd
   // flows through its parts. Diagnostics are the worst case over the stack, per sequence.
   m.def(
       "rnn_stack(str cell, Tensor input, Tensor state0, Tensor[] params, bool has_biases, int num_layers, "
-      "float dropout, bool train, bool bidirectional, bool batch_first, str method=\"quasi_deer\", int max_iter=-1, "
+      "float dropout, bool train, bool bidirectional, bool batch_first, str method=\"auto\", int max_iter=-1, "
       "float atol=-1.0, float rtol=-1.0, float damping=0.0, float clip=0.0, str init=\"zeros\", "
       "bool fixed_iterations=False, bool fallback=True, str adjoint=\"auto\") -> (Tensor output, Tensor final, "
-      "Tensor iterations, Tensor residual, Tensor converged, Tensor fell_back)");
+      "Tensor iterations, Tensor residual, Tensor converged, Tensor path)");
+  // One step of a built-in cell, s' = f(s, gi) for rows s [N, S], gi [N, G]: the map the
+  // solver iterates, for diagnostics such as pnewton.lyapunov. Composite (differentiable).
+  m.def("cell_step(str cell, Tensor s, Tensor gi, Tensor W_hh, Tensor? b_hh) -> Tensor");
   // Exact gradients at the solution (the adjoint with the true Jacobian); grad_b_hh is
   // returned even when b_hh is None.
   m.def(

@@ -14,7 +14,7 @@ from torch import nn
 from .solve import SolveStats
 
 # Solver options accepted by the layers, with their defaults (see newton_rnn in csrc/ops.cpp).
-SOLVER_DEFAULTS = dict(method="quasi_deer", max_iter=None, atol=None, rtol=None, damping=0.0, clip=0.0,
+SOLVER_DEFAULTS = dict(method="auto", max_iter=None, atol=None, rtol=None, damping=0.0, clip=0.0,
                        init="zeros", fixed_iterations=False, fallback=True, adjoint="auto")
 
 
@@ -23,21 +23,25 @@ def _limits(max_iter, atol, rtol):
     return (-1 if max_iter is None else max_iter, -1.0 if atol is None else atol, -1.0 if rtol is None else rtol)
 
 
-def newton_rnn(cell, gi, W_hh, b_hh, s0, method="quasi_deer", max_iter=None, atol=None, rtol=None, damping=0.0,
+def newton_rnn(cell, gi, W_hh, b_hh, s0, method="auto", max_iter=None, atol=None, rtol=None, damping=0.0,
                clip=0.0, init="zeros", init_states=None, fixed_iterations=False, fallback=True, adjoint="auto"):
     """Solve a built-in cell over a sequence: ``(states [B, T, S], SolveStats)``.
 
     ``cell`` is ``gru``, ``lstm``, ``rnn_tanh``, ``rnn_relu``, ``diag_gru`` or ``diag_lstm``;
     ``gi`` the input projections ``[B, T, G]``; ``s0`` ``[B, S]`` (LSTM cells: (h_i, c_i)
-    interleaved, S = 2·hidden). ``method``: deer, quasi_deer, block_deer (LSTM cells),
-    picard, jacobi or sequential. ``fixed_iterations=True`` runs exactly ``max_iter``
+    interleaved, S = 2·hidden). ``method``: ``auto`` (default: the cheapest method, then
+    exact Newton while the dense Jacobian fits (B·T·S² ≤ 2²⁴), then the trust-region ELK step, then the loop — see
+    README "Choosing a method"), deer, quasi_deer, block_deer (LSTM cells), elk, quasi_elk,
+    elk_filter, quasi_elk_filter, picard, jacobi or sequential. ``damping``: κ in [0, 1)
+    scales Ã by (1 − κ); for the elk methods it is λ (0: adaptive trust region).
+    ``fixed_iterations=True`` runs exactly ``max_iter``
     iterations with no host synchronisation (no fallback; check ``stats.converged``).
     ``adjoint``: how gradients solve the adjoint — auto, scan, iterative, sequential.
     """
-    states, iterations, residual, converged, fell_back = torch.ops.pnewton.newton_rnn(
+    states, iterations, residual, converged, path = torch.ops.pnewton.newton_rnn(
         cell, gi, W_hh, b_hh, s0, method, *_limits(max_iter, atol, rtol), damping, clip, init, init_states,
         fixed_iterations, fallback, adjoint)
-    return states, SolveStats(iterations, residual, converged, fell_back, method)
+    return states, SolveStats(iterations, residual, converged, path, method)
 
 
 class _NewtonRNNBase(nn.Module):
@@ -115,12 +119,12 @@ class _NewtonRNNBase(nn.Module):
                                  f"got {tuple(h.shape)}")
         state0 = torch.stack(hx, -1).flatten(-2) if self._is_lstm else hx
         o = {**SOLVER_DEFAULTS, **self.solver_options}
-        out, final, iterations, residual, converged, fell_back = torch.ops.pnewton.rnn_stack(
+        out, final, iterations, residual, converged, path = torch.ops.pnewton.rnn_stack(
             self._cells[self.mode], input, state0, self._params(), self.bias, self.num_layers, self.dropout,
             self.training, self.bidirectional, self.batch_first, o["method"],
             *_limits(o["max_iter"], o["atol"], o["rtol"]), o["damping"], o["clip"], o["init"], o["fixed_iterations"],
             o["fallback"], o["adjoint"])
-        self.last_stats = SolveStats(iterations, residual, converged, fell_back, o["method"])
+        self.last_stats = SolveStats(iterations, residual, converged, path, o["method"])
         if self._is_lstm:
             pairs = final.unflatten(-1, (self.hidden_size, 2))
             final = (pairs[..., 0].contiguous(), pairs[..., 1].contiguous())
@@ -140,7 +144,7 @@ class GRU(_NewtonRNNBase):
     """Drop-in ``torch.nn.GRU`` evaluated by parallel Newton iterations.
 
     ``pnewton.GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-    dropout=0.0, bidirectional=False, method="quasi_deer", ...)``; solver options as in
+    dropout=0.0, bidirectional=False, method="auto", ...)``; solver options as in
     :func:`pnewton.newton_rnn` (``SOLVER_DEFAULTS``). Diagnostics of the last call:
     ``module.last_stats`` (iterations, residual, converged, method, fallback).
     """
@@ -192,7 +196,6 @@ class DiagLSTM(_NewtonRNNBase):
     each channel's (h_i, c_i) evolves on its own, so block_deer (2×2 blocks) is Newton."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("method", "block_deer")
         super().__init__("DIAG_LSTM", *args, **kwargs)
 
     def forward(self, input, hx=None):

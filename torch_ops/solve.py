@@ -6,6 +6,7 @@ scan ops (DESIGN §1). Gradients never go through the iterations: the adjoint
 λ_t = g_t + A_{t+1}ᵀ λ_{t+1} with the *true* Jacobian A at the solution is one reverse
 scan, and the parameter/input gradients are one vector-Jacobian product of f over all t.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,8 +14,20 @@ from torch.func import jacfwd, vmap
 
 from .scan import scan_block, scan_diag
 
-METHODS = ("deer", "quasi_deer", "picard", "jacobi", "sequential")
+METHODS = ("auto", "deer", "quasi_deer", "elk", "quasi_elk", "elk_filter", "quasi_elk_filter", "picard", "jacobi",
+           "sequential")
 STRUCTURES = ("dense", "diag")
+# Bit i of SolveStats.path: the i-th method of the solver's Method enum (csrc/solver/newton.h).
+PATH_BITS = ("deer", "quasi_deer", "block_deer", "picard", "jacobi", "sequential", "elk", "quasi_elk", "elk_filter",
+             "quasi_elk_filter")
+# The order in which a path is told: auto's stages come in this order, the loop last.
+_PATH_ORDER = ("quasi_deer", "block_deer", "deer", "picard", "jacobi", "elk", "quasi_elk", "elk_filter",
+               "quasi_elk_filter", "sequential")
+_ELK = ("elk", "quasi_elk", "elk_filter", "quasi_elk_filter")
+
+
+def _bit(method):
+    return 1 << PATH_BITS.index(method)
 
 
 @dataclass
@@ -22,24 +35,44 @@ class SolveStats:
     """Diagnostics of one solve, per sequence where shaped [B].
 
     Only tensors are stored, so making the record costs no host synchronisation (and no
-    graph break under torch.compile); ``fallback`` and ``method`` read them when asked.
+    graph break under torch.compile); ``fell_back``, ``fallback`` and ``method`` read them
+    when asked.
     """
 
-    iterations: torch.Tensor  # [B] Newton iterations used (T when the sequential fallback ran)
+    iterations: torch.Tensor  # [B] Newton iterations used (T when the sequential loop ran)
     residual: torch.Tensor  # [B] final max |s_t - f(s_{t-1}, u_t)|
     converged: torch.Tensor  # [B] bool: the states satisfy the recurrence to tolerance
-    fell_back: torch.Tensor  # [B] bool: the sequential fallback produced these sequences
+    path: torch.Tensor  # [B] int64: bit PATH_BITS.index(m) set when method m moved the sequence
     requested: str  # the method asked for
+
+    @property
+    def fell_back(self):
+        """[B] bool: the sequential fallback produced these sequences."""
+        if self.requested == "sequential":
+            return torch.zeros_like(self.converged)
+        return (self.path & _bit("sequential")) != 0
 
     @property
     def fallback(self):
         """Whether the sequential fallback ran for any sequence."""
         return bool(self.fell_back.any())
 
+    def methods(self, b=None):
+        """The methods that moved sequence b (all sequences when None), in order."""
+        bits = _union(self.path if b is None else self.path[b:b + 1])
+        return [m for m in _PATH_ORDER if bits & _bit(m)]
+
     @property
     def method(self):
-        """The method that produced the states, e.g. "quasi_deer" or "quasi_deer->sequential"."""
-        return f"{self.requested}->sequential" if self.fallback else self.requested
+        """The path over the batch, e.g. "quasi_deer" or "quasi_deer->deer->sequential"."""
+        return "->".join(self.methods()) or self.requested
+
+
+def _union(path):
+    out = 0
+    for v in path.tolist():
+        out |= v
+    return out
 
 
 def default_tolerance(dtype):
@@ -90,6 +123,104 @@ def sequential(f, s0, inputs):
     return torch.stack(out, 1) if out else s0.new_empty(s0.shape[0], 0, s0.shape[1])
 
 
+# The trust region on ½‖r‖² (adaptive ELK damping) and the auto method's stage budget and
+# stall test: the same rules and constants as the C++ solver (csrc/solver/newton.cpp).
+_LAMBDA_START, _LAMBDA_MIN, _LAMBDA_MAX = 1.0, 1e-12, 1e12
+_SHRINK, _GROW, _ACCEPT = 0.1, 4.0, 1e-4
+_STALL_WINDOW = 4
+
+
+def _auto_budget(T):
+    return max(8, 4 * math.ceil(math.log2(T + 1)))
+
+
+_AUTO_LAMBDA = 0.1
+
+
+def _auto_stages(structure, dense_size):
+    if structure == "diag":
+        return ["deer", "elk_filter"]
+    return ["quasi_deer"] + (["deer"] if dense_size <= 2 ** 24 else []) + ["quasi_elk_filter"]
+
+
+def _merit(r):
+    m = 0.5 * r.square().sum((1, 2))
+    return torch.where(torch.isfinite(m), m, torch.full_like(m, float("inf")))
+
+
+def _stage(f, s0, inputs, state, method, structure, jacobian, budget, stall, atol, rtol, damping):
+    """Runs `method` for at most `budget` iterations from state["s"] (see run_stage in C++)."""
+    B = s0.shape[0]
+    elk = method in _ELK
+    adaptive = elk and damping == 0
+    lam = torch.full((B,), _LAMBDA_START if adaptive else damping, dtype=s0.dtype, device=s0.device)
+    diagonal = method.startswith("quasi_")
+
+    def evaluate(s):
+        F = _flat(f, _shift(s0, s), inputs)
+        return F, s - F
+
+    def check(F, r):
+        state["residual"] = r.abs().amax(dim=(1, 2))
+        state["converged"] = torch.isfinite(state["residual"]) & (
+            state["residual"] <= atol + rtol * F.abs().amax(dim=(1, 2)))
+
+    s = state["s"]
+    F, r = evaluate(s)
+    check(F, r)
+    phi = _merit(r)
+    history = [phi]
+    for it in range(budget):
+        converged = state["converged"]
+        stop = converged.all()
+        if stall and it >= _STALL_WINDOW:
+            halved = phi <= 0.5 * history[-1 - _STALL_WINDOW]
+            stop = stop | (converged | ~halved).all()
+        if bool(stop):
+            break
+        moving = ~converged
+        state["path"] |= torch.where(moving, _bit(method), 0)
+        predicted = None
+        if method == "jacobi":
+            step = F
+        elif method == "picard":
+            step = s - r.cumsum(1)
+        else:
+            a = _jacobian(f, _shift(s0, s), inputs, structure, jacobian, diagonal=diagonal)
+            if elk:
+                delta = torch.ops.pnewton.elk_step(a, r, lam, method in ("elk", "quasi_elk"))
+                dp = torch.cat([torch.zeros_like(delta[:, :1]), delta[:, :-1]], 1)
+                a_dp = a * dp if a.dim() == 3 else (a @ dp.unsqueeze(-1)).squeeze(-1)
+                predicted = phi - _merit(r + delta - a_dp)
+            else:
+                if damping:
+                    a = a * (1.0 - damping)
+                delta = scan_diag(a, -r) if a.dim() == 3 else scan_block(a.unsqueeze(2), -r.unsqueeze(2)).squeeze(2)
+            step = s + delta
+        # Non-finite values can only appear beyond the exact prefix of an undamped method:
+        # resetting them keeps the guarantee that iteration i makes the first i states exact.
+        step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
+        step = torch.where(converged[:, None, None], s, step)
+        F_new, r_new = evaluate(step)
+        state["iterations"] += moving.long()
+        if adaptive:
+            phi_new = _merit(r_new)
+            rho = (phi - phi_new) / predicted.clamp_min(torch.finfo(s.dtype).tiny)
+            accept = moving & torch.isfinite(phi_new) & (rho > _ACCEPT)
+            poor = moving & ((rho < 0.25) | ~torch.isfinite(rho))
+            lam = torch.where(moving & (rho > 0.75), lam * _SHRINK, torch.where(poor, lam * _GROW, lam))
+            lam = lam.clamp(_LAMBDA_MIN, _LAMBDA_MAX)
+            keep = accept[:, None, None]
+            s, F, r = torch.where(keep, step, s), torch.where(keep, F_new, F), torch.where(keep, r_new, r)
+            phi = torch.where(accept, phi_new, phi)
+        else:
+            s, F, r = step, F_new, r_new
+            phi = _merit(r)
+        check(F, r)
+        history.append(phi)
+    state["s"] = s
+
+
 def _newton(f, s0, inputs, method, structure, jacobian, max_iter, atol, rtol, damping, init):
     B, T, D = s0.shape[0], inputs.shape[1], s0.shape[1]
     if init is None or init == "zeros":
@@ -98,38 +229,29 @@ def _newton(f, s0, inputs, method, structure, jacobian, max_iter, atol, rtol, da
         s = _flat(f, s0.unsqueeze(1).expand(B, T, D), inputs)
     else:
         s = init.detach().clone()
-    iterations = torch.zeros(B, dtype=torch.long, device=s0.device)
-    converged = torch.zeros(B, dtype=torch.bool, device=s0.device)
-    residual = torch.full((B,), float("inf"), dtype=s0.dtype, device=s0.device)
-    for it in range(max_iter + 1):
-        F = _flat(f, _shift(s0, s), inputs)
-        r = s - F
-        residual = r.abs().amax(dim=(1, 2)) if T > 0 else torch.zeros_like(residual)
-        bound = atol + rtol * F.abs().amax(dim=(1, 2)) if T > 0 else residual
-        converged = torch.isfinite(residual) & (residual <= bound)
-        if bool(converged.all()) or it == max_iter:
-            break
-        if method == "jacobi":
-            step = F
-        else:
-            if method == "picard":
-                a = torch.ones_like(s)
-            else:  # deer, or quasi_deer with the diagonal only
-                a = _jacobian(f, _shift(s0, s), inputs, structure, jacobian, diagonal=method == "quasi_deer")
-            if damping:
-                a = a * (1.0 - damping)
-            if a.dim() == 3:
-                delta = scan_diag(a, -r)
-            else:
-                delta = scan_block(a.unsqueeze(2), -r.unsqueeze(2)).squeeze(2)
-            step = s + delta
-        # Non-finite values can only appear beyond the exact prefix: resetting them keeps
-        # the guarantee that iteration i makes the first i states exact.
-        step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
-        # Converged sequences keep their states; only the others move.
-        s = torch.where(converged[:, None, None], s, step)
-        iterations += (~converged).long()
-    return s, iterations, residual, converged
+    state = dict(s=s, iterations=torch.zeros(B, dtype=torch.long, device=s0.device),
+                 path=torch.zeros(B, dtype=torch.long, device=s0.device))
+    args = (structure, jacobian)
+    if method != "auto":
+        _stage(f, s0, inputs, state, method, *args, min(T, 100) if max_iter is None else max_iter, False, atol, rtol,
+               damping)
+    else:
+        left = float("inf") if max_iter is None else max_iter
+        _stage(f, s0, inputs, state, "quasi_deer", *args, 0, False, atol, rtol, 0.0)  # the residual at the start
+        for stage in _auto_stages(structure, B * T * D * D):
+            before = int(state["iterations"].max())
+            start = dict(state)
+            _stage(f, s0, inputs, state, stage, *args, int(min(_auto_budget(T), left)), True, atol, rtol,
+                   _AUTO_LAMBDA if stage in _ELK else damping)
+            # A stage that left a sequence worse than it found it hands the next stage its start.
+            worse = (state["residual"] > start["residual"]) | ~torch.isfinite(state["residual"])
+            state["s"] = torch.where(worse[:, None, None], start["s"], state["s"])
+            for key in ("residual", "converged"):
+                state[key] = torch.where(worse, start[key], state[key])
+            left -= int(state["iterations"].max()) - before
+            if left <= 0 or bool(state["converged"].all()):
+                break
+    return state["s"], state["iterations"], state["residual"], state["converged"], state["path"]
 
 
 class _Adjoint(torch.autograd.Function):
@@ -156,25 +278,34 @@ class _Adjoint(torch.autograd.Function):
         return torch.cat([head, g[:, -1:]], 1), None
 
 
-def solve(f, s0, inputs, method="quasi_deer", *, structure="dense", jacobian=None, max_iter=None, atol=None,
+def solve(f, s0, inputs, method="auto", *, structure="dense", jacobian=None, max_iter=None, atol=None,
           rtol=None, damping=0.0, init="zeros", fallback=True):
     """Solve s_t = f(s_{t-1}, u_t), t = 1..T, in parallel over t.
 
     Args:
         f: batched step function ``f(s_prev [N, D], u [N, ...]) -> [N, D]``, any torch code.
         s0: initial state ``[B, D]``. inputs: ``[B, T, ...]``.
-        method: ``deer`` (full Jacobian, O(D³) per step), ``quasi_deer`` (its diagonal),
-            ``picard`` (Ã = I), ``jacobi`` (Ã = 0), or ``sequential`` (the loop).
+        method: ``auto`` (default): quasi_deer (deer for ``structure="diag"``), then deer
+            while B·T·D² ≤ 2²⁴, then the trust-region ELK step, each stage ending when its residual
+            stalls or after 4·log₂T iterations, then the loop; the path taken is
+            ``stats.method``. Or one method: ``deer`` (full Jacobian, O(D³) per step),
+            ``quasi_deer`` (its diagonal), ``elk`` / ``quasi_elk`` (the Levenberg–Marquardt
+            step as a Kalman smoother over the dense / diagonal approximation),
+            ``elk_filter`` / ``quasi_elk_filter`` (filter means only, as in the ELK paper's
+            released code), ``picard`` (Ã = I), ``jacobi`` (Ã = 0) or ``sequential``.
         structure: ``dense`` or ``diag`` — the structure of f's true Jacobian in s. With
             ``diag`` (f acts elementwise on s), quasi_deer *is* Newton and gradients
             need only the diagonal.
         jacobian: optional analytic Jacobian ``jacobian(s_prev [N, D], u [N, ...], diagonal)``
             returning ``[N, D]`` (its diagonal) when ``diagonal`` else ``[N, D, D]``;
             without it, torch.func computes the full Jacobian (O(D) passes of f).
-        max_iter: iteration budget (default min(T, 100)); undamped methods are exact after T.
+        max_iter: iteration budget (default min(T, 100); for auto, 4·log₂T per stage and no
+            overall cap); undamped methods are exact after T.
         atol, rtol: convergence when max_t |r_t| <= atol + rtol · max_t |f_t| per sequence
             (defaults per dtype: :func:`default_tolerance`).
-        damping: κ in [0, 1): Ã is scaled by (1 − κ).
+        damping: κ in [0, 1): Ã is scaled by (1 − κ). For the elk methods: λ ≥ 0, the
+            weight of the step penalty λ‖δ‖²; 0 (default) adapts λ per sequence by a trust
+            region on ½‖r‖² (actual vs predicted decrease).
         init: ``zeros``, ``one_step`` (every step from s0) or a ``[B, T, D]`` warm start.
         fallback: rerun unconverged sequences with the sequential loop (default True).
 
@@ -191,11 +322,12 @@ def solve(f, s0, inputs, method="quasi_deer", *, structure="dense", jacobian=Non
     if inputs.dim() < 2 or inputs.shape[0] != s0.shape[0]:
         raise ValueError(f"pnewton.solve: inputs must be [B, T, ...] with B = {s0.shape[0]}, "
                          f"got shape {tuple(inputs.shape)}")
-    if not 0.0 <= damping < 1.0:
+    if method in _ELK and not (damping >= 0 and math.isfinite(damping)):
+        raise ValueError(f"pnewton.solve: damping (the ELK λ) must be >= 0 (0 = adaptive), got {damping}")
+    if method not in _ELK and not 0.0 <= damping < 1.0:
         raise ValueError(f"pnewton.solve: damping must be in [0, 1), got {damping}")
     B, T = inputs.shape[:2]
-    max_iter = min(T, 100) if max_iter is None else max_iter
-    if max_iter < 0:
+    if max_iter is not None and max_iter < 0:
         raise ValueError(f"pnewton.solve: max_iter must be >= 0, got {max_iter}")
     d_atol, d_rtol = default_tolerance(s0.dtype)
     atol = d_atol if atol is None else atol
@@ -207,16 +339,15 @@ def solve(f, s0, inputs, method="quasi_deer", *, structure="dense", jacobian=Non
         s0_d, inputs_d = s0.detach(), inputs.detach()
         if T == 0:
             empty = s0.new_zeros(B)
-            return s0.new_empty(B, 0, s0.shape[1]), SolveStats(empty.long(), empty, empty == 0, empty != 0, method)
+            return s0.new_empty(B, 0, s0.shape[1]), SolveStats(empty.long(), empty, empty == 0, empty.long(), method)
         if method == "sequential":
             states = sequential(f, s0_d, inputs_d)
             ones = torch.ones(B, dtype=torch.bool, device=s0.device)
             stats = SolveStats(torch.full((B,), T, device=s0.device), torch.zeros(B, dtype=s0.dtype, device=s0.device),
-                               ones, torch.zeros_like(ones), "sequential")
+                               ones, torch.full((B,), _bit("sequential"), device=s0.device), "sequential")
         else:
-            states, iterations, residual, converged = _newton(f, s0_d, inputs_d, method, structure, jacobian,
-                                                              max_iter, atol, rtol, damping, init)
-            fell_back = torch.zeros_like(converged)
+            states, iterations, residual, converged, path = _newton(f, s0_d, inputs_d, method, structure, jacobian,
+                                                                    max_iter, atol, rtol, damping, init)
             if fallback and not bool(converged.all()):
                 redo = ~converged
                 exact = sequential(f, s0_d[redo], inputs_d[redo])
@@ -226,8 +357,8 @@ def solve(f, s0, inputs, method="quasi_deer", *, structure="dense", jacobian=Non
                 # Exact by definition, unless non-finite inputs made the loop's states NaN/Inf.
                 converged = converged.clone()
                 converged[redo] = torch.isfinite(exact).flatten(1).all(1)
-                fell_back = redo
-            stats = SolveStats(iterations, residual, converged, fell_back, method)
+                path = torch.where(redo, path | _bit("sequential"), path)
+            stats = SolveStats(iterations, residual, converged, path, method)
 
     if not torch.is_grad_enabled():
         return states, stats

@@ -27,14 +27,14 @@ class NewtonRNNFunction : public torch::autograd::Function<NewtonRNNFunction> {
     static auto op =
         c10::Dispatcher::singleton().findSchemaOrThrow("pnewton::newton_rnn", "").typed<ForwardSig>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [states, iterations, residual, converged, fell_back] =
+    auto [states, iterations, residual, converged, path] =
         op.call(cell, gi, W_hh, b_hh, s0, method, max_iter, atol, rtol, damping, clip, init, init_states,
                 fixed_iterations, fallback, adjoint);
     ctx->save_for_backward({gi, W_hh, b_hh.value_or(at::Tensor()), s0, states});
     ctx->saved_data["cell"] = cell;
     ctx->saved_data["adjoint"] = adjoint;
-    ctx->mark_non_differentiable({iterations, residual, converged, fell_back});
-    return {states, iterations, residual, converged, fell_back};
+    ctx->mark_non_differentiable({iterations, residual, converged, path});
+    return {states, iterations, residual, converged, path};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {

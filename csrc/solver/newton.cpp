@@ -2,12 +2,19 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <tuple>
 #include <vector>
 
+#include "csrc/solver/elk.h"
 #include "pnewton/scan.h"
 
 namespace pnewton {
 namespace {
+
+bool is_elk(Method m) {
+  return m == Method::elk || m == Method::quasi_elk || m == Method::elk_filter || m == Method::quasi_elk_filter;
+}
 
 // The previous state of every step: [s0, s_1, ..., s_{T-1}].
 at::Tensor shifted(const at::Tensor& s0, const at::Tensor& s) {
@@ -38,7 +45,9 @@ at::Tensor newton_delta(const at::Tensor& a, const at::Tensor& r, JacobianPart p
 
 JacobianPart method_part(const CellFunction& cell, Method method) {
   switch (method) {
-    case Method::deer: return cell.structure();
+    case Method::deer:
+    case Method::elk:
+    case Method::elk_filter: return cell.structure();
     case Method::block_deer:
       TORCH_CHECK(cell.has_blocks(), "pnewton: method 'block_deer' needs an lstm, diag_lstm or other cell with 2x2 "
                   "blocks of state pairs");
@@ -56,8 +65,13 @@ Method parse_method(const std::string& name) {
   if (name == "picard") return Method::picard;
   if (name == "jacobi") return Method::jacobi;
   if (name == "sequential") return Method::sequential;
-  TORCH_CHECK(false, "pnewton.newton_rnn: method must be one of deer, quasi_deer, block_deer, picard, jacobi, ",
-              "sequential; got '", name, "'");
+  if (name == "elk") return Method::elk;
+  if (name == "quasi_elk") return Method::quasi_elk;
+  if (name == "elk_filter") return Method::elk_filter;
+  if (name == "quasi_elk_filter") return Method::quasi_elk_filter;
+  if (name == "auto") return Method::automatic;
+  TORCH_CHECK(false, "pnewton.newton_rnn: method must be one of auto, deer, quasi_deer, block_deer, elk, quasi_elk, ",
+              "elk_filter, quasi_elk_filter, picard, jacobi, sequential; got '", name, "'");
 }
 
 Adjoint parse_adjoint(const std::string& name) {
@@ -92,10 +106,15 @@ NewtonOptions newton_options(const SolverOptions& s) {
   TORCH_CHECK(!s.fixed_iterations || s.max_iter >= 0, op, ": fixed_iterations needs an explicit max_iter >= 0");
   TORCH_CHECK(s.atol >= 0 || s.atol == -1.0, op, ": atol must be >= 0, got ", s.atol);
   TORCH_CHECK(s.rtol >= 0 || s.rtol == -1.0, op, ": rtol must be >= 0, got ", s.rtol);
-  TORCH_CHECK(s.damping >= 0 && s.damping < 1, op, ": damping must be in [0, 1), got ", s.damping);
-  TORCH_CHECK(s.clip >= 0, op, ": clip must be >= 0 (0 = off), got ", s.clip);
   NewtonOptions o;
   o.method = parse_method(s.method);
+  if (is_elk(o.method)) {
+    TORCH_CHECK(s.damping >= 0 && std::isfinite(s.damping), op, ": damping (the ELK λ) must be >= 0 (0 = adaptive), got ",
+                s.damping);
+  } else {
+    TORCH_CHECK(s.damping >= 0 && s.damping < 1, op, ": damping must be in [0, 1), got ", s.damping);
+  }
+  TORCH_CHECK(s.clip >= 0, op, ": clip must be >= 0 (0 = off), got ", s.clip);
   o.max_iter = s.max_iter;
   o.atol = s.atol;
   o.rtol = s.rtol;
@@ -120,20 +139,150 @@ at::Tensor sequential_states(const CellFunction& cell, const at::Tensor& gi, con
   return out;
 }
 
+namespace {
+
+// Where a solve stands: the states and their per-sequence diagnostics.
+struct Progress {
+  at::Tensor s, iterations, residual, converged, path;
+};
+
+// Adaptive λ (trust region on ½‖r‖²): the step's actual vs predicted decrease ρ.
+constexpr double kLambdaStart = 1.0, kLambdaMin = 1e-12, kLambdaMax = 1e12;
+constexpr double kShrink = 0.1, kGrow = 4.0, kAccept = 1e-4;
+
+// The auto method's per-stage budget, c·log₂T iterations, and its stall test: a stage
+// ends early once no unconverged sequence halved ½‖r‖² in the last kStallWindow
+// iterations (the sum, not the maximum: causal methods fix the prefix first).
+constexpr int64_t kStallWindow = 4;
+int64_t auto_budget(int64_t T) { return std::max<int64_t>(8, 4 * static_cast<int64_t>(std::ceil(std::log2(T + 1.0)))); }
+
+// Runs `method` for at most `budget` iterations from p.s; converged sequences keep their
+// states. On return p holds the residual at the final states.
+void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Tensor& s0, Method method,
+               int64_t budget, bool stop_on_stall, double damping, const NewtonOptions& o, double atol, double rtol,
+               Progress& p) {
+  const int64_t B = s0.size(0), S = s0.size(1), T = gi_flat.size(0) / std::max<int64_t>(B, 1);
+  const JacobianPart part = method_part(cell, method);
+  const bool newton_like = method != Method::jacobi && method != Method::picard;
+  const bool elk = is_elk(method), smooth = method == Method::elk || method == Method::quasi_elk;
+  const bool adaptive = elk && damping == 0;
+  at::Tensor lambda = at::full({B}, adaptive ? kLambdaStart : damping, s0.options());
+  const std::vector<int64_t> shape = part == JacobianPart::diagonal ? std::vector<int64_t>{B, T, S}
+                                     : part == JacobianPart::block2 ? std::vector<int64_t>{B, T, S / 2, 2, 2}
+                                                                    : std::vector<int64_t>{B, T, S, S};
+  at::Tensor F, J, r;
+  auto evaluate = [&](const at::Tensor& s, bool with_jacobian) {
+    CellFunction::Evaluation e = cell.evaluate(flat(shifted(s0, s)), gi_flat,
+                                               newton_like && with_jacobian ? std::optional<JacobianPart>(part)
+                                                                            : std::nullopt);
+    return std::make_tuple(e.F.view({B, T, S}), e.J.defined() ? e.J.view(shape) : e.J);
+  };
+  auto check = [&]() {
+    p.residual = r.abs().amax({1, 2});
+    p.converged = p.residual.isfinite() & (p.residual <= atol + rtol * F.abs().amax({1, 2}));
+  };
+  auto merit = [](const at::Tensor& x) {
+    const at::Tensor m = 0.5 * x.square().sum({1, 2});
+    return at::where(m.isfinite(), m, at::full_like(m, INFINITY));
+  };
+  std::tie(F, J) = evaluate(p.s, budget > 0);
+  r = p.s - F;
+  check();
+  at::Tensor phi = merit(r);
+  std::vector<at::Tensor> history{phi};
+  for (int64_t it = 0; it < budget; ++it) {
+    if (!o.fixed_iterations) {
+      // Tolerance mode: one host synchronisation per iteration. Fixed mode: none.
+      at::Tensor stop = p.converged.all();
+      if (stop_on_stall && it >= kStallWindow) {
+        const at::Tensor halved = phi <= 0.5 * history[history.size() - 1 - kStallWindow];
+        stop = stop | (p.converged | halved.logical_not()).all();
+      }
+      if (stop.item<bool>()) break;
+    }
+    const at::Tensor moving = at::logical_not(p.converged);
+    p.path = p.path | at::where(moving, method_bit(method), 0);
+    at::Tensor next, predicted;
+    if (method == Method::jacobi) {
+      next = F;
+    } else if (method == Method::picard) {
+      next = p.s - r.cumsum(1);
+    } else {
+      at::Tensor a = J;
+      if (damping > 0 && !elk) a = a * (1.0 - damping);
+      if (o.clip > 0) a = clip_jacobian(a, part, o.clip);
+      at::Tensor delta;
+      if (elk) {
+        delta = elk_delta(a, r, lambda, part, smooth);
+        predicted = phi - merit(r + delta - apply_approximation(a, delta, part));
+      } else {
+        delta = newton_delta(a, r, part, S / 2);
+      }
+      next = p.s + delta;
+    }
+    // Non-finite values can only appear beyond the exact prefix (after iteration i the
+    // first i states of an undamped method are exact), so resetting them keeps the
+    // ≤ T-iteration guarantee.
+    next = at::where(next.isfinite(), next, at::zeros_like(next));
+    next = at::where(p.converged.view({B, 1, 1}), p.s, next);
+    const bool more = it + 1 < budget;
+    auto [F_new, J_new] = evaluate(next, more);
+    const at::Tensor r_new = next - F_new;
+    p.iterations += moving.to(at::kLong);
+    if (adaptive) {
+      const at::Tensor phi_new = merit(r_new);
+      const at::Tensor rho = (phi - phi_new) / predicted.clamp_min(std::numeric_limits<float>::min());
+      const at::Tensor accept = moving & phi_new.isfinite() & (rho > kAccept);
+      const at::Tensor poor = moving & ((rho < 0.25) | rho.isfinite().logical_not());
+      lambda = at::where(moving & (rho > 0.75), lambda * kShrink, at::where(poor, lambda * kGrow, lambda))
+                   .clamp(kLambdaMin, kLambdaMax);
+      const at::Tensor keep = accept.view({B, 1, 1});
+      p.s = at::where(keep, next, p.s);
+      F = at::where(keep, F_new, F);
+      r = at::where(keep, r_new, r);
+      if (more) J = at::where(accept.view({B, 1}), J_new.reshape({B, -1}), J.reshape({B, -1})).view(shape);
+      phi = at::where(accept, phi_new, phi);
+    } else {
+      p.s = next, F = F_new, J = J_new, r = r_new;
+      phi = merit(r);
+    }
+    check();
+    history.push_back(phi);
+  }
+}
+
+// The stages of method="auto": the cheapest method expected to converge, then exact
+// Newton where the dense Jacobian is affordable, then the ELK filter step with a fixed
+// λ = kAutoLambda, which bounds the step where the linearisation expands (the merit-based
+// trust region stalls there: see README "Choosing a method").
+constexpr double kAutoLambda = 0.1;
+// The dense Jacobian (B·T·S² numbers) is affordable while it stays under this budget,
+// the same one the adjoint uses.
+constexpr int64_t kDenseBudget = int64_t(1) << 24;
+std::vector<Method> auto_stages(const CellFunction& cell, int64_t dense_size) {
+  if (cell.structure() != JacobianPart::dense) return {Method::deer, Method::elk_filter};
+  std::vector<Method> stages{cell.has_blocks() ? Method::block_deer : Method::quasi_deer};
+  if (dense_size <= kDenseBudget) stages.push_back(Method::deer);
+  stages.push_back(Method::quasi_elk_filter);
+  return stages;
+}
+
+}  // namespace
+
 NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0, const NewtonOptions& o) {
   const int64_t B = gi.size(0), T = gi.size(1), S = s0.size(1);
   const auto opts = s0.options();
   const double atol = o.atol < 0 ? default_tolerance(s0.scalar_type()) : o.atol;
   const double rtol = o.rtol < 0 ? default_tolerance(s0.scalar_type()) : o.rtol;
-  const int64_t max_iter = o.max_iter < 0 ? std::min<int64_t>(T, 100) : o.max_iter;
   NewtonResult res;
   res.iterations = at::zeros({B}, opts.dtype(at::kLong));
-  res.fell_back = at::zeros({B}, opts.dtype(at::kBool));
+  res.path = at::zeros({B}, opts.dtype(at::kLong));
   if (T == 0 || o.method == Method::sequential) {
     res.states = sequential_states(cell, gi, s0);
     res.iterations.fill_(T);
     res.residual = at::zeros({B}, opts);
     res.converged = at::ones({B}, opts.dtype(at::kBool));
+    if (T > 0) res.path.fill_(method_bit(Method::sequential));
     return res;
   }
   const at::Tensor gi_flat = flat(gi);
@@ -150,49 +299,40 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
     s = o.init_states.to(opts).clone();
   }
 
-  const JacobianPart part = method_part(cell, o.method);
-  const bool newton_like = o.method != Method::jacobi && o.method != Method::picard;
-  at::Tensor converged, residual;
-  for (int64_t it = 0;; ++it) {
-    const at::Tensor s_prev = flat(shifted(s0, s));
-    // f and the Jacobian part from one evaluation of the gates (none after the last step).
-    const CellFunction::Evaluation e =
-        cell.evaluate(s_prev, gi_flat, newton_like && it < max_iter ? std::optional<JacobianPart>(part) : std::nullopt);
-    const at::Tensor F = e.F.view({B, T, S});
-    const at::Tensor r = s - F;
-    residual = r.abs().amax({1, 2});
-    const at::Tensor bound = atol + rtol * F.abs().amax({1, 2});
-    converged = residual.isfinite() & (residual <= bound);
-    if (it == max_iter) break;
-    // Tolerance mode: one host synchronisation per iteration. Fixed mode: none.
-    if (!o.fixed_iterations && converged.all().item<bool>()) break;
-
-    at::Tensor next;
-    if (o.method == Method::jacobi) {
-      next = F;
-    } else if (o.method == Method::picard) {
-      next = s - r.cumsum(1);
-    } else {
-      const std::vector<int64_t> shape = part == JacobianPart::diagonal ? std::vector<int64_t>{B, T, S}
-                                         : part == JacobianPart::block2 ? std::vector<int64_t>{B, T, S / 2, 2, 2}
-                                                                        : std::vector<int64_t>{B, T, S, S};
-      at::Tensor a = e.J.view(shape);
-      if (o.damping > 0) a = a * (1.0 - o.damping);
-      if (o.clip > 0) a = clip_jacobian(a, part, o.clip);
-      next = s + newton_delta(a, r, part, S / 2);
+  Progress p{s, res.iterations, at::Tensor(), at::Tensor(), res.path};
+  if (o.method != Method::automatic) {
+    run_stage(cell, gi_flat, s0, o.method, o.max_iter < 0 ? std::min<int64_t>(T, 100) : o.max_iter, false, o.damping,
+              o, atol, rtol, p);
+  } else if (o.fixed_iterations) {
+    // No host synchronisation: the first stage only, for exactly max_iter iterations.
+    const Method first = auto_stages(cell, B * T * S * S).front();
+    run_stage(cell, gi_flat, s0, first, o.max_iter, false, o.damping, o, atol, rtol, p);
+  } else {
+    int64_t left = o.max_iter < 0 ? std::numeric_limits<int64_t>::max() : o.max_iter;
+    run_stage(cell, gi_flat, s0, o.method, 0, false, 0, o, atol, rtol, p);  // the residual at the start
+    for (const Method m : auto_stages(cell, B * T * S * S)) {
+      const int64_t budget = std::min(auto_budget(T), left);
+      const at::Tensor before = p.iterations.max();
+      const Progress start = p;
+      run_stage(cell, gi_flat, s0, m, budget, true, is_elk(m) ? kAutoLambda : o.damping, o, atol, rtol, p);
+      // A stage that left a sequence worse than it found it hands the next stage its start.
+      {
+        const at::Tensor worse = (p.residual > start.residual) | p.residual.isfinite().logical_not();
+        p.s = at::where(worse.view({B, 1, 1}), start.s, p.s);
+        p.residual = at::where(worse, start.residual, p.residual);
+        p.converged = at::where(worse, start.converged, p.converged);
+      }
+      left -= (p.iterations.max() - before).item<int64_t>();
+      if (left <= 0 || p.converged.all().item<bool>()) break;
     }
-    // Non-finite values can only appear beyond the exact prefix (after iteration i the
-    // first i states are exact), so resetting them keeps the ≤ T-iteration guarantee.
-    next = at::where(next.isfinite(), next, at::zeros_like(next));
-    // Converged sequences keep their states; only the others move.
-    s = at::where(converged.view({B, 1, 1}), s, next);
-    res.iterations += at::logical_not(converged).to(at::kLong);
   }
-  res.states = s;
-  res.residual = residual;
-  res.converged = converged;
-  if (o.fallback && !o.fixed_iterations && !converged.all().item<bool>()) {
-    const at::Tensor redo = at::logical_not(converged).nonzero().squeeze(1);
+  res.states = p.s;
+  res.iterations = p.iterations;
+  res.residual = p.residual;
+  res.converged = p.converged;
+  res.path = p.path;
+  if (o.fallback && !o.fixed_iterations && !res.converged.all().item<bool>()) {
+    const at::Tensor redo = at::logical_not(res.converged).nonzero().squeeze(1);
     const at::Tensor exact = sequential_states(cell, gi.index_select(0, redo), s0.index_select(0, redo));
     res.states.index_copy_(0, redo, exact);
     res.iterations.index_fill_(0, redo, T);
@@ -200,7 +340,7 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
     // The loop's states are exact by definition, unless non-finite inputs made them NaN/Inf:
     // those sequences could not converge and say so.
     res.converged.index_copy_(0, redo, exact.isfinite().flatten(1).all(1));
-    res.fell_back.index_fill_(0, redo, true);
+    res.path.index_copy_(0, redo, res.path.index_select(0, redo) | method_bit(Method::sequential));
   }
   return res;
 }
@@ -284,8 +424,7 @@ at::Tensor solve_adjoint(const CellFunction& cell, const at::Tensor& s_prev, con
   const int64_t B = g.size(0), T = g.size(1), S = g.size(2);
   if (adjoint == Adjoint::automatic) {
     // The dense Jacobian costs B·T·S² numbers: form it only while that stays small.
-    constexpr int64_t kDenseAdjointBudget = int64_t(1) << 24;
-    adjoint = cell.structure() != JacobianPart::dense || B * T * S * S <= kDenseAdjointBudget ? Adjoint::scan
+    adjoint = cell.structure() != JacobianPart::dense || B * T * S * S <= kDenseBudget ? Adjoint::scan
                                                                                              : Adjoint::iterative;
   }
   switch (adjoint) {

@@ -12,14 +12,18 @@
 
 namespace pnewton {
 
-enum class Method { deer, quasi_deer, block_deer, picard, jacobi, sequential };
+// The order is the bit order of NewtonResult::path (torch_ops/solve.py mirrors it).
+enum class Method {
+  deer, quasi_deer, block_deer, picard, jacobi, sequential, elk, quasi_elk, elk_filter, quasi_elk_filter, automatic
+};
 Method parse_method(const std::string& name);
+inline int64_t method_bit(Method m) { return int64_t(1) << static_cast<int>(m); }
 
 struct NewtonOptions {
   Method method = Method::quasi_deer;
   int64_t max_iter = -1;  // -1: min(T, 100)
   double atol = -1, rtol = -1;  // -1: the dtype's default (default_tolerance)
-  double damping = 0;     // κ: Ã ← (1 − κ) Ã
+  double damping = 0;     // κ: Ã ← (1 − κ) Ã. elk methods: λ > 0 fixed, 0 = adaptive (trust region)
   double clip = 0;        // > 0: |Ã| entries (or block Frobenius norms) clipped to ≤ clip
   std::string init = "zeros";  // zeros | one_step | states
   at::Tensor init_states;      // [B, T, S] when init == "states"
@@ -32,7 +36,7 @@ struct NewtonResult {
   at::Tensor iterations;  // [B] int64
   at::Tensor residual;    // [B] final max_t |s_t − f(s_{t−1}, u_t)|
   at::Tensor converged;   // [B] bool
-  at::Tensor fell_back;   // [B] bool: the sequential fallback produced this sequence
+  at::Tensor path;        // [B] int64: method_bit of every method that moved this sequence
 };
 
 // The public options from an op's arguments, and checked and parsed for the solver.

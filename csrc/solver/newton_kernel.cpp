@@ -13,7 +13,6 @@ constexpr const char* kOp = "pnewton.newton_rnn";
 // fp16/bf16 are solved in fp32: Newton residuals need more precision than they carry.
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-at::Tensor widen(const at::Tensor& t, at::ScalarType type) { return t.defined() ? t.to(type) : t; }
 c10::optional<at::Tensor> widen(const c10::optional<at::Tensor>& t, at::ScalarType type) {
   return t.has_value() ? c10::optional<at::Tensor>(t->to(type)) : c10::nullopt;
 }
@@ -56,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> newton_rn
   const Cell cell(parse_cell(std::string(cell_name_)), W_hh.to(type), widen(b_hh, type));
   if (init_states.has_value()) o.init_states = init_states->to(type);
   NewtonResult r = newton_solve(cell, gi.to(type), s0.to(type), o);
-  return {r.states.to(gi.scalar_type()), r.iterations, r.residual.to(gi.scalar_type()), r.converged, r.fell_back};
+  return {r.states.to(gi.scalar_type()), r.iterations, r.residual.to(gi.scalar_type()), r.converged, r.path};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> newton_rnn_backward_kernel(
@@ -75,7 +74,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> newton_rnn_backward_k
   return {g.gi.to(out), g.W_hh.to(out), g.b_hh.to(out), g.s0.to(out)};
 }
 
+at::Tensor cell_step(c10::string_view cell_name_, const at::Tensor& s, const at::Tensor& gi, const at::Tensor& W_hh,
+                     const c10::optional<at::Tensor>& b_hh) {
+  TORCH_CHECK(s.dim() == 2 && gi.dim() == 2 && s.size(0) == gi.size(0), "pnewton.cell_step: s must be [N, S] and gi "
+              "[N, G] with the same N, got shapes ", s.sizes(), " and ", gi.sizes());
+  checked_cell(std::string(cell_name_), gi.unsqueeze(1), W_hh, b_hh, s);
+  return Cell(parse_cell(std::string(cell_name_)), W_hh, b_hh).step(s, gi);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(pnewton, CompositeImplicitAutograd, m) { m.impl("cell_step", &cell_step); }
 
 TORCH_LIBRARY_IMPL(pnewton, CPU, m) {
   m.impl("newton_rnn", &newton_rnn_kernel);

@@ -8,6 +8,16 @@
 #include "csrc/solver/newton.h"
 
 namespace pnewton {
+namespace {
+
+at::Tensor union_of(const std::vector<at::Tensor>& bits) {
+  at::Tensor out = bits.front();
+  for (size_t i = 1; i < bits.size(); ++i) out = out | bits[i];
+  return out;
+}
+
+}  // namespace
+
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack(
     c10::string_view cell, const at::Tensor& input, const at::Tensor& state0, at::TensorList params, bool has_biases,
@@ -28,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       solver_options(method, max_iter, atol, rtol, damping, clip, init, fixed_iterations, fallback, adjoint);
 
   at::Tensor x = batch_first ? input : input.transpose(0, 1);
-  std::vector<at::Tensor> finals, iterations, residual, converged, fell_back;
+  std::vector<at::Tensor> finals, iterations, residual, converged, path;
   for (int64_t layer = 0; layer < num_layers; ++layer) {
     std::vector<at::Tensor> outs;
     for (int64_t d = 0; d < dirs; ++d) {
@@ -42,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       iterations.push_back(stats.iterations);
       residual.push_back(stats.residual);
       converged.push_back(stats.converged);
-      fell_back.push_back(stats.fell_back);
+      path.push_back(stats.path);
       finals.push_back(states.size(1) > 0 ? states.select(1, states.size(1) - 1) : s0);
       // The hidden part of the state (LSTM: h of the interleaved (h_i, c_i) pairs).
       const at::Tensor h = lstm ? states.unflatten(-1, {states.size(-1) / 2, 2}).select(-1, 0) : states;
@@ -52,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (dropout > 0 && train && layer + 1 < num_layers) x = at::dropout(x, dropout, /*train=*/true);
   }
   return {batch_first ? x : x.transpose(0, 1), at::stack(finals), at::stack(iterations).amax(0),
-          at::stack(residual).amax(0), at::stack(converged).all(0), at::stack(fell_back).any(0)};
+          at::stack(residual).amax(0), at::stack(converged).all(0), union_of(path)};
 }
 
 // Composite: autograd, torch.compile and export see its parts (newton_rnn, linear, ...).

@@ -75,7 +75,7 @@ std::tuple<at::Tensor, SolveStats> solve(const CellFunction& cell, const at::Ten
     at::NoGradGuard no_grad;
     r = newton_solve(cell, inputs.detach(), s0.detach(), o);
   }
-  SolveStats stats{r.iterations, r.residual, r.converged, r.fell_back};
+  SolveStats stats{r.iterations, r.residual, r.converged, r.path};
   const int64_t T = inputs.size(1);
   if (!at::GradMode::is_enabled() || T == 0) return {r.states, stats};
   // Reattach gradients at the solution: F = f(s*_{t-1}, u_t) carries the graph to s0 (through

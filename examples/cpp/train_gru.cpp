@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
   torch::manual_seed(0);
   Model model(16);
   torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(1e-2));
-  std::printf("training pnewton::nn::GRU(1, 16) with quasi_deer on T=%lld for %lld steps\n",
+  std::printf("training pnewton::nn::GRU(1, 16) with method auto on T=%lld for %lld steps\n",
               static_cast<long long>(T), static_cast<long long>(steps));
   double first = 0, last = 0;
   for (int64_t step = 1; step <= steps; ++step) {

@@ -12,10 +12,11 @@ namespace pnewton {
 // The solver options; negative max_iter / atol / rtol select the per-dtype defaults
 // (min(T, 100) iterations; 1e-10 for float64, 1e-5 otherwise). See README "The solver".
 struct SolverOptions {
-  std::string method = "quasi_deer";  // deer | quasi_deer | block_deer | picard | jacobi | sequential
+  std::string method = "auto";  // auto | deer | quasi_deer | block_deer | elk | quasi_elk | elk_filter |
+                               // quasi_elk_filter | picard | jacobi | sequential
   int64_t max_iter = -1;
   double atol = -1.0, rtol = -1.0;
-  double damping = 0.0, clip = 0.0;
+  double damping = 0.0, clip = 0.0;  // damping: κ in [0, 1); for the elk methods λ (0 = adaptive)
   std::string init = "zeros";  // zeros | one_step | states (with init_states)
   bool fixed_iterations = false;
   bool fallback = true;
@@ -24,7 +25,12 @@ struct SolverOptions {
 
 // Per-sequence diagnostics of one solve ([B] each).
 struct SolveStats {
-  at::Tensor iterations, residual, converged, fell_back;
+  at::Tensor iterations, residual, converged;
+  // int64 bits of the methods that moved each sequence, in the order deer, quasi_deer,
+  // block_deer, picard, jacobi, sequential, elk, quasi_elk, elk_filter, quasi_elk_filter.
+  at::Tensor path;
+  // Whether the sequential loop produced each sequence (its fallback, or method "sequential").
+  at::Tensor sequential() const { return (path & (int64_t(1) << 5)) != 0; }
 };
 
 // Solves a built-in cell ("gru", "lstm", "rnn_tanh", "rnn_relu", "diag_gru", "diag_lstm")
@@ -38,10 +44,10 @@ inline std::tuple<at::Tensor, SolveStats> newton_rnn(const std::string& cell, co
       c10::string_view, int64_t, double, double, double, double, c10::string_view, const std::optional<at::Tensor>&,
       bool, bool, c10::string_view);
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("pnewton::newton_rnn", "").typed<Sig>();
-  auto [states, iterations, residual, converged, fell_back] =
+  auto [states, iterations, residual, converged, path] =
       op.call(cell, gi, W_hh, b_hh, s0, o.method, o.max_iter, o.atol, o.rtol, o.damping, o.clip, o.init, init_states,
               o.fixed_iterations, o.fallback, o.adjoint);
-  return {states, SolveStats{iterations, residual, converged, fell_back}};
+  return {states, SolveStats{iterations, residual, converged, path}};
 }
 
 }  // namespace pnewton

@@ -1,0 +1,157 @@
+#include "csrc/solver/elk.h"
+
+#include <torch/library.h>
+
+#include "pnewton/scan.h"
+
+namespace pnewton {
+namespace {
+
+// [0, x_1, ..., x_{T−1}]: what step t reads from the step before it.
+at::Tensor previous(const at::Tensor& x) {
+  return at::cat({at::zeros_like(x.narrow(1, 0, 1)), x.narrow(1, 0, x.size(1) - 1)}, 1);
+}
+
+// Per-channel (scalar) Kalman covariances P_t [B, T, S] for transitions a [B, T, S].
+// Elements (a, c, j) of Särkkä & García-Fernández with H = Q = I, R = I/λ; combining an
+// earlier element i with a later j:
+//   a = a_j a_i / (1 + c_i j_j),  c = a_j² c_i / (1 + c_i j_j) + c_j,  j = a_i² j_j / (1 + c_i j_j) + j_i.
+// Every denominator is ≥ 1 and c ≤ 1/λ: no overflow, unlike a scan of 2×2 Möbius matrices.
+at::Tensor scalar_covariances(const at::Tensor& f, const at::Tensor& lam) {
+  const int64_t T = f.size(1);
+  const at::Tensor inv = 1.0 / (1.0 + lam);  // [B, 1, 1]
+  at::Tensor a = f * inv, c = inv.expand_as(f).contiguous(), j = lam * inv * f * f;
+  a.narrow(1, 0, 1).zero_();  // the first step starts from the exactly known δ_0 = 0
+  j.narrow(1, 0, 1).zero_();
+  for (int64_t d = 1; d < T; d *= 2) {
+    const int64_t n = T - d;
+    const at::Tensor ai = a.narrow(1, 0, n), ci = c.narrow(1, 0, n), ji = j.narrow(1, 0, n);
+    const at::Tensor aj = a.narrow(1, d, n), cj = c.narrow(1, d, n), jj = j.narrow(1, d, n);
+    const at::Tensor w = 1.0 / (1.0 + ci * jj);
+    at::Tensor a2 = aj * ai * w, c2 = aj * aj * ci * w + cj, j2 = ai * ai * jj * w + ji;
+    a = at::cat({a.narrow(1, 0, d), a2}, 1);
+    c = at::cat({c.narrow(1, 0, d), c2}, 1);
+    j = at::cat({j.narrow(1, 0, d), j2}, 1);
+  }
+  return c;
+}
+
+at::Tensor scalar_step(const at::Tensor& f, const at::Tensor& r, const at::Tensor& lambda, bool smooth) {
+  const int64_t B = f.size(0), T = f.size(1);
+  const at::Tensor lam = lambda.to(f.scalar_type()).view({B, 1, 1});
+  const at::Tensor P = scalar_covariances(f, lam);
+  const at::Tensor P_pred = f * f * previous(P) + 1.0;  // P⁻_t = a_t² P_{t−1} + 1
+  const at::Tensor gain = 1.0 / (1.0 + lam * P_pred);   // 1 − K_t
+  const at::Tensor m = scan_diag(gain * f, -gain * r);  // m_t = (1 − K_t)(a_t m_{t−1} − r_t)
+  if (!smooth || T == 1) return m;
+  // m^s_t = m_t + G_t (m^s_{t+1} − m⁻_{t+1}),  G_t = P_t a_{t+1} / P⁻_{t+1},  m^s_T = m_T.
+  const int64_t n = T - 1;
+  const at::Tensor f_next = f.narrow(1, 1, n), m_head = m.narrow(1, 0, n);
+  const at::Tensor G = P.narrow(1, 0, n) * f_next / P_pred.narrow(1, 1, n);
+  const at::Tensor offset = m_head - G * (f_next * m_head - r.narrow(1, 1, n));
+  const at::Tensor head = scan_diag(G, offset, m.select(1, n), /*reverse=*/true);
+  return at::cat({head, m.narrow(1, n, 1)}, 1);
+}
+
+// The same for k×k blocks: f [B, T, H, k, k], r [B, T, H, k].
+at::Tensor symmetric(const at::Tensor& m) { return 0.5 * (m + m.transpose(-1, -2)); }
+
+at::Tensor block_covariances(const at::Tensor& f, const at::Tensor& lam, const at::Tensor& eye) {
+  const int64_t T = f.size(1);
+  const at::Tensor inv = 1.0 / (1.0 + lam);  // [B, 1, 1, 1, 1]
+  at::Tensor a = f * inv, c = (eye * inv).expand_as(f).contiguous(),
+             j = lam * inv * at::matmul(f.transpose(-1, -2), f);
+  a.narrow(1, 0, 1).zero_();
+  j.narrow(1, 0, 1).zero_();
+  const int64_t k = f.size(-1);
+  for (int64_t d = 1; d < T; d *= 2) {
+    const int64_t n = T - d;
+    const at::Tensor ai = a.narrow(1, 0, n), ci = c.narrow(1, 0, n), ji = j.narrow(1, 0, n);
+    const at::Tensor aj = a.narrow(1, d, n), cj = c.narrow(1, d, n), jj = j.narrow(1, d, n);
+    const at::Tensor den = eye + at::matmul(ci, jj);  // I + C_i J_j
+    const at::Tensor x = at::linalg_solve(den, at::cat({ai, ci}, -1));
+    const at::Tensor a2 = at::matmul(aj, x.narrow(-1, 0, k));
+    const at::Tensor c2 = symmetric(at::matmul(at::matmul(aj, x.narrow(-1, k, k)), aj.transpose(-1, -2)) + cj);
+    const at::Tensor z = at::linalg_solve(den.transpose(-1, -2), at::matmul(jj, ai));
+    const at::Tensor j2 = symmetric(at::matmul(ai.transpose(-1, -2), z) + ji);
+    a = at::cat({a.narrow(1, 0, d), a2}, 1);
+    c = at::cat({c.narrow(1, 0, d), c2}, 1);
+    j = at::cat({j.narrow(1, 0, d), j2}, 1);
+  }
+  return c;
+}
+
+at::Tensor block_step(const at::Tensor& f, const at::Tensor& r, const at::Tensor& lambda, bool smooth) {
+  const int64_t B = f.size(0), T = f.size(1), k = f.size(-1);
+  const at::Tensor lam = lambda.to(f.scalar_type()).view({B, 1, 1, 1, 1});
+  const at::Tensor eye = at::eye(k, f.options());
+  const at::Tensor P = block_covariances(f, lam, eye);
+  const at::Tensor P_pred = at::matmul(at::matmul(f, previous(P)), f.transpose(-1, -2)) + eye;
+  // (I − K_t) = (I + λ P⁻_t)⁻¹ applied to both a_t and r_t at once.
+  const at::Tensor g = at::linalg_solve(eye + lam * P_pred, at::cat({f, r.unsqueeze(-1)}, -1));
+  const at::Tensor m = scan_block(g.narrow(-1, 0, k).contiguous(), -g.select(-1, k));
+  if (!smooth || T == 1) return m;
+  const int64_t n = T - 1;
+  const at::Tensor f_next = f.narrow(1, 1, n), m_head = m.narrow(1, 0, n);
+  // G_t = P_t a_{t+1}ᵀ (P⁻_{t+1})⁻¹ = ((P⁻_{t+1})⁻¹ a_{t+1} P_t)ᵀ for symmetric P, P⁻.
+  const at::Tensor G =
+      at::linalg_solve(P_pred.narrow(1, 1, n), at::matmul(f_next, P.narrow(1, 0, n))).transpose(-1, -2).contiguous();
+  const at::Tensor m_pred = at::matmul(f_next, m_head.unsqueeze(-1)).squeeze(-1) - r.narrow(1, 1, n);
+  const at::Tensor offset = m_head - at::matmul(G, m_pred.unsqueeze(-1)).squeeze(-1);
+  const at::Tensor head = scan_block(G, offset, m.select(1, n), /*reverse=*/true);
+  return at::cat({head, m.narrow(1, n, 1)}, 1);
+}
+
+}  // namespace
+
+at::Tensor elk_delta(const at::Tensor& a, const at::Tensor& r, const at::Tensor& lambda, JacobianPart part,
+                     bool smooth) {
+  const int64_t B = r.size(0), T = r.size(1), S = r.size(2);
+  if (T == 0) return at::zeros_like(r);
+  switch (part) {
+    case JacobianPart::diagonal: return scalar_step(a, r, lambda, smooth);
+    case JacobianPart::block2:
+      return block_step(a, r.view({B, T, S / 2, 2}), lambda, smooth).view({B, T, S});
+    case JacobianPart::dense:
+      return block_step(a.unsqueeze(2), r.unsqueeze(2), lambda, smooth).squeeze(2);
+  }
+  return r;
+}
+
+at::Tensor apply_approximation(const at::Tensor& a, const at::Tensor& x, JacobianPart part) {
+  const at::Tensor xp = previous(x);
+  const int64_t B = x.size(0), T = x.size(1), S = x.size(2);
+  switch (part) {
+    case JacobianPart::diagonal: return a * xp;
+    case JacobianPart::block2:
+      return at::matmul(a, xp.view({B, T, S / 2, 2, 1})).view({B, T, S});
+    case JacobianPart::dense: return at::matmul(a, xp.unsqueeze(-1)).squeeze(-1);
+  }
+  return x;
+}
+
+namespace {
+
+at::Tensor elk_step_op(const at::Tensor& a, const at::Tensor& r, const at::Tensor& lam, bool smooth) {
+  constexpr const char* op = "pnewton.elk_step";
+  TORCH_CHECK(r.dim() == 3, op, ": r must be [B, T, S], got shape ", r.sizes());
+  const auto type = r.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kDouble, op, ": r must be float32 or float64, got ", type);
+  TORCH_CHECK(a.scalar_type() == type && a.device() == r.device(), op, ": a must have r's dtype and device");
+  const int64_t B = r.size(0), T = r.size(1), S = r.size(2);
+  const bool diag = a.dim() == 3 && a.sizes() == r.sizes();
+  const bool dense = a.dim() == 4 && a.size(0) == B && a.size(1) == T && a.size(2) == S && a.size(3) == S;
+  TORCH_CHECK(diag || dense, op, ": a must be the diagonal [B, T, S] or the dense [B, T, S, S] approximation with [B, T, S] = ",
+              r.sizes(), ", got shape ", a.sizes());
+  TORCH_CHECK(lam.dim() == 1 && lam.size(0) == B, op, ": lam must be [B] = [", B, "], got shape ", lam.sizes());
+  TORCH_CHECK(lam.device() == r.device(), op, ": lam must be on r's device");
+  TORCH_CHECK(B == 0 || (lam > 0).all().item<bool>(), op, ": lam must be > 0 (lam -> 0 is the Newton step)");
+  if (B == 0) return at::zeros_like(r);
+  return elk_delta(a, r, lam, diag ? JacobianPart::diagonal : JacobianPart::dense, smooth);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pnewton, CompositeExplicitAutograd, m) { m.impl("elk_step", &elk_step_op); }
+
+}  // namespace pnewton

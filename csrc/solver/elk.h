@@ -1,0 +1,29 @@
+#pragma once
+// The ELK step (DESIGN §1): the Levenberg–Marquardt step of a parallel Newton iteration as
+// Kalman smoothing. With Ã_t the method's Jacobian approximation and r_t = s_t − f(s_{t−1}),
+//   δ = argmin Σ_t ‖r_t + δ_t − Ã_t δ_{t−1}‖² + λ Σ_t ‖δ_t‖²,   δ_0 = 0,
+// is the posterior mean of the linear-Gaussian model δ_t = Ã_t δ_{t−1} − r_t + w_t,
+// w_t ~ N(0, I), observed as 0 = δ_t + v_t, v_t ~ N(0, I/λ). λ → 0 gives the Newton
+// (DEER) step, λ → ∞ no step.
+//
+// Everything is a scan: the covariance recursion (a Riccati map: linear-fractional) by
+// the stable parallel-Kalman elements of Särkkä & García-Fernández (2021) combined in a
+// log-depth (Hillis–Steele) scan over ATen ops; the filter means and the
+// Rauch–Tung–Striebel smoother means are first-order linear recurrences run by the
+// pnewton scan ops. `smooth = false` returns the filter means only: the variant the ELK
+// paper's released code uses.
+#include <ATen/ATen.h>
+
+#include "pnewton/cell.h"
+
+namespace pnewton {
+
+// a: the approximation in `part` — diagonal [B, T, S], blocks [B, T, S/2, 2, 2] or dense
+// [B, T, S, S]; r [B, T, S]; lambda [B] > 0, per sequence. Returns δ [B, T, S].
+at::Tensor elk_delta(const at::Tensor& a, const at::Tensor& r, const at::Tensor& lambda, JacobianPart part,
+                     bool smooth);
+
+// Ã_t x_{t−1} for every t (x_0 = 0): the linear model's prediction of a step x.
+at::Tensor apply_approximation(const at::Tensor& a, const at::Tensor& x, JacobianPart part);
+
+}  // namespace pnewton
