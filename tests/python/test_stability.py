@@ -194,15 +194,14 @@ def test_auto_equals_sequential_within_tolerance(name):
     ref = sequential(f, s0, u)
     states, stats = pnewton.solve(f, s0, u, jacobian=J)
     assert stats.requested == "auto" and bool(stats.converged.all())
-    tol = 1e-10 * (1 + ref.abs().max())
-    # The residual tolerance bounds the error by it times the trajectory's sensitivity.
-    sensitivity = 1.0 if name in ("lorenz", "mean_field_chaotic") else 1e3
-    assert float((states - ref).abs().max()) <= tol * sensitivity * 1e3, stats.method
+    # Residuals within 1e-10; the error is at most that times the trajectory's (bounded,
+    # for the contracting problems) sensitivity; chaotic ones end in the loop itself.
+    assert float((states - ref).abs().max()) <= 1e-7, stats.method
 
 
 def test_auto_is_the_layers_default_and_reports_its_path():
     torch.manual_seed(0)
-    layer, reference = pnewton.GRU(3, 16, batch_first=True).double(), None
+    layer = pnewton.GRU(3, 16, batch_first=True).double()
     reference = torch.nn.GRU(3, 16, batch_first=True).double()
     reference.load_state_dict(layer.state_dict())
     x = torch.randn(2, 200, 3, dtype=torch.float64)
