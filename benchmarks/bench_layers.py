@@ -1,16 +1,86 @@
-"""pnewton layers against torch.nn's sequential layers: time, Newton iterations, agreement.
+"""pnewton layers against sequential layers: time, peak memory, Newton iterations, agreement.
 
-    python benchmarks/bench_layers.py [--device cpu|cuda] [--T 1024 8192] [--D 16 64]
+    python benchmarks/bench_layers.py [--device cpu|cuda] [--B 16] [--D 16 64] [--T 1024 8192]
+        [--layers GRU:quasi_deer LSTM:block_deer DiagGRU:auto] [--deadline 300]
 
-For each (layer, method, B, D, T) it reports the median forward and forward+backward
-times of pnewton and of torch.nn (cuDNN on a GPU), the speed-up, the Newton iterations
-and the largest difference between the two outputs (fp32).
+GRU/LSTM/RNN run against torch.nn on the same weights (cuDNN on a GPU); DiagGRU/DiagLSTM
+against the same layer with method="sequential" (their own step-by-step loop). For each
+(layer, method, B, D, T): median forward and forward+backward times of both and the
+speed-ups (a torch.nn layer that cuDNN refuses at length T runs over chunks of
+T, the state carried: noted in the row), peak memory of the forward+backward (CUDA), the Newton iterations and the
+largest difference between the two outputs (fp32). Runs slower than a second are timed
+once; cases after --deadline seconds are skipped and listed.
 """
 import argparse
+import time
+
 import torch
 
 import pnewton
 from timing import median_seconds
+
+
+class Chunked(torch.nn.Module):
+    """A torch.nn layer run over consecutive time chunks, the state carried between them:
+    the same sequential computation, for lengths cuDNN refuses in one call
+    (CUDNN_STATUS_NOT_SUPPORTED on long sequences)."""
+
+    def __init__(self, layer, chunk):
+        super().__init__()
+        self.layer, self.chunk = layer, chunk
+
+    def forward(self, x):
+        outputs, state = [], None
+        for part in x.split(self.chunk, dim=1):
+            out, state = self.layer(part, state)
+            outputs.append(out)
+        return torch.cat(outputs, 1), state
+
+
+def sequential_reference(ref, x):
+    """ref, or ref over the longest power-of-two chunks it accepts, and the chunk length."""
+    T = x.shape[1]
+    chunk = T
+    while True:
+        try:
+            with torch.no_grad():
+                (ref if chunk == T else Chunked(ref, chunk))(x[:, :chunk])
+            return (ref if chunk == T else Chunked(ref, chunk)), chunk
+        except RuntimeError as error:
+            if "CUDNN_STATUS_NOT_SUPPORTED" not in str(error) or chunk <= 1024:
+                raise
+            chunk //= 2
+
+
+def layers(kind, D, method, x):
+    """(ours, reference, reference chunk length) on the same weights."""
+    device, T = x.device, x.shape[1]
+    if kind.startswith("Diag"):
+        ours = getattr(pnewton, kind)(D, D, batch_first=True, method=method).to(device)
+        ref = getattr(pnewton, kind)(D, D, batch_first=True, method="sequential").to(device)
+        ref.load_state_dict(ours.state_dict())
+        return ours, ref, T
+    ref = getattr(torch.nn, kind)(D, D, batch_first=True).to(device)
+    return (pnewton.from_torch(ref, method=method), *sequential_reference(ref, x))
+
+
+def timed(fn, repeats, device):
+    """(median seconds, peak MB allocated beyond what was live before; CUDA only). A run
+    slower than a second is timed once."""
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    if seconds <= 1.0:
+        seconds = median_seconds(fn, repeats, device)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
+    return seconds, peak
 
 
 def main():
@@ -21,35 +91,53 @@ def main():
     parser.add_argument("--T", type=int, nargs="+", default=[1024, 8192])
     parser.add_argument("--layers", nargs="+", default=["GRU:quasi_deer", "GRU:deer", "LSTM:block_deer"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--deadline", type=float, default=float("inf"), help="seconds; later cases are skipped")
     args = parser.parse_args()
     dev = args.device
     name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}, torch {torch.__version__}")
-    print(f"{'layer':<16} {'B':>3} {'D':>4} {'T':>7} {'fwd ms':>9} {'nn fwd':>9} {'x':>6} "
-          f"{'f+b ms':>9} {'nn f+b':>9} {'x':>6} {'iters':>5} {'max|diff|':>9}")
+    print(f"{'layer':<16} {'B':>3} {'D':>4} {'T':>7} {'fwd ms':>9} {'ref fwd':>9} {'x':>6} "
+          f"{'f+b ms':>9} {'ref f+b':>9} {'x':>6} {'MB':>7} {'ref MB':>7} {'iters':>5} {'max|diff|':>9}")
+    start, skipped = time.perf_counter(), []
     for spec in args.layers:
         kind, method = spec.split(":")
         for B in args.B:
             for D in args.D:
                 for T in args.T:
+                    if time.perf_counter() - start > args.deadline:
+                        skipped.append(f"{spec} B={B} D={D} T={T}")
+                        continue
                     torch.manual_seed(0)
-                    ref = getattr(torch.nn, kind)(D, D, batch_first=True).to(dev)
-                    ours = pnewton.from_torch(ref, method=method)
                     x = torch.randn(B, T, D, device=dev)
-                    with torch.no_grad():
-                        diff = (ours(x)[0] - ref(x)[0]).abs().max().item()
-                    iters = int(ours.last_stats.iterations.max())
-
-                    def fwd(m):
+                    try:
+                        ours, ref, chunk = layers(kind, D, method, x)
                         with torch.no_grad():
-                            m(x)
+                            diff = (ours(x)[0] - ref(x)[0]).abs().max().item()
+                        iters = int(ours.last_stats.iterations.max())
 
-                    def fwd_bwd(m):
-                        m(x)[0].square().mean().backward()
+                        def fwd(m):
+                            with torch.no_grad():
+                                m(x)
 
-                    t = [median_seconds(lambda: f(m), args.repeats, dev) for f in (fwd, fwd_bwd) for m in (ours, ref)]
-                    print(f"{spec:<16} {B:>3} {D:>4} {T:>7} {1e3 * t[0]:9.1f} {1e3 * t[1]:9.1f} {t[1] / t[0]:6.2f} "
-                          f"{1e3 * t[2]:9.1f} {1e3 * t[3]:9.1f} {t[3] / t[2]:6.2f} {iters:>5} {diff:9.1e}", flush=True)
+                        def fwd_bwd(m):
+                            m(x)[0].square().mean().backward()
+
+                        t = [timed(lambda: fwd(m), args.repeats, dev)[0] for m in (ours, ref)]
+                        (t_ours, mem_ours), (t_ref, mem_ref) = (timed(lambda: fwd_bwd(m), args.repeats, dev)
+                                                                for m in (ours, ref))
+                        t += [t_ours, t_ref]
+                        mem = [mem_ours, mem_ref]
+                    except torch.OutOfMemoryError:
+                        print(f"{spec:<16} {B:>3} {D:>4} {T:>7} out of memory", flush=True)
+                        continue
+                    finally:
+                        if dev == "cuda":
+                            torch.cuda.empty_cache()
+                    print(f"{spec:<16} {B:>3} {D:>4} {T:>7} {1e3 * t[0]:9.1f} {1e3 * t[1]:9.1f} {t[1] / t[0]:6.1f} "
+                          f"{1e3 * t[2]:9.1f} {1e3 * t[3]:9.1f} {t[3] / t[2]:6.1f} {mem[0]:7.0f} {mem[1]:7.0f} "
+                          f"{iters:>5} {diff:9.1e}" + ("" if chunk == T else f"  (ref in chunks of {chunk})"), flush=True)
+    if skipped:
+        print(f"skipped after the {args.deadline:.0f} s deadline: " + ", ".join(skipped))
 
 
 if __name__ == "__main__":

@@ -104,6 +104,35 @@ ScanParams scan_params(const ScanOperands& ops) {
   return p;
 }
 
+void scan_by_doubling(const ScanOperands& ops) {
+  const int64_t T = ops.b.size(1);
+  // Accumulate in float32 at least, like the kernels.
+  const at::ScalarType acc = ops.b.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // Elements in processing order: M_pos x + v_pos.
+  at::Tensor M = (ops.transpose ? ops.A.transpose(-1, -2) : ops.A).to(acc);
+  at::Tensor v = ops.b.to(acc);
+  if (ops.reverse) M = M.flip(1), v = v.flip(1);
+  // Shifted: each step multiplies by its predecessor's matrix, the first by zero.
+  if (ops.shift) M = at::cat({at::zeros_like(M.narrow(1, 0, 1)), M.narrow(1, 0, T - 1)}, 1);
+  // The known state before the first step is folded into it, whose multiplier becomes
+  // zero: then the v part of every inclusive prefix is the state x_pos itself.
+  M = M.clone();
+  v = v.clone();
+  if (ops.x0.defined() && !ops.shift) {
+    v.select(1, 0).add_(at::matmul(M.select(1, 0), ops.x0.to(acc).unsqueeze(-1)).squeeze(-1));
+  }
+  M.select(1, 0).zero_();
+  for (int64_t d = 1; d < T; d *= 2) {
+    const int64_t n = T - d;
+    const at::Tensor M_later = M.narrow(1, d, n);
+    const at::Tensor v2 = at::matmul(M_later, v.narrow(1, 0, n).unsqueeze(-1)).squeeze(-1) + v.narrow(1, d, n);
+    const bool last = 2 * d >= T;
+    if (!last) M = at::cat({M.narrow(1, 0, d), at::matmul(M_later, M.narrow(1, 0, n))}, 1);
+    v = at::cat({v.narrow(1, 0, d), v2}, 1);
+  }
+  ops.x.copy_(ops.reverse ? v.flip(1) : v);
+}
+
 at::Tensor scan_diag_impl(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& x0,
                           bool reverse, ScanRunner run) {
   check_diag_args("pnewton.scan_diag", a, b, x0);

@@ -20,6 +20,10 @@ struct ScanOperands {
 
 using ScanRunner = void (*)(const ScanOperands&);
 
+// The scan by recursive doubling (Hillis–Steele) over ATen batched matmuls, on any device:
+// O(T log T · k³) work in log₂T launches. For block sizes too large for a kernel's registers.
+void scan_by_doubling(const ScanOperands& ops);
+
 ScanParams scan_params(const ScanOperands& ops);
 DType scan_dtype(at::ScalarType type);
 

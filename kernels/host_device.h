@@ -6,3 +6,11 @@
 #else
 #define PNEWTON_HD inline
 #endif
+
+// Unroll a loop with a compile-time trip count in device code (register arrays stay in
+// registers only when every index is a constant); nothing on the host.
+#if defined(__CUDACC__)
+#define PNEWTON_UNROLL _Pragma("unroll")
+#else
+#define PNEWTON_UNROLL
+#endif

@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "kernels/scan_cuda.h"
+#include "kernels/scan_single_pass.h"
 
 namespace pnewton {
 namespace {
@@ -121,9 +122,26 @@ __global__ void __launch_bounds__(kThreads)
 
 size_t acc_bytes(DType dtype) { return dtype == DType::f64 ? sizeof(double) : sizeof(float); }
 
+// ---- the chunked scan ---------------------------------------------------------------------
+
+// How the time axis is cut: enough chunks that B·H·chunks threads fill the device, each
+// chunk at least a few dozen steps long.
+int64_t chunked_time_chunks(const ScanParams& p, int num_sms) {
+  const int64_t lanes = std::max<int64_t>(1, p.B * p.H);
+  const int64_t wanted_threads = static_cast<int64_t>(std::max(num_sms, 1)) * 2048;
+  const int64_t by_occupancy = ceil_div(wanted_threads, lanes);
+  const int64_t by_length = std::max<int64_t>(1, p.T / 64);
+  return std::max<int64_t>(1, std::min(by_occupancy, by_length));
+}
+
+size_t chunked_scratch_bytes(const ScanParams& p, DType dtype, int64_t time_chunks) {
+  const int64_t per_lane_chunk = p.k * p.k + 2 * p.k;
+  return static_cast<size_t>(p.B * p.H * time_chunks * per_lane_chunk) * acc_bytes(dtype);
+}
+
 // Scratch layout: M [B, chunks, H, k, k], v [B, chunks, H, k], carry [B, chunks, H, k].
 template <typename scalar_t, int K>
-cudaError_t launch(const ScanParams& p, int64_t n_chunks, void* scratch, cudaStream_t stream) {
+cudaError_t launch_chunked(const ScanParams& p, int64_t n_chunks, void* scratch, cudaStream_t stream) {
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t lanes = p.B * p.H;
   acc_t* M = static_cast<acc_t*>(scratch);
@@ -139,44 +157,122 @@ cudaError_t launch(const ScanParams& p, int64_t n_chunks, void* scratch, cudaStr
 }
 
 template <typename scalar_t>
-cudaError_t dispatch_k(const ScanParams& p, int64_t n_chunks, void* scratch, cudaStream_t stream) {
+cudaError_t chunked_dispatch_k(const ScanParams& p, int64_t n_chunks, void* scratch, cudaStream_t stream) {
   switch (p.k) {
-    case 1: return launch<scalar_t, 1>(p, n_chunks, scratch, stream);
-    case 2: return launch<scalar_t, 2>(p, n_chunks, scratch, stream);
-    case 3: return launch<scalar_t, 3>(p, n_chunks, scratch, stream);
-    case 4: return launch<scalar_t, 4>(p, n_chunks, scratch, stream);
-    case 5: return launch<scalar_t, 5>(p, n_chunks, scratch, stream);
-    case 6: return launch<scalar_t, 6>(p, n_chunks, scratch, stream);
-    case 7: return launch<scalar_t, 7>(p, n_chunks, scratch, stream);
-    case 8: return launch<scalar_t, 8>(p, n_chunks, scratch, stream);
-    default: return launch<scalar_t, 0>(p, n_chunks, scratch, stream);
+    case 1: return launch_chunked<scalar_t, 1>(p, n_chunks, scratch, stream);
+    case 2: return launch_chunked<scalar_t, 2>(p, n_chunks, scratch, stream);
+    case 3: return launch_chunked<scalar_t, 3>(p, n_chunks, scratch, stream);
+    case 4: return launch_chunked<scalar_t, 4>(p, n_chunks, scratch, stream);
+    case 5: return launch_chunked<scalar_t, 5>(p, n_chunks, scratch, stream);
+    case 6: return launch_chunked<scalar_t, 6>(p, n_chunks, scratch, stream);
+    case 7: return launch_chunked<scalar_t, 7>(p, n_chunks, scratch, stream);
+    case 8: return launch_chunked<scalar_t, 8>(p, n_chunks, scratch, stream);
+    default: return launch_chunked<scalar_t, 0>(p, n_chunks, scratch, stream);
   }
+}
+
+// ---- the single-pass scan (kernels/scan_single_pass.h) -------------------------------------
+
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(kSinglePassThreads)
+    single_pass_kernel(ScanParams p, SinglePassGeometry geo, SinglePassStatus<typename Acc<scalar_t>::type> st,
+                       unsigned* tile_counter) {
+  using acc_t = typename Acc<scalar_t>::type;
+  constexpr int S = SinglePassSteps<K>::value, E = element_size<K>();
+  __shared__ acc_t buf[2][kSinglePassThreads * E];
+  __shared__ acc_t entering[32 * K];
+  __shared__ unsigned tile;
+  if (threadIdx.x == 0) tile = atomicAdd(tile_counter, 1u);  // tiles start in index order
+  __syncthreads();
+  const int64_t j = tile / geo.groups, g = tile % geo.groups, bi = g / geo.head_groups;
+  const int64_t c = threadIdx.x % geo.C, q = threadIdx.x / geo.C;
+  const int64_t h = (g % geo.head_groups) * geo.C + c;
+  const int64_t pos0 = j * geo.L + q * S;
+  SinglePassSlice<scalar_t, acc_t, K, S> slice;
+  slice.load(p, bi, h, h < p.H ? pos0 : p.T);  // channels past H hold no steps
+  slice.aggregate(&buf[0][threadIdx.x * E], &buf[0][threadIdx.x * E + K * K]);
+  int cur = 0;
+  for (int64_t d = 1; d < geo.P; d *= 2, cur = 1 - cur) {
+    __syncthreads();
+    slice_scan_round<K>(buf[cur], buf[1 - cur], geo.C, q, c, d);
+  }
+  __syncthreads();
+  if (threadIdx.x < geo.C) {
+    acc_t initial[K];
+    for (int i = 0; i < K; ++i) initial[i] = 0;
+    if (h < p.H) load_initial_state<K, acc_t, scalar_t>(p, bi, h, initial);
+    const acc_t* total = &buf[cur][((geo.P - 1) * geo.C + c) * E];
+    look_back<K>(st, geo, g, j, c, total, total + K * K, initial, &entering[c * K], true);
+  }
+  __syncthreads();
+  if (h >= p.H) return;
+  acc_t state[K];
+  slice_entering_state<K>(buf[cur], geo.C, q, c, &entering[c * K], state);
+  slice.rescan(p, bi, h, pos0, state);
+}
+
+// Scratch layout: tile counter and flags (ints, zeroed per launch), then M, v, state.
+struct SinglePassLayout {
+  size_t flags_bytes, total_bytes;
+  int64_t slots;
+};
+
+SinglePassLayout single_pass_layout(const ScanParams& p, DType dtype) {
+  const SinglePassGeometry geo = single_pass_geometry(p);
+  SinglePassLayout l;
+  l.slots = geo.groups * geo.tiles * geo.C;
+  l.flags_bytes = ceil_div((1 + l.slots) * sizeof(int), 16) * 16;
+  l.total_bytes = l.flags_bytes + static_cast<size_t>(l.slots * (p.k * p.k + 2 * p.k)) * acc_bytes(dtype);
+  return l;
+}
+
+template <typename scalar_t, int K>
+cudaError_t launch_single_pass(const ScanParams& p, DType dtype, void* scratch, cudaStream_t stream) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const SinglePassGeometry geo = single_pass_geometry(p);
+  const SinglePassLayout l = single_pass_layout(p, dtype);
+  unsigned* counter = static_cast<unsigned*>(scratch);
+  acc_t* M = reinterpret_cast<acc_t*>(static_cast<char*>(scratch) + l.flags_bytes);
+  const SinglePassStatus<acc_t> st{reinterpret_cast<int*>(counter + 1), M, M + l.slots * K * K,
+                                   M + l.slots * (K * K + K)};
+  cudaError_t err = cudaMemsetAsync(scratch, 0, l.flags_bytes, stream);
+  if (err != cudaSuccess) return err;
+  single_pass_kernel<scalar_t, K><<<geo.groups * geo.tiles, kSinglePassThreads, 0, stream>>>(p, geo, st, counter);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+cudaError_t run_typed(const ScanParams& p, DType dtype, int num_sms, CudaScanAlgorithm algorithm, void* scratch,
+                      cudaStream_t stream) {
+  if (algorithm == CudaScanAlgorithm::single_pass) {
+    return p.k == 1 ? launch_single_pass<scalar_t, 1>(p, dtype, scratch, stream)
+                    : launch_single_pass<scalar_t, 2>(p, dtype, scratch, stream);
+  }
+  return chunked_dispatch_k<scalar_t>(p, chunked_time_chunks(p, num_sms), scratch, stream);
 }
 
 }  // namespace
 
-int64_t cuda_time_chunks(const ScanParams& p, int num_sms) {
-  const int64_t lanes = std::max<int64_t>(1, p.B * p.H);
-  const int64_t wanted_threads = static_cast<int64_t>(std::max(num_sms, 1)) * 2048;
-  const int64_t by_occupancy = ceil_div(wanted_threads, lanes);
-  const int64_t by_length = std::max<int64_t>(1, p.T / 64);
-  return std::max<int64_t>(1, std::min(by_occupancy, by_length));
+CudaScanAlgorithm resolve_cuda_scan(const ScanParams& p, CudaScanAlgorithm requested) {
+  if (requested == CudaScanAlgorithm::chunked || !single_pass_supported(p.k)) return CudaScanAlgorithm::chunked;
+  return CudaScanAlgorithm::single_pass;
 }
 
-size_t scan_cuda_scratch_bytes(const ScanParams& p, DType dtype, int64_t time_chunks) {
-  const int64_t per_lane_chunk = p.k * p.k + 2 * p.k;
-  return static_cast<size_t>(p.B * p.H * time_chunks * per_lane_chunk) * acc_bytes(dtype);
+size_t scan_cuda_scratch_bytes(const ScanParams& p, DType dtype, int num_sms, CudaScanAlgorithm algorithm) {
+  if (resolve_cuda_scan(p, algorithm) == CudaScanAlgorithm::single_pass) return single_pass_layout(p, dtype).total_bytes;
+  return chunked_scratch_bytes(p, dtype, chunked_time_chunks(p, num_sms));
 }
 
-cudaError_t scan_cuda(const ScanParams& p, DType dtype, int64_t time_chunks, void* scratch,
+cudaError_t scan_cuda(const ScanParams& p, DType dtype, int num_sms, CudaScanAlgorithm algorithm, void* scratch,
                       cudaStream_t stream) {
   if (p.B == 0 || p.T == 0 || p.H == 0) return cudaSuccess;
   if (p.k < 1 || p.k > kMaxCudaBlock) return cudaErrorInvalidValue;
+  algorithm = resolve_cuda_scan(p, algorithm);
   switch (dtype) {
-    case DType::f32: return dispatch_k<float>(p, time_chunks, scratch, stream);
-    case DType::f64: return dispatch_k<double>(p, time_chunks, scratch, stream);
-    case DType::f16: return dispatch_k<__half>(p, time_chunks, scratch, stream);
-    case DType::bf16: return dispatch_k<__nv_bfloat16>(p, time_chunks, scratch, stream);
+    case DType::f32: return run_typed<float>(p, dtype, num_sms, algorithm, scratch, stream);
+    case DType::f64: return run_typed<double>(p, dtype, num_sms, algorithm, scratch, stream);
+    case DType::f16: return run_typed<__half>(p, dtype, num_sms, algorithm, scratch, stream);
+    case DType::bf16: return run_typed<__nv_bfloat16>(p, dtype, num_sms, algorithm, scratch, stream);
   }
   return cudaErrorInvalidValue;
 }

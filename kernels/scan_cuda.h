@@ -12,15 +12,22 @@ namespace pnewton {
 // Largest block size the CUDA scans accept (blocks are held in registers/local memory).
 constexpr int kMaxCudaBlock = 32;
 
-// How the time axis is cut on the GPU: enough chunks that B·H·chunks threads fill
-// the device, each chunk at least a few dozen steps long.
-int64_t cuda_time_chunks(const ScanParams& p, int num_sms);
+// The two CUDA scans:
+//   single_pass (k = 1, 2): one kernel, decoupled look-back across tiles
+//     (kernels/scan_single_pass.h): reads every input once, writes every output once.
+//   chunked (any k <= kMaxCudaBlock): per-chunk aggregates, a carry across chunks, a rescan
+//     of every chunk: reads the inputs twice.
+// automatic picks single_pass where it applies; single_pass falls back to chunked elsewhere.
+enum class CudaScanAlgorithm { automatic, single_pass, chunked };
 
-// Bytes of scratch that scan_cuda needs for `time_chunks` chunks.
-size_t scan_cuda_scratch_bytes(const ScanParams& p, DType dtype, int64_t time_chunks);
+// The algorithm that `requested` runs for p.
+CudaScanAlgorithm resolve_cuda_scan(const ScanParams& p, CudaScanAlgorithm requested);
 
-// Runs the scan: per-chunk aggregates, a carry across chunks, a rescan of every chunk.
-cudaError_t scan_cuda(const ScanParams& p, DType dtype, int64_t time_chunks, void* scratch,
+// Bytes of scratch that scan_cuda needs on a device with num_sms multiprocessors.
+size_t scan_cuda_scratch_bytes(const ScanParams& p, DType dtype, int num_sms, CudaScanAlgorithm algorithm);
+
+// Runs the scan on `stream`, using `scratch` (scan_cuda_scratch_bytes, any contents).
+cudaError_t scan_cuda(const ScanParams& p, DType dtype, int num_sms, CudaScanAlgorithm algorithm, void* scratch,
                       cudaStream_t stream);
 
 }  // namespace pnewton

@@ -1,58 +1,125 @@
 #!/usr/bin/env bash
-# One prepared GPU check: build with CUDA against this machine's torch (no network
-# needed), run the CUDA tests and the benchmarks, print a short table last.
-#   bash scripts/gpu_check.sh        (results also saved under $OUT when set)
+# One prepared GPU check: the library (built here with CUDA against this machine's torch,
+# or a carried sm_90 build), the CUDA tests (pytest marker and the C++ suites), one small
+# case under compute-sanitizer memcheck, then the GPU benchmarks; a short table last.
+#
+#   bash scripts/gpu_check.sh [quick|full]
+#
+# PNEWTON_PREBUILT=DIR uses DIR/libpnewton.so (and DIR/tests/cpp/*) when it loads and has
+# CUDA kernels: a build made on a machine without a GPU, carried to save the build time.
+# Otherwise, or when that fails, it builds build-gpu/ here with every core (no network).
+# Logs go to $OUT (default /tmp/pnewton_gpu_check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+MODE=${1:-full}
 OUT=${OUT:-/tmp/pnewton_gpu_check}
 mkdir -p "$OUT"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 PY=${PYTHON:-python3}
 status=0
+t0=$(date +%s)
+stage() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
 
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
-echo "== GPU: ${gpu:-none}"
+stage "GPU: ${gpu:-none}"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv 2>&1 | tail -2
+$PY -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
+nvcc --version 2>/dev/null | tail -1
 
-echo "== build (CUDA, arch $TORCH_CUDA_ARCH_LIST)"
-start=$(date +%s)
-cmake -S . -B build-gpu -G Ninja -DPython3_EXECUTABLE="$(command -v $PY)" >"$OUT/cmake.txt" 2>&1 &&
-  cmake --build build-gpu --parallel "$(nproc)" >>"$OUT/cmake.txt" 2>&1 || { tail -40 "$OUT/cmake.txt"; exit 1; }
-echo "built in $(( $(date +%s) - start )) s"
-suffix=$($PY -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
-cp build-gpu/libpnewton.so "torch_ops/_C$suffix"
-# Import the package from the tree without pip: pnewton -> torch_ops.
+# ---- the library ----------------------------------------------------------------------
+# Import the package from the tree without pip: pnewton -> torch_ops, the library by path.
 mkdir -p /tmp/pnewton_py && ln -sfn "$PWD/torch_ops" /tmp/pnewton_py/pnewton
 export PYTHONPATH=/tmp/pnewton_py${PYTHONPATH:+:$PYTHONPATH}
-
-echo "== ctest (skipped where GoogleTest is missing)"
-if [ -f build-gpu/tests/cpp/test_scan_kernels ]; then
-  ctest --test-dir build-gpu --output-on-failure 2>&1 | tail -3 | tee "$OUT/ctest.txt" || status=1
+probe='import torch, pnewton; assert pnewton.built_with_cuda, "no CUDA kernels"
+x = pnewton.scan_diag(torch.rand(2, 100, 3, device="cuda"), torch.randn(2, 100, 3, device="cuda"))
+torch.cuda.synchronize(); print("library ok:", pnewton._library._library_path())'
+libdir=
+if [ -n "${PNEWTON_PREBUILT:-}" ] && [ -f "$PNEWTON_PREBUILT/libpnewton.so" ]; then
+  if PNEWTON_LIBRARY="$PWD/$PNEWTON_PREBUILT/libpnewton.so" $PY -c "$probe"; then
+    libdir=$PNEWTON_PREBUILT
+  else
+    echo "carried library failed to load; building here"
+  fi
 fi
+if [ -z "$libdir" ]; then
+  stage "build (CUDA, arch $TORCH_CUDA_ARCH_LIST, $(nproc) jobs)"
+  cmake -S . -B build-gpu -G Ninja -DPython3_EXECUTABLE="$(command -v $PY)" >"$OUT/build.txt" 2>&1 &&
+    cmake --build build-gpu --parallel "$(nproc)" >>"$OUT/build.txt" 2>&1 || { tail -40 "$OUT/build.txt"; exit 1; }
+  libdir=build-gpu
+  PNEWTON_LIBRARY="$PWD/$libdir/libpnewton.so" $PY -c "$probe" || exit 1
+fi
+export PNEWTON_LIBRARY="$PWD/$libdir/libpnewton.so"
+torch_lib=$($PY -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 
-echo "== pytest -m cuda"
-$PY -m pytest tests/python -q -m cuda -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/pytest_cuda.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# ---- tests ------------------------------------------------------------------------------
+stage "C++ suites (the CPU mirror of the CUDA scan, and the CUDA module test)"
+for t in test_scan_kernels test_cpp_api; do
+  bin=$libdir/tests/cpp/$t
+  if [ -x "$bin" ]; then
+    LD_LIBRARY_PATH="$PWD/$libdir:$torch_lib" "$bin" --gtest_brief=1 >"$OUT/$t.log" 2>&1 ||
+      { status=1; tail -20 "$OUT/$t.log"; }
+    grep -E "^\[  (PASSED|FAILED|SKIPPED)" "$OUT/$t.log" | sed "s/^/$t: /" | tee -a "$OUT/cpp_tests.txt"
+    rm -f "$OUT/$t.log"
+  else
+    echo "$t: not built (GoogleTest is missing here; carry the binaries with PNEWTON_PREBUILT)"
+  fi
+done
 
-echo "== compute-sanitizer memcheck (one small scan and solve)"
+stage "pytest -m cuda"
+$PY -m pytest tests/python -q -m cuda -p no:cacheprovider -rfE --timeout 300 >"$OUT/pytest_cuda.txt" 2>&1 ||
+  status=1
+tail -25 "$OUT/pytest_cuda.txt"
+
+stage "compute-sanitizer: memcheck (small scans of both algorithms, one GRU solve with backward), racecheck"
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  compute-sanitizer --tool memcheck --error-exitcode 3 $PY -c "
-import torch, pnewton
-a, b = torch.rand(2, 300, 5, device='cuda'), torch.randn(2, 300, 5, device='cuda')
-pnewton.scan_diag(a, b, reverse=True).sum().item()
-A = torch.randn(2, 300, 3, 4, 4, device='cuda') / 4
-pnewton.scan_block(A, torch.randn(2, 300, 3, 4, device='cuda'), transpose=True).sum().item()
-pnewton.GRU(3, 8, batch_first=True).cuda()(torch.randn(2, 200, 3, device='cuda'))[0].sum().item()
+  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 $PY -c "
+import os, torch, pnewton
+a, b = torch.rand(2, 3000, 5, device='cuda'), torch.randn(2, 3000, 5, device='cuda')
+A2 = torch.randn(3, 5000, 40, 2, 2, device='cuda') / 2
+b2 = torch.randn(3, 5000, 40, 2, device='cuda')
+for algorithm in ('single_pass', 'chunked'):
+    os.environ['PNEWTON_CUDA_SCAN'] = algorithm
+    pnewton.scan_diag(a, b, reverse=True).sum().item()
+    pnewton.scan_diag(a.bfloat16(), b.bfloat16()).sum().item()
+    pnewton.scan_block(A2, b2, transpose=True).sum().item()
+os.environ.pop('PNEWTON_CUDA_SCAN')
+A = torch.randn(2, 3000, 3, 4, 4, device='cuda') / 4
+pnewton.scan_block(A, torch.randn(2, 3000, 3, 4, device='cuda'), transpose=True).sum().item()
+gru = pnewton.GRU(3, 8, batch_first=True).cuda()
+gru(torch.randn(2, 300, 3, device='cuda'))[0].square().sum().backward()
+print('ran')
 " >"$OUT/memcheck.txt" 2>&1 && echo "memcheck clean" || { status=1; tail -20 "$OUT/memcheck.txt"; }
+  grep -E "ERROR SUMMARY" "$OUT/memcheck.txt"
+  timeout 90 compute-sanitizer --tool racecheck --error-exitcode 3 $PY -c "
+import torch, pnewton
+pnewton.scan_diag(torch.rand(2, 9000, 40, device='cuda'), torch.randn(2, 9000, 40, device='cuda')).sum().item()
+pnewton.scan_block(torch.randn(1, 5000, 3, 2, 2, device='cuda') / 2, torch.randn(1, 5000, 3, 2, device='cuda')).sum().item()
+" >>"$OUT/memcheck.txt" 2>&1 && echo "racecheck clean" || { status=1; tail -20 "$OUT/memcheck.txt"; }
+else
+  echo "compute-sanitizer not found"
 fi
 
-echo "== benchmarks"
-$PY benchmarks/bench_scan.py --device cuda --B 16 --T 65536 --D 256 2>&1 | tee "$OUT/bench_scan_cuda.txt"
-timeout 240 $PY benchmarks/bench_layers.py --device cuda --B 16 --D 64 --T 1024 16384 65536 \
-  --layers GRU:quasi_deer LSTM:block_deer 2>&1 | tee "$OUT/bench_layers_cuda.txt"
+# ---- benchmarks -------------------------------------------------------------------------
+stage "benchmarks ($MODE)"
+$PY benchmarks/bench_scan.py --device cuda --B 16 --T 65536 --D 256 --repeats 10 2>&1 | tee "$OUT/bench_scan.txt"
+if [ "$MODE" = quick ]; then
+  timeout 100 $PY benchmarks/bench_layers.py --device cuda --B 16 --D 64 --T 65536 \
+    --layers GRU:quasi_deer LSTM:block_deer --deadline 60 2>&1 | tee "$OUT/bench_layers.txt"
+else
+  # The issue's grid, most important first; each invocation stops starting cases at its deadline.
+  timeout 200 $PY benchmarks/bench_layers.py --device cuda --B 16 1 --D 64 16 256 --T 1024 16384 65536 262144 \
+    --layers GRU:quasi_deer --deadline 100 2>&1 | tee -a "$OUT/bench_layers.txt"
+  timeout 150 $PY benchmarks/bench_layers.py --device cuda --B 16 1 --D 64 16 256 --T 1024 16384 65536 262144 \
+    --layers LSTM:block_deer --deadline 60 2>&1 | tee -a "$OUT/bench_layers.txt"
+  timeout 100 $PY benchmarks/bench_layers.py --device cuda --B 16 --D 16 64 --T 1024 16384 65536 \
+    --layers DiagGRU:auto DiagLSTM:auto GRU:deer --deadline 40 2>&1 | tee -a "$OUT/bench_layers.txt"
+fi
 
 echo
-echo "== summary (${gpu:-no GPU})"
-printf '%-12s %s\n' "cuda tests" "$(tail -1 "$OUT/pytest_cuda.txt")"
-sed -n '2,$p' "$OUT/bench_scan_cuda.txt"
-sed -n '2,$p' "$OUT/bench_layers_cuda.txt"
+stage "summary (${gpu:-no GPU}, library from $libdir)"
+printf '%-14s %s\n' "pytest cuda" "$(tail -1 "$OUT/pytest_cuda.txt")"
+sed 's/^/gtest          /' "$OUT/cpp_tests.txt" 2>/dev/null
+grep -h 'ERROR SUMMARY' "$OUT/memcheck.txt" 2>/dev/null | sed 's/^/sanitizer      /'
+cat "$OUT/bench_scan.txt"
+grep -v "^device" "$OUT/bench_layers.txt" | awk 'NR == 1 || !/^layer/'
 exit $status

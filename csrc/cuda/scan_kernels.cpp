@@ -5,24 +5,39 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "csrc/scan.h"
 #include "kernels/scan_cuda.h"
 
 namespace pnewton {
 namespace {
 
+// PNEWTON_CUDA_SCAN=chunked|single_pass forces one algorithm (benchmarks, tests); unset or
+// auto: single_pass where it applies.
+CudaScanAlgorithm requested_algorithm() {
+  const char* env = std::getenv("PNEWTON_CUDA_SCAN");
+  const std::string name = env == nullptr ? "auto" : env;
+  if (name == "auto" || name.empty()) return CudaScanAlgorithm::automatic;
+  if (name == "chunked") return CudaScanAlgorithm::chunked;
+  if (name == "single_pass") return CudaScanAlgorithm::single_pass;
+  TORCH_CHECK(false, "pnewton: PNEWTON_CUDA_SCAN must be auto, single_pass or chunked, got '", name, "'");
+}
+
 void run_scan_cuda(const ScanOperands& ops) {
-  TORCH_CHECK(ops.b.size(3) <= kMaxCudaBlock, "pnewton.scan_block: CUDA scans support block sizes k <= ",
-              kMaxCudaBlock, ", got k = ", ops.b.size(3));
   const c10::cuda::CUDAGuard guard(ops.x.device());
+  // Blocks too large for a thread's registers (dense Jacobians of wide cells): batched
+  // matmuls by recursive doubling instead.
+  if (ops.b.size(3) > kMaxCudaBlock) return scan_by_doubling(ops);
   const ScanParams p = scan_params(ops);
   const DType dtype = scan_dtype(ops.x.scalar_type());
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t chunks = cuda_time_chunks(p, num_sms);
+  const CudaScanAlgorithm algorithm = requested_algorithm();
   // Scratch from the caching allocator, on the current stream.
-  at::Tensor scratch = at::empty({static_cast<int64_t>(scan_cuda_scratch_bytes(p, dtype, chunks))},
+  at::Tensor scratch = at::empty({static_cast<int64_t>(scan_cuda_scratch_bytes(p, dtype, num_sms, algorithm))},
                                  ops.x.options().dtype(at::kByte));
-  C10_CUDA_CHECK(scan_cuda(p, dtype, chunks, scratch.data_ptr(), at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(scan_cuda(p, dtype, num_sms, algorithm, scratch.data_ptr(), at::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace

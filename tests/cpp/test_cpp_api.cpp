@@ -5,6 +5,10 @@
 
 #include <pnewton/pnewton.h>
 
+#include <cmath>
+
+#include "csrc/scan.h"
+
 namespace {
 
 template <typename Ours, typename Theirs>
@@ -86,6 +90,63 @@ TEST(CppApi, ScanAndSolverThroughTheDispatcherWithAutograd) {
   auto [exact, _] = pnewton::newton_rnn("gru", gi, W, std::nullopt, torch::zeros({2, 4}, torch::kDouble), o);
   expect_close(states, exact, 1e-9);
   EXPECT_LE(stats.iterations.max().item<int64_t>(), 6);
+}
+
+// x_t = C x_prev + b_t step by step (C = A_t or its transpose; shifted: the previous
+// step's matrix, none at the first step, no x0), in processing order.
+torch::Tensor loop_scan(const torch::Tensor& A, const torch::Tensor& b, const torch::Tensor& x0, bool reverse,
+                        bool transpose, bool shift) {
+  const int64_t T = b.size(1);
+  auto x = torch::empty_like(b);
+  auto s = x0.defined() && !shift ? x0.clone() : torch::zeros_like(b.select(1, 0));
+  for (int64_t pos = 0; pos < T; ++pos) {
+    const int64_t t = reverse ? T - 1 - pos : pos, ta = shift ? (reverse ? t + 1 : t - 1) : t;
+    if (shift && pos == 0) {
+      s = b.select(1, t).clone();
+    } else {
+      auto C = A.select(1, ta);
+      if (transpose) C = C.transpose(-1, -2);
+      s = torch::matmul(C, s.unsqueeze(-1)).squeeze(-1) + b.select(1, t);
+    }
+    x.select(1, t).copy_(s);
+  }
+  return x;
+}
+
+TEST(ScanByDoubling, MatchesTheLoopForEveryDirectionAndBlockSize) {
+  torch::manual_seed(4);
+  for (int64_t k : {1, 3, 40}) {
+    for (int64_t T : {1, 2, 7, 64, 129}) {
+      const auto A = torch::randn({2, T, 3, k, k}, torch::kDouble) / std::sqrt(double(k));
+      const auto b = torch::randn({2, T, 3, k}, torch::kDouble), x0 = torch::randn({2, 3, k}, torch::kDouble);
+      for (int flags = 0; flags < 16; ++flags) {
+        const bool reverse = flags & 1, transpose = flags & 2, shift = flags & 4, with_x0 = flags & 8;
+        auto x = torch::empty_like(b);
+        pnewton::scan_by_doubling({A, b, with_x0 ? x0 : torch::Tensor(), x, reverse, transpose, shift});
+        const auto ref = loop_scan(A, b, with_x0 ? x0 : torch::Tensor(), reverse, transpose, shift);
+        EXPECT_LT((x - ref).abs().max().item<double>(), 1e-10 * (1 + ref.abs().max().item<double>()))
+            << "k=" << k << " T=" << T << " flags=" << flags;
+      }
+    }
+  }
+}
+
+// The same module on the GPU in float32 against torch::nn in float64 on the CPU.
+TEST(CppApi, CudaGRUMatchesTorchNNFloat64) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  torch::manual_seed(3);
+  pnewton::SolverOptions solver;
+  solver.method = "quasi_deer";
+  solver.atol = solver.rtol = 3e-7;
+  pnewton::nn::GRU ours(pnewton::nn::GRUOptions(3, 16).batch_first(true).solver(solver));
+  torch::nn::GRU theirs(torch::nn::GRUOptions(3, 16).batch_first(true));
+  theirs->to(torch::kDouble);
+  copy_weights(ours, theirs);
+  ours->to(torch::kCUDA);
+  const auto x = torch::randn({4, 3000, 3}, torch::kDouble);
+  const auto out = std::get<0>(ours->forward(x.to(torch::kCUDA, torch::kFloat))).to(torch::kCPU, torch::kDouble);
+  const auto ref = std::get<0>(theirs->forward(x));
+  EXPECT_LT(((out - ref).norm() / ref.norm()).item<double>(), 1e-5);
 }
 
 // An example user cell: a leaky tanh RNN, s' = (1 - a) s + a tanh(W s + u), with its

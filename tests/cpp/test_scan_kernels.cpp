@@ -8,6 +8,7 @@
 
 #include "kernels/scan_cpu.h"
 #include "kernels/scan_element.h"
+#include "kernels/scan_single_pass.h"
 
 namespace pnewton {
 namespace {
@@ -187,6 +188,60 @@ INSTANTIATE_TEST_SUITE_P(AwkwardLengths, ScanVsSequential,
                                            ScanCase{33, 1}, ScanCase{1000, 1}, ScanCase{4097, 1}, ScanCase{33, 2},
                                            ScanCase{1000, 3}, ScanCase{4097, 4}, ScanCase{31, 5}, ScanCase{32, 6},
                                            ScanCase{33, 7}, ScanCase{1000, 8}, ScanCase{33, 11}));
+
+// ---- the CUDA single-pass decomposition, run by its CPU mirror ----------------------------
+
+struct SinglePassCase {
+  int64_t T, H, k;
+};
+
+class SinglePassMirror : public ::testing::TestWithParam<SinglePassCase> {};
+
+// Lengths around the slice (S), tile (L) and channel-group (C = 32) boundaries; look-backs
+// that find the predecessor's state at once, and ones that compose up to 3 aggregates.
+TEST_P(SinglePassMirror, MatchesLoopAtTileSliceAndChannelBoundaries) {
+  const auto [Tn, H, k] = GetParam();
+  std::mt19937 rng(static_cast<unsigned>(Tn * 131 + H * 7 + k));
+  Problem<double> pr(2, Tn, H, k);
+  fill_random(pr, rng, 1.8);
+  const SinglePassGeometry geo = single_pass_geometry(pr.params(false, false, false, false));
+  EXPECT_EQ(geo.C * geo.P, kSinglePassThreads);
+  for (int flags = 0; flags < 16; ++flags) {
+    const bool reverse = flags & 1, transpose = flags & 2, shift = flags & 4, with_x0 = flags & 8;
+    const ScanParams p = pr.params(reverse, transpose, shift, with_x0);
+    const auto expected = pr.reference(p);
+    for (int64_t publish_every : {int64_t(1), int64_t(4)}) {
+      std::fill(pr.x.begin(), pr.x.end(), -777.0);
+      scan_single_pass_cpu(p, DType::f64, publish_every);
+      for (size_t i = 0; i < expected.size(); ++i) {
+        ASSERT_NEAR(pr.x[i], expected[i], 1e-12 * (1 + std::abs(expected[i])))
+            << "T=" << Tn << " H=" << H << " k=" << k << " flags=" << flags << " publish_every=" << publish_every
+            << " (L=" << geo.L << ", C=" << geo.C << ") at " << i;
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Boundaries, SinglePassMirror,
+    ::testing::Values(SinglePassCase{1, 1, 1}, SinglePassCase{17, 1, 1}, SinglePassCase{4095, 1, 1},
+                      SinglePassCase{4097, 1, 1}, SinglePassCase{13000, 1, 1}, SinglePassCase{1023, 3, 1},
+                      SinglePassCase{1025, 3, 1}, SinglePassCase{127, 32, 1}, SinglePassCase{129, 33, 1},
+                      SinglePassCase{600, 64, 1}, SinglePassCase{2049, 1, 2}, SinglePassCase{4200, 1, 2}, SinglePassCase{9000, 1, 2},
+                      SinglePassCase{257, 5, 2}, SinglePassCase{131, 40, 2}));
+
+TEST(SinglePassMirror, FloatStorageAndBadArguments) {
+  std::mt19937 rng(9);
+  Problem<float> pr(3, 5000, 7, 1);
+  fill_random(pr, rng, 1.9);
+  const ScanParams p = pr.params(true, false, false, true);
+  scan_single_pass_cpu(p, DType::f32, 2);
+  const auto expected = pr.reference(p);
+  for (size_t i = 0; i < expected.size(); ++i) ASSERT_NEAR(pr.x[i], expected[i], 1e-4 * (1 + std::abs(expected[i])));
+  Problem<double> wide(1, 10, 1, 3);
+  EXPECT_THROW(scan_single_pass_cpu(wide.params(false, false, false, false), DType::f64), std::invalid_argument);
+  EXPECT_THROW(scan_single_pass_cpu(p, DType::f32, 0), std::invalid_argument);
+}
 
 TEST(ScanCpu, DefaultScheduleMatchesLoopWhenNarrowAndLong) {
   // B·H too small to feed the threads: the default schedule cuts time into chunks.
