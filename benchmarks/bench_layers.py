@@ -92,6 +92,7 @@ def main():
     parser.add_argument("--layers", nargs="+", default=["GRU:quasi_deer", "GRU:deer", "LSTM:block_deer"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--deadline", type=float, default=float("inf"), help="seconds; later cases are skipped")
+    parser.add_argument("--tag", default="", help="appended to the layer column (e.g. a variant's name)")
     args = parser.parse_args()
     dev = args.device
     name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -101,6 +102,7 @@ def main():
     start, skipped = time.perf_counter(), []
     for spec in args.layers:
         kind, method = spec.split(":")
+        label = spec + args.tag
         for B in args.B:
             for D in args.D:
                 for T in args.T:
@@ -128,12 +130,12 @@ def main():
                         t += [t_ours, t_ref]
                         mem = [mem_ours, mem_ref]
                     except torch.OutOfMemoryError:
-                        print(f"{spec:<16} {B:>3} {D:>4} {T:>7} out of memory", flush=True)
+                        print(f"{label:<16} {B:>3} {D:>4} {T:>7} out of memory", flush=True)
                         continue
                     finally:
                         if dev == "cuda":
                             torch.cuda.empty_cache()
-                    print(f"{spec:<16} {B:>3} {D:>4} {T:>7} {1e3 * t[0]:9.1f} {1e3 * t[1]:9.1f} {t[1] / t[0]:6.1f} "
+                    print(f"{label:<16} {B:>3} {D:>4} {T:>7} {1e3 * t[0]:9.1f} {1e3 * t[1]:9.1f} {t[1] / t[0]:6.1f} "
                           f"{1e3 * t[2]:9.1f} {1e3 * t[3]:9.1f} {t[3] / t[2]:6.1f} {mem[0]:7.0f} {mem[1]:7.0f} "
                           f"{iters:>5} {diff:9.1e}" + ("" if chunk == T else f"  (ref in chunks of {chunk})"), flush=True)
     if skipped:

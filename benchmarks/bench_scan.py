@@ -6,7 +6,8 @@ A scan must read A and b once and write x once; those bytes over the scan's time
 bandwidth. The ceiling is a large device-to-device copy measured in the same run (bytes
 read + bytes written over its time). The table gives both and their ratio, and the peak
 memory of each scan beyond its inputs and output (its scratch). On CUDA, scans of blocks
-k <= 2 run with both algorithms (PNEWTON_CUDA_SCAN=single_pass, chunked).
+k <= 2 run with both algorithms (PNEWTON_CUDA_SCAN=single_pass, chunked), and the main
+diagonal case also with 8 and 32 steps per thread (PNEWTON_SINGLE_PASS_STEPS; 16 is the default).
 """
 import argparse
 import os
@@ -73,10 +74,15 @@ def main():
     for name, scan, inputs in cases(args.B, args.T, args.D, args.device):
         k = inputs[0].shape[-1] if inputs[0].dim() == 5 else 1
         algorithms = ["single_pass", "chunked"] if cuda and k <= 2 else ["chunked" if cuda else "cpu"]
+        if cuda and name.startswith("scan_diag B="):  # the steps per thread of the single pass
+            algorithms[1:1] = ["single_pass:8", "single_pass:32"]
         for algorithm in algorithms:
-            os.environ["PNEWTON_CUDA_SCAN"] = algorithm if cuda else "auto"
+            kind, _, steps = algorithm.partition(":")
+            os.environ["PNEWTON_CUDA_SCAN"] = kind if cuda else "auto"
+            os.environ["PNEWTON_SINGLE_PASS_STEPS"] = steps or "0"
             run_case(name, algorithm, scan, inputs, cuda, copy_bw, args)
     os.environ.pop("PNEWTON_CUDA_SCAN", None)
+    os.environ.pop("PNEWTON_SINGLE_PASS_STEPS", None)
 
 
 def run_case(name, algorithm, scan, inputs, cuda, copy_bw, args):

@@ -173,12 +173,22 @@ cudaError_t chunked_dispatch_k(const ScanParams& p, int64_t n_chunks, void* scra
 
 // ---- the single-pass scan (kernels/scan_single_pass.h) -------------------------------------
 
-template <typename scalar_t, int K>
-__global__ void __launch_bounds__(kSinglePassThreads)
+// Blocks per multiprocessor to budget registers for: the slice's S·(k² + k) values (two
+// registers for a double) and about 32 more, out of 64K.
+template <typename scalar_t, int K, int S>
+constexpr int single_pass_min_blocks() {
+  constexpr int per_value = sizeof(scalar_t) > 4 ? 2 : 1;
+  constexpr int regs = S * (K * K + K) * per_value + 32;
+  constexpr int blocks = 65536 / (regs * kSinglePassThreads);
+  return blocks < 1 ? 1 : (blocks > 8 ? 8 : blocks);
+}
+
+template <typename scalar_t, int K, int S>
+__global__ void __launch_bounds__(kSinglePassThreads, (single_pass_min_blocks<scalar_t, K, S>()))
     single_pass_kernel(ScanParams p, SinglePassGeometry geo, SinglePassStatus<typename Acc<scalar_t>::type> st,
                        unsigned* tile_counter) {
   using acc_t = typename Acc<scalar_t>::type;
-  constexpr int S = SinglePassSteps<K>::value, E = element_size<K>();
+  constexpr int E = element_size<K>();
   __shared__ acc_t buf[2][kSinglePassThreads * E];
   __shared__ acc_t entering[32 * K];
   __shared__ unsigned tile;
@@ -217,8 +227,13 @@ struct SinglePassLayout {
   int64_t slots;
 };
 
-SinglePassLayout single_pass_layout(const ScanParams& p, DType dtype) {
-  const SinglePassGeometry geo = single_pass_geometry(p);
+int single_pass_steps(const ScanParams& p, const CudaScanOptions& o) {
+  return single_pass_steps_supported(p.k, o.single_pass_steps) ? o.single_pass_steps
+                                                                 : default_single_pass_steps(p.k);
+}
+
+SinglePassLayout single_pass_layout(const ScanParams& p, DType dtype, int steps) {
+  const SinglePassGeometry geo = single_pass_geometry(p, steps);
   SinglePassLayout l;
   l.slots = geo.groups * geo.tiles * geo.C;
   l.flags_bytes = ceil_div((1 + l.slots) * sizeof(int), 16) * 16;
@@ -226,29 +241,35 @@ SinglePassLayout single_pass_layout(const ScanParams& p, DType dtype) {
   return l;
 }
 
-template <typename scalar_t, int K>
+template <typename scalar_t, int K, int S>
 cudaError_t launch_single_pass(const ScanParams& p, DType dtype, void* scratch, cudaStream_t stream) {
   using acc_t = typename Acc<scalar_t>::type;
-  const SinglePassGeometry geo = single_pass_geometry(p);
-  const SinglePassLayout l = single_pass_layout(p, dtype);
+  const SinglePassGeometry geo = single_pass_geometry(p, S);
+  const SinglePassLayout l = single_pass_layout(p, dtype, S);
   unsigned* counter = static_cast<unsigned*>(scratch);
   acc_t* M = reinterpret_cast<acc_t*>(static_cast<char*>(scratch) + l.flags_bytes);
   const SinglePassStatus<acc_t> st{reinterpret_cast<int*>(counter + 1), M, M + l.slots * K * K,
                                    M + l.slots * (K * K + K)};
   cudaError_t err = cudaMemsetAsync(scratch, 0, l.flags_bytes, stream);
   if (err != cudaSuccess) return err;
-  single_pass_kernel<scalar_t, K><<<geo.groups * geo.tiles, kSinglePassThreads, 0, stream>>>(p, geo, st, counter);
+  single_pass_kernel<scalar_t, K, S><<<geo.groups * geo.tiles, kSinglePassThreads, 0, stream>>>(p, geo, st, counter);
   return cudaGetLastError();
 }
 
 template <typename scalar_t>
-cudaError_t run_typed(const ScanParams& p, DType dtype, int num_sms, CudaScanAlgorithm algorithm, void* scratch,
+cudaError_t run_typed(const ScanParams& p, DType dtype, const CudaScanOptions& o, void* scratch,
                       cudaStream_t stream) {
-  if (algorithm == CudaScanAlgorithm::single_pass) {
-    return p.k == 1 ? launch_single_pass<scalar_t, 1>(p, dtype, scratch, stream)
-                    : launch_single_pass<scalar_t, 2>(p, dtype, scratch, stream);
+  if (resolve_cuda_scan(p, o.algorithm) == CudaScanAlgorithm::chunked) {
+    return chunked_dispatch_k<scalar_t>(p, chunked_time_chunks(p, o.num_sms), scratch, stream);
   }
-  return chunked_dispatch_k<scalar_t>(p, chunked_time_chunks(p, num_sms), scratch, stream);
+  const int S = single_pass_steps(p, o);
+  if (p.k == 1) {
+    if (S == 8) return launch_single_pass<scalar_t, 1, 8>(p, dtype, scratch, stream);
+    if (S == 32) return launch_single_pass<scalar_t, 1, 32>(p, dtype, scratch, stream);
+    return launch_single_pass<scalar_t, 1, 16>(p, dtype, scratch, stream);
+  }
+  if (S == 4) return launch_single_pass<scalar_t, 2, 4>(p, dtype, scratch, stream);
+  return launch_single_pass<scalar_t, 2, 8>(p, dtype, scratch, stream);
 }
 
 }  // namespace
@@ -258,21 +279,22 @@ CudaScanAlgorithm resolve_cuda_scan(const ScanParams& p, CudaScanAlgorithm reque
   return CudaScanAlgorithm::single_pass;
 }
 
-size_t scan_cuda_scratch_bytes(const ScanParams& p, DType dtype, int num_sms, CudaScanAlgorithm algorithm) {
-  if (resolve_cuda_scan(p, algorithm) == CudaScanAlgorithm::single_pass) return single_pass_layout(p, dtype).total_bytes;
-  return chunked_scratch_bytes(p, dtype, chunked_time_chunks(p, num_sms));
+size_t scan_cuda_scratch_bytes(const ScanParams& p, DType dtype, const CudaScanOptions& o) {
+  if (resolve_cuda_scan(p, o.algorithm) == CudaScanAlgorithm::single_pass) {
+    return single_pass_layout(p, dtype, single_pass_steps(p, o)).total_bytes;
+  }
+  return chunked_scratch_bytes(p, dtype, chunked_time_chunks(p, o.num_sms));
 }
 
-cudaError_t scan_cuda(const ScanParams& p, DType dtype, int num_sms, CudaScanAlgorithm algorithm, void* scratch,
+cudaError_t scan_cuda(const ScanParams& p, DType dtype, const CudaScanOptions& o, void* scratch,
                       cudaStream_t stream) {
   if (p.B == 0 || p.T == 0 || p.H == 0) return cudaSuccess;
   if (p.k < 1 || p.k > kMaxCudaBlock) return cudaErrorInvalidValue;
-  algorithm = resolve_cuda_scan(p, algorithm);
   switch (dtype) {
-    case DType::f32: return run_typed<float>(p, dtype, num_sms, algorithm, scratch, stream);
-    case DType::f64: return run_typed<double>(p, dtype, num_sms, algorithm, scratch, stream);
-    case DType::f16: return run_typed<__half>(p, dtype, num_sms, algorithm, scratch, stream);
-    case DType::bf16: return run_typed<__nv_bfloat16>(p, dtype, num_sms, algorithm, scratch, stream);
+    case DType::f32: return run_typed<float>(p, dtype, o, scratch, stream);
+    case DType::f64: return run_typed<double>(p, dtype, o, scratch, stream);
+    case DType::f16: return run_typed<__half>(p, dtype, o, scratch, stream);
+    case DType::bf16: return run_typed<__nv_bfloat16>(p, dtype, o, scratch, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -20,14 +20,20 @@ constexpr int kMaxCudaBlock = 32;
 // automatic picks single_pass where it applies; single_pass falls back to chunked elsewhere.
 enum class CudaScanAlgorithm { automatic, single_pass, chunked };
 
+struct CudaScanOptions {
+  CudaScanAlgorithm algorithm = CudaScanAlgorithm::automatic;
+  int single_pass_steps = 0;  // steps per thread: 0 default, else single_pass_steps_supported
+  int num_sms = 1;            // multiprocessors of the device (the chunked scan's occupancy)
+};
+
 // The algorithm that `requested` runs for p.
 CudaScanAlgorithm resolve_cuda_scan(const ScanParams& p, CudaScanAlgorithm requested);
 
-// Bytes of scratch that scan_cuda needs on a device with num_sms multiprocessors.
-size_t scan_cuda_scratch_bytes(const ScanParams& p, DType dtype, int num_sms, CudaScanAlgorithm algorithm);
+// Bytes of scratch that scan_cuda needs.
+size_t scan_cuda_scratch_bytes(const ScanParams& p, DType dtype, const CudaScanOptions& options);
 
 // Runs the scan on `stream`, using `scratch` (scan_cuda_scratch_bytes, any contents).
-cudaError_t scan_cuda(const ScanParams& p, DType dtype, int num_sms, CudaScanAlgorithm algorithm, void* scratch,
+cudaError_t scan_cuda(const ScanParams& p, DType dtype, const CudaScanOptions& options, void* scratch,
                       cudaStream_t stream);
 
 }  // namespace pnewton

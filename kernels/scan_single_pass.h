@@ -31,11 +31,12 @@ constexpr int kSinglePassThreads = 256;
 // Block sizes with a single-pass kernel; larger blocks use the three-phase chunked scan.
 PNEWTON_HD bool single_pass_supported(int64_t k) { return k == 1 || k == 2; }
 
-// Steps per thread, held in registers between the fold and the rescan.
-template <int K>
-struct SinglePassSteps {
-  static constexpr int value = K == 1 ? 16 : 8;
-};
+// Steps per thread, held in registers between the fold and the rescan: the default, and
+// the other instantiated choices (PNEWTON_SINGLE_PASS_STEPS, for tuning).
+PNEWTON_HD constexpr int default_single_pass_steps(int64_t k) { return k == 1 ? 16 : 8; }
+inline bool single_pass_steps_supported(int64_t k, int steps) {
+  return k == 1 ? (steps == 8 || steps == 16 || steps == 32) : (steps == 4 || steps == 8);
+}
 
 struct SinglePassGeometry {
   int64_t C = 1, P = 1, S = 1, L = 1;  // channels, slices, steps per slice, steps per tile
@@ -44,11 +45,11 @@ struct SinglePassGeometry {
   PNEWTON_HD int64_t flag_index(int64_t g, int64_t j, int64_t c) const { return (g * tiles + j) * C + c; }
 };
 
-inline SinglePassGeometry single_pass_geometry(const ScanParams& p) {
+inline SinglePassGeometry single_pass_geometry(const ScanParams& p, int steps) {
   SinglePassGeometry g;
   while (g.C < 32 && g.C < p.H) g.C *= 2;  // a warp spans 32 channels where there are
   g.P = kSinglePassThreads / g.C;
-  g.S = p.k == 1 ? SinglePassSteps<1>::value : SinglePassSteps<2>::value;
+  g.S = steps;
   g.L = g.P * g.S;
   g.head_groups = (p.H + g.C - 1) / g.C;
   g.groups = p.B * g.head_groups;
@@ -267,7 +268,8 @@ PNEWTON_UNROLL
 // The CPU mirror: the kernel's tiles run one after another in index order (a schedule
 // the GPU may also take), each tile's threads phase by phase. publish_every > 1 withholds
 // the state after every tile whose index is not a multiple of it, so that look-backs
-// compose aggregates as they do when predecessors are still running. f32 and f64 only.
-void scan_single_pass_cpu(const ScanParams& p, DType dtype, int64_t publish_every = 1);
+// compose aggregates as they do when predecessors are still running. steps: 0 for the
+// default, else one single_pass_steps_supported. f32 and f64 only.
+void scan_single_pass_cpu(const ScanParams& p, DType dtype, int64_t publish_every = 1, int steps = 0);
 
 }  // namespace pnewton

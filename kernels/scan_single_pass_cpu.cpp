@@ -6,10 +6,10 @@
 namespace pnewton {
 namespace {
 
-template <typename T, int K>
+template <typename T, int K, int S>
 void single_pass_typed(const ScanParams& p, int64_t publish_every) {
-  constexpr int S = SinglePassSteps<K>::value, E = element_size<K>();
-  const SinglePassGeometry geo = single_pass_geometry(p);
+  constexpr int E = element_size<K>();
+  const SinglePassGeometry geo = single_pass_geometry(p, S);
   const int64_t slots = geo.groups * geo.tiles * geo.C;
   std::vector<int> flag(slots, kNothing);
   std::vector<T> M(slots * K * K), v(slots * K), state(slots * K);
@@ -56,20 +56,25 @@ void single_pass_typed(const ScanParams& p, int64_t publish_every) {
 }
 
 template <typename T>
-void single_pass_dispatch(const ScanParams& p, int64_t publish_every) {
-  if (p.k == 1) return single_pass_typed<T, 1>(p, publish_every);
-  if (p.k == 2) return single_pass_typed<T, 2>(p, publish_every);
-  throw std::invalid_argument("pnewton::scan_single_pass_cpu: the single-pass scan takes k = 1 or 2");
+void single_pass_dispatch(const ScanParams& p, int64_t publish_every, int steps) {
+  if (p.k == 1 && steps == 8) return single_pass_typed<T, 1, 8>(p, publish_every);
+  if (p.k == 1 && steps == 16) return single_pass_typed<T, 1, 16>(p, publish_every);
+  if (p.k == 1 && steps == 32) return single_pass_typed<T, 1, 32>(p, publish_every);
+  if (p.k == 2 && steps == 4) return single_pass_typed<T, 2, 4>(p, publish_every);
+  if (p.k == 2 && steps == 8) return single_pass_typed<T, 2, 8>(p, publish_every);
+  throw std::invalid_argument("pnewton::scan_single_pass_cpu: the single-pass scan takes k = 1 (8, 16, 32 steps) "
+                              "or k = 2 (4, 8 steps)");
 }
 
 }  // namespace
 
-void scan_single_pass_cpu(const ScanParams& p, DType dtype, int64_t publish_every) {
+void scan_single_pass_cpu(const ScanParams& p, DType dtype, int64_t publish_every, int steps) {
   if (p.B == 0 || p.T == 0 || p.H == 0) return;
   if (publish_every < 1) throw std::invalid_argument("pnewton::scan_single_pass_cpu: publish_every must be >= 1");
+  if (steps == 0) steps = default_single_pass_steps(p.k);
   switch (dtype) {
-    case DType::f32: return single_pass_dispatch<float>(p, publish_every);
-    case DType::f64: return single_pass_dispatch<double>(p, publish_every);
+    case DType::f32: return single_pass_dispatch<float>(p, publish_every, steps);
+    case DType::f64: return single_pass_dispatch<double>(p, publish_every, steps);
     default: throw std::invalid_argument("pnewton::scan_single_pass_cpu: only f32 and f64");
   }
 }

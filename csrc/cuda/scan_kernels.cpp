@@ -14,15 +14,25 @@
 namespace pnewton {
 namespace {
 
-// PNEWTON_CUDA_SCAN=chunked|single_pass forces one algorithm (benchmarks, tests); unset or
-// auto: single_pass where it applies.
-CudaScanAlgorithm requested_algorithm() {
+// Tuning and testing switches, read at each call: PNEWTON_CUDA_SCAN=chunked|single_pass
+// forces one algorithm (unset or auto: single_pass where it applies);
+// PNEWTON_SINGLE_PASS_STEPS picks the steps per thread (k = 1: 8, 16, 32; k = 2: 4, 8).
+CudaScanOptions requested_options() {
+  CudaScanOptions o;
   const char* env = std::getenv("PNEWTON_CUDA_SCAN");
   const std::string name = env == nullptr ? "auto" : env;
-  if (name == "auto" || name.empty()) return CudaScanAlgorithm::automatic;
-  if (name == "chunked") return CudaScanAlgorithm::chunked;
-  if (name == "single_pass") return CudaScanAlgorithm::single_pass;
-  TORCH_CHECK(false, "pnewton: PNEWTON_CUDA_SCAN must be auto, single_pass or chunked, got '", name, "'");
+  if (name == "chunked") {
+    o.algorithm = CudaScanAlgorithm::chunked;
+  } else if (name == "single_pass") {
+    o.algorithm = CudaScanAlgorithm::single_pass;
+  } else {
+    TORCH_CHECK(name == "auto" || name.empty(), "pnewton: PNEWTON_CUDA_SCAN must be auto, single_pass or chunked, got '",
+                name, "'");
+  }
+  const char* steps = std::getenv("PNEWTON_SINGLE_PASS_STEPS");
+  if (steps != nullptr) o.single_pass_steps = std::atoi(steps);
+  o.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return o;
 }
 
 void run_scan_cuda(const ScanOperands& ops) {
@@ -32,12 +42,11 @@ void run_scan_cuda(const ScanOperands& ops) {
   if (ops.b.size(3) > kMaxCudaBlock) return scan_by_doubling(ops);
   const ScanParams p = scan_params(ops);
   const DType dtype = scan_dtype(ops.x.scalar_type());
-  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const CudaScanAlgorithm algorithm = requested_algorithm();
+  const CudaScanOptions options = requested_options();
   // Scratch from the caching allocator, on the current stream.
-  at::Tensor scratch = at::empty({static_cast<int64_t>(scan_cuda_scratch_bytes(p, dtype, num_sms, algorithm))},
+  at::Tensor scratch = at::empty({static_cast<int64_t>(scan_cuda_scratch_bytes(p, dtype, options))},
                                  ops.x.options().dtype(at::kByte));
-  C10_CUDA_CHECK(scan_cuda(p, dtype, num_sms, algorithm, scratch.data_ptr(), at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(scan_cuda(p, dtype, options, scratch.data_ptr(), at::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace

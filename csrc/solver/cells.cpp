@@ -1,5 +1,18 @@
 #include "csrc/solver/cells.h"
 
+#include <ATen/Parallel.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels/cell_fused.h"
+#if PNEWTON_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "kernels/cell_fused_cuda.h"
+#endif
+
 namespace pnewton {
 namespace {
 
@@ -110,7 +123,65 @@ at::Tensor Cell::jacobian(const at::Tensor& s, const at::Tensor& gi, JacobianPar
   return evaluate(s, gi, part).J;
 }
 
+namespace {
+
+// PNEWTON_FUSED_CELLS: unset or "auto", fused on CUDA (on the CPU, ATen's vectorised
+// transcendental functions beat the scalar loop, which serves there as the kernel's mirror);
+// "1" on both (tests); "0" never (comparisons).
+bool fused_cells_enabled(const at::Tensor& s) {
+  const char* env = std::getenv("PNEWTON_FUSED_CELLS");
+  if (env == nullptr || std::strcmp(env, "auto") == 0) return s.is_cuda();
+  return std::strcmp(env, "0") != 0;
+}
+
+// A dense float32/float64 CPU or CUDA tensor that no torch.func transform wraps.
+bool plain(const at::Tensor& t, const at::Tensor& like) {
+  return t.layout() == at::kStrided && (t.is_cpu() || t.is_cuda()) && t.device() == like.device() &&
+         t.scalar_type() == like.scalar_type() && !t.key_set().has_any(c10::functorch_transforms_ks);
+}
+
+}  // namespace
+
+std::optional<CellFunction::Evaluation> Cell::evaluate_fused(const at::Tensor& s, const at::Tensor& gi,
+                                                             std::optional<JacobianPart> part) const {
+  if (kind_ == CellKind::rnn_tanh || kind_ == CellKind::rnn_relu) return std::nullopt;
+  if (!is_lstm() && part == JacobianPart::block2) return std::nullopt;  // the ATen form names the error
+  if (part == JacobianPart::dense || at::GradMode::is_enabled() || !fused_cells_enabled(s)) return std::nullopt;
+  if (s.scalar_type() != at::kFloat && s.scalar_type() != at::kDouble) return std::nullopt;
+  if (!plain(s, s) || !plain(gi, s) || !plain(W_, s) || (b_.defined() && !plain(b_, s))) return std::nullopt;
+  const int64_t N = s.size(0);
+  const at::Tensor gh = recurrent(hidden_of(s)).contiguous();
+  const at::Tensor gi_c = gi.contiguous(), s_c = s.contiguous();
+  // The diagonal of each D×D gate block of W_hh, [G, D] (per-channel weights: W_hh itself).
+  const at::Tensor w = diagonal_weights() ? W_.contiguous() : W_.view({gates_, D_, D_}).diagonal(0, 1, 2).contiguous();
+  Evaluation e{at::empty_like(s_c), at::Tensor()};
+  FusedCellParams p;
+  p.cell = is_lstm() ? FusedCell::lstm : FusedCell::gru;
+  p.part = !part ? FusedPart::none : *part == JacobianPart::diagonal ? FusedPart::diagonal : FusedPart::block2;
+  if (part) e.J = *part == JacobianPart::diagonal ? at::empty_like(s_c) : at::empty({N, D_, 2, 2}, s_c.options());
+  p.N = N, p.D = D_;
+  p.gi = gi_c.data_ptr(), p.gh = gh.data_ptr(), p.s = s_c.data_ptr(), p.w = w.data_ptr();
+  p.F = e.F.data_ptr(), p.J = e.J.defined() ? e.J.data_ptr() : nullptr;
+  const DType dtype = s.scalar_type() == at::kFloat ? DType::f32 : DType::f64;
+  if (s.is_cuda()) {
+#if PNEWTON_WITH_CUDA
+    C10_CUDA_CHECK(fused_cell_cuda(p, dtype, at::cuda::getCurrentCUDAStream()));
+#else
+    TORCH_CHECK(false, "pnewton: this build has no CUDA kernels (rebuild with nvcc available)");
+#endif
+  } else {
+    at::parallel_for(0, N, std::max<int64_t>(1, 4096 / std::max<int64_t>(D_, 1)),
+                     [&](int64_t begin, int64_t end) { fused_cell_cpu(p, dtype, begin, end); });
+  }
+  return e;
+}
+
 Cell::Evaluation Cell::evaluate(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const {
+  if (auto fused = evaluate_fused(s, gi, part)) return *fused;
+  return evaluate_aten(s, gi, part);
+}
+
+Cell::Evaluation Cell::evaluate_aten(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const {
   // Gates are computed once and serve both f and its Jacobian.
   const bool dense = part == JacobianPart::dense;
   if (is_lstm()) {

@@ -36,7 +36,11 @@ class Cell : public CellFunction {
   JacobianPart structure() const override;
   bool has_blocks() const override { return is_lstm(); }
 
-  // f(s, gi) and, when a part is asked for, ∂f/∂s in that part, from one gate evaluation.
+  // f(s, gi) and, when a part is asked for, ∂f/∂s in that part, from one gate evaluation:
+  // one fused pass after the recurrent GEMM for GRU/LSTM cells, f alone or with the
+  // diagonal or 2×2 blocks, float32/64 on CUDA, outside autograd (grad mode off, no
+  // torch.func transform); ATen ops otherwise. PNEWTON_FUSED_CELLS=1 fuses on the CPU too
+  // (tests), 0 never.
   Evaluation evaluate(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const override;
   at::Tensor step(const at::Tensor& s, const at::Tensor& gi) const override;
   at::Tensor jacobian(const at::Tensor& s, const at::Tensor& gi, JacobianPart part) const override;
@@ -56,6 +60,11 @@ class Cell : public CellFunction {
   at::Tensor hidden_of(const at::Tensor& s) const;
 
  private:
+  // The fused evaluation (kernels/cell_fused.h) where it applies, else nullopt.
+  std::optional<Evaluation> evaluate_fused(const at::Tensor& s, const at::Tensor& gi,
+                                           std::optional<JacobianPart> part) const;
+  // The same in ATen ops: any part, differentiable, and the reference of the fused one.
+  Evaluation evaluate_aten(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const;
   at::Tensor recurrent(const at::Tensor& h) const;              // gh [N, G]
   at::Tensor recurrent_vjp(const at::Tensor& grad_gh) const;    // [N, D]
   // diag(c) · ∂gh_k/∂h for gate block k: its diagonal [N, D] or matrix [N, D, D].

@@ -204,19 +204,22 @@ TEST_P(SinglePassMirror, MatchesLoopAtTileSliceAndChannelBoundaries) {
   std::mt19937 rng(static_cast<unsigned>(Tn * 131 + H * 7 + k));
   Problem<double> pr(2, Tn, H, k);
   fill_random(pr, rng, 1.8);
-  const SinglePassGeometry geo = single_pass_geometry(pr.params(false, false, false, false));
-  EXPECT_EQ(geo.C * geo.P, kSinglePassThreads);
-  for (int flags = 0; flags < 16; ++flags) {
-    const bool reverse = flags & 1, transpose = flags & 2, shift = flags & 4, with_x0 = flags & 8;
-    const ScanParams p = pr.params(reverse, transpose, shift, with_x0);
-    const auto expected = pr.reference(p);
-    for (int64_t publish_every : {int64_t(1), int64_t(4)}) {
-      std::fill(pr.x.begin(), pr.x.end(), -777.0);
-      scan_single_pass_cpu(p, DType::f64, publish_every);
-      for (size_t i = 0; i < expected.size(); ++i) {
-        ASSERT_NEAR(pr.x[i], expected[i], 1e-12 * (1 + std::abs(expected[i])))
-            << "T=" << Tn << " H=" << H << " k=" << k << " flags=" << flags << " publish_every=" << publish_every
-            << " (L=" << geo.L << ", C=" << geo.C << ") at " << i;
+  for (int steps : {4, 8, 16, 32}) {
+    if (!single_pass_steps_supported(k, steps)) continue;
+    const SinglePassGeometry geo = single_pass_geometry(pr.params(false, false, false, false), steps);
+    EXPECT_EQ(geo.C * geo.P, kSinglePassThreads);
+    for (int flags = 0; flags < 16; ++flags) {
+      const bool reverse = flags & 1, transpose = flags & 2, shift = flags & 4, with_x0 = flags & 8;
+      const ScanParams p = pr.params(reverse, transpose, shift, with_x0);
+      const auto expected = pr.reference(p);
+      for (int64_t publish_every : {int64_t(1), int64_t(4)}) {
+        std::fill(pr.x.begin(), pr.x.end(), -777.0);
+        scan_single_pass_cpu(p, DType::f64, publish_every, steps);
+        for (size_t i = 0; i < expected.size(); ++i) {
+          ASSERT_NEAR(pr.x[i], expected[i], 1e-12 * (1 + std::abs(expected[i])))
+              << "T=" << Tn << " H=" << H << " k=" << k << " flags=" << flags << " publish_every=" << publish_every
+              << " steps=" << steps << " (L=" << geo.L << ", C=" << geo.C << ") at " << i;
+        }
       }
     }
   }
@@ -227,7 +230,7 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(SinglePassCase{1, 1, 1}, SinglePassCase{17, 1, 1}, SinglePassCase{4095, 1, 1},
                       SinglePassCase{4097, 1, 1}, SinglePassCase{13000, 1, 1}, SinglePassCase{1023, 3, 1},
                       SinglePassCase{1025, 3, 1}, SinglePassCase{127, 32, 1}, SinglePassCase{129, 33, 1},
-                      SinglePassCase{600, 64, 1}, SinglePassCase{2049, 1, 2}, SinglePassCase{4200, 1, 2}, SinglePassCase{9000, 1, 2},
+                      SinglePassCase{600, 64, 1}, SinglePassCase{2049, 1, 2}, SinglePassCase{4200, 1, 2}, SinglePassCase{9000, 1, 2}, SinglePassCase{20000, 1, 1},
                       SinglePassCase{257, 5, 2}, SinglePassCase{131, 40, 2}));
 
 TEST(SinglePassMirror, FloatStorageAndBadArguments) {
@@ -241,6 +244,7 @@ TEST(SinglePassMirror, FloatStorageAndBadArguments) {
   Problem<double> wide(1, 10, 1, 3);
   EXPECT_THROW(scan_single_pass_cpu(wide.params(false, false, false, false), DType::f64), std::invalid_argument);
   EXPECT_THROW(scan_single_pass_cpu(p, DType::f32, 0), std::invalid_argument);
+  EXPECT_THROW(scan_single_pass_cpu(p, DType::f32, 1, 12), std::invalid_argument);
 }
 
 TEST(ScanCpu, DefaultScheduleMatchesLoopWhenNarrowAndLong) {

@@ -135,3 +135,25 @@ def test_opcheck_newton_rnn_on_gpu():
     torch.library.opcheck(torch.ops.pnewton.elk_step.default,
                           (torch.rand(2, 30, 4, device="cuda"), torch.randn(2, 30, 4, device="cuda"),
                            torch.rand(2, device="cuda") + 0.1))
+
+
+@pytest.mark.parametrize("cell,method", [("gru", "quasi_deer"), ("lstm", "block_deer"), ("diag_lstm", "deer")])
+def test_fused_cell_kernel_matches_the_aten_form_on_gpu(cell, method, monkeypatch):
+    gates, S = {"gru": (3, 16), "lstm": (4, 32), "diag_lstm": (4, 32)}[cell]
+    gen = torch.Generator().manual_seed(6)
+    D = 16
+    W = (torch.randn(gates * D, generator=gen) * 0.8 if cell.startswith("diag") else
+         torch.randn(gates * D, D, generator=gen) * 0.4 / D ** 0.5)
+    b = torch.randn(gates * D, generator=gen) * 0.1
+    gi = torch.randn(3, 3000, gates * D, generator=gen)
+    s0 = torch.randn(3, S, generator=gen) * 0.1
+    args = [t.double().cuda().requires_grad_() for t in (gi, W, b, s0)]
+    fused, stats = pnewton.newton_rnn(cell, *args, method=method)
+    grads = torch.autograd.grad(fused.square().sum(), args)
+    monkeypatch.setenv("PNEWTON_FUSED_CELLS", "0")
+    aten, stats_aten = pnewton.newton_rnn(cell, *args, method=method)
+    grads_aten = torch.autograd.grad(aten.square().sum(), args)
+    assert stats.iterations.tolist() == stats_aten.iterations.tolist()
+    torch.testing.assert_close(fused, aten, rtol=1e-12, atol=1e-12)
+    for g, g_aten in zip(grads, grads_aten):
+        torch.testing.assert_close(g, g_aten, rtol=1e-10, atol=1e-10)

@@ -290,6 +290,20 @@ def test_cuda_scan_algorithms_match_cpu_float64_at_tile_boundaries(algorithm, T,
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("k,steps", [(1, 8), (1, 32), (2, 4)])
+def test_cuda_single_pass_steps_per_thread(k, steps, gen, monkeypatch):
+    monkeypatch.setenv("PNEWTON_CUDA_SCAN", "single_pass")
+    monkeypatch.setenv("PNEWTON_SINGLE_PASS_STEPS", str(steps))
+    for T, H in [(70001, 1), (3001, 40)]:
+        A, b, x0 = random_block(2, T, H, k, gen=gen)
+        A = A / A.abs().amax(dim=(-1, -2), keepdim=True).clamp_min(1) * 1.05
+        for reverse in (False, True):
+            expected = pnewton.scan_block(A, b, x0, reverse=reverse)
+            got = pnewton.scan_block(A.cuda(), b.cuda(), x0.cuda(), reverse=reverse).cpu()
+            torch.testing.assert_close(got, expected, **F64)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("algorithm", ["single_pass", "chunked"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_cuda_scan_gradients_through_the_shifted_adjoint(algorithm, k, gen, monkeypatch):
