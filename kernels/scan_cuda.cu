@@ -36,12 +36,6 @@ __device__ bool lane_of(const ScanParams& p, int64_t n_chunks, Lane* lane) {
   return true;
 }
 
-// Compile-time storage for one block's vectors and matrices in a thread.
-template <int K>
-struct Capacity {
-  static constexpr int value = K > 0 ? K : kMaxCudaBlock;
-};
-
 // Phase 1: the aggregate (M, v) of chunk c of lane (b, h), for every chunk but the last.
 template <typename scalar_t, int K>
 __global__ void __launch_bounds__(kThreads)
@@ -51,7 +45,7 @@ __global__ void __launch_bounds__(kThreads)
   Lane lane;
   if (!lane_of(p, n_chunks, &lane) || lane.c == n_chunks - 1) return;
   const int k = block_size<K>(p.k);
-  acc_t M[Capacity<K>::value * Capacity<K>::value], v[Capacity<K>::value], tmp[Capacity<K>::value * Capacity<K>::value + Capacity<K>::value];
+  acc_t M[K * K], v[K], tmp[K * K + K];
   for (int i = 0; i < k; ++i) {
     for (int j = 0; j < k; ++j) M[i * k + j] = i == j ? acc_t(1) : acc_t(0);
     v[i] = 0;
@@ -99,7 +93,7 @@ __global__ void __launch_bounds__(kThreads)
   Lane lane;
   if (!lane_of(p, n_chunks, &lane)) return;
   const int k = block_size<K>(p.k);
-  acc_t s[Capacity<K>::value], next[Capacity<K>::value];
+  acc_t s[K], next[K];
   const int64_t slot = (lane.b * n_chunks + lane.c) * p.H + lane.h;
   for (int i = 0; i < k; ++i) s[i] = carry[slot * k + i];
   const int64_t len = ceil_div(p.T, n_chunks);
@@ -166,8 +160,7 @@ cudaError_t chunked_dispatch_k(const ScanParams& p, int64_t n_chunks, void* scra
     case 5: return launch_chunked<scalar_t, 5>(p, n_chunks, scratch, stream);
     case 6: return launch_chunked<scalar_t, 6>(p, n_chunks, scratch, stream);
     case 7: return launch_chunked<scalar_t, 7>(p, n_chunks, scratch, stream);
-    case 8: return launch_chunked<scalar_t, 8>(p, n_chunks, scratch, stream);
-    default: return launch_chunked<scalar_t, 0>(p, n_chunks, scratch, stream);
+    default: return launch_chunked<scalar_t, 8>(p, n_chunks, scratch, stream);
   }
 }
 
