@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check: the library (built here with CUDA against this machine's torch,
-# or a carried sm_90 build), the CUDA tests (pytest marker and the C++ suites), one small
-# case under compute-sanitizer memcheck, then the GPU benchmarks; a short table last.
+# or a carried sm_90 build), the CUDA tests (pytest marker and the C++ suites), small
+# cases under compute-sanitizer memcheck and racecheck, then the GPU benchmarks; a short
+# table last. About 5 minutes on an H200 (full); quick runs fewer layer benchmarks.
 #
 #   bash scripts/gpu_check.sh [quick|full]
 #
@@ -35,8 +36,9 @@ x = pnewton.scan_diag(torch.rand(2, 100, 3, device="cuda"), torch.randn(2, 100, 
 torch.cuda.synchronize(); print("library ok:", pnewton._library._library_path())'
 libdir=
 if [ -n "${PNEWTON_PREBUILT:-}" ] && [ -f "$PNEWTON_PREBUILT/libpnewton.so" ]; then
-  if PNEWTON_LIBRARY="$PWD/$PNEWTON_PREBUILT/libpnewton.so" $PY -c "$probe"; then
-    libdir=$PNEWTON_PREBUILT
+  prebuilt=$(cd "$PNEWTON_PREBUILT" && pwd)
+  if PNEWTON_LIBRARY="$prebuilt/libpnewton.so" $PY -c "$probe"; then
+    libdir=$prebuilt
   else
     echo "carried library failed to load; building here"
   fi
@@ -45,10 +47,10 @@ if [ -z "$libdir" ]; then
   stage "build (CUDA, arch $TORCH_CUDA_ARCH_LIST, $(nproc) jobs)"
   cmake -S . -B build-gpu -G Ninja -DPython3_EXECUTABLE="$(command -v $PY)" >"$OUT/build.txt" 2>&1 &&
     cmake --build build-gpu --parallel "$(nproc)" >>"$OUT/build.txt" 2>&1 || { tail -40 "$OUT/build.txt"; exit 1; }
-  libdir=build-gpu
-  PNEWTON_LIBRARY="$PWD/$libdir/libpnewton.so" $PY -c "$probe" || exit 1
+  libdir=$PWD/build-gpu
+  PNEWTON_LIBRARY="$libdir/libpnewton.so" $PY -c "$probe" || exit 1
 fi
-export PNEWTON_LIBRARY="$PWD/$libdir/libpnewton.so"
+export PNEWTON_LIBRARY="$libdir/libpnewton.so"
 torch_lib=$($PY -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 
 # ---- tests ------------------------------------------------------------------------------
@@ -56,7 +58,7 @@ stage "C++ suites (the CPU mirror of the CUDA scan, and the CUDA module test)"
 for t in test_scan_kernels test_cpp_api; do
   bin=$libdir/tests/cpp/$t
   if [ -x "$bin" ]; then
-    LD_LIBRARY_PATH="$PWD/$libdir:$torch_lib" "$bin" --gtest_brief=1 >"$OUT/$t.log" 2>&1 ||
+    LD_LIBRARY_PATH="$libdir:$torch_lib" "$bin" --gtest_brief=1 >"$OUT/$t.log" 2>&1 ||
       { status=1; tail -20 "$OUT/$t.log"; }
     grep -E "^\[  (PASSED|FAILED|SKIPPED)" "$OUT/$t.log" | sed "s/^/$t: /" | tee -a "$OUT/cpp_tests.txt"
     rm -f "$OUT/$t.log"

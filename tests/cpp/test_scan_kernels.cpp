@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -231,7 +232,11 @@ INSTANTIATE_TEST_SUITE_P(
                       SinglePassCase{4097, 1, 1}, SinglePassCase{13000, 1, 1}, SinglePassCase{1023, 3, 1},
                       SinglePassCase{1025, 3, 1}, SinglePassCase{127, 32, 1}, SinglePassCase{129, 33, 1},
                       SinglePassCase{600, 64, 1}, SinglePassCase{2049, 1, 2}, SinglePassCase{4200, 1, 2}, SinglePassCase{9000, 1, 2}, SinglePassCase{20000, 1, 1},
-                      SinglePassCase{257, 5, 2}, SinglePassCase{131, 40, 2}));
+                      SinglePassCase{257, 5, 2}, SinglePassCase{131, 40, 2}),
+    [](const ::testing::TestParamInfo<SinglePassCase>& info) {
+      return "T" + std::to_string(info.param.T) + "_H" + std::to_string(info.param.H) + "_k" +
+             std::to_string(info.param.k);
+    });
 
 TEST(SinglePassMirror, FloatStorageAndBadArguments) {
   std::mt19937 rng(9);
