@@ -119,6 +119,9 @@ else
   timeout 90 $PY benchmarks/bench_layers.py --device cuda --B 16 --D 16 64 --T 1024 16384 65536 \
     --layers DiagLSTM:auto GRU:deer DiagGRU:auto --deadline 40 2>&1 | tee -a "$OUT/bench_layers.txt"
 fi
+# Where the GRU forward's time goes, kernel by kernel (not part of the pass/fail status).
+timeout 90 $PY benchmarks/profile_layer.py --device cuda --B 16 --D 64 --T 65536 >"$OUT/profile.txt" 2>&1 ||
+  echo "profile_layer failed (see $OUT/profile.txt)"
 
 echo
 stage "summary (${gpu:-no GPU}, library from $libdir)"

@@ -32,6 +32,12 @@ at::Tensor clip_jacobian(const at::Tensor& a, JacobianPart part, double clip) {
   return a * at::clamp_max(clip / norm.clamp_min(1e-30), 1.0);
 }
 
+// max_t |x_t| per sequence of x [B, T, S], NaN propagating: one reduction kernel on CUDA;
+// abs then amax on the CPU, where ATen's ∞-norm is 2.5× slower ([16, 4096, 64] float32).
+at::Tensor max_abs_per_sequence(const at::Tensor& x) {
+  return x.is_cuda() ? at::linalg_vector_norm(x, INFINITY, at::IntArrayRef{1, 2}) : x.abs().amax({1, 2});
+}
+
 // −δ for δ solving δ_t = Ã_t δ_{t-1} − r_t, δ_0 = 0, for Ã in the given part: the scan of
 // r itself (the recurrence is linear), which saves negating r.
 at::Tensor negated_newton_delta(const at::Tensor& a, const at::Tensor& r, JacobianPart part, int64_t D) {
@@ -179,10 +185,8 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
     return std::make_tuple(e.F.view({B, T, S}), e.J.defined() ? e.J.view(shape) : e.J);
   };
   auto check = [&]() {
-    // max_t |r_t| and max_t |f_t| per sequence, one reduction each (NaN propagates).
-    p.residual = at::linalg_vector_norm(r, INFINITY, at::IntArrayRef{1, 2});
-    p.converged = p.residual.isfinite() &
-                  (p.residual <= atol + rtol * at::linalg_vector_norm(F, INFINITY, at::IntArrayRef{1, 2}));
+    p.residual = max_abs_per_sequence(r);
+    p.converged = p.residual.isfinite() & (p.residual <= atol + rtol * max_abs_per_sequence(F));
   };
   auto merit = [](const at::Tensor& x) {
     const at::Tensor m = 0.5 * x.square().sum({1, 2});
