@@ -78,7 +78,7 @@ def timed(fn, repeats, device):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     if seconds <= 1.0:
-        seconds = median_seconds(fn, repeats, device)
+        seconds = median_seconds(fn, repeats, device, warm_up=False)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
     return seconds, peak
 

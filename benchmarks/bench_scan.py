@@ -70,7 +70,7 @@ def main():
              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
     copy_bw = copy_bandwidth(args.device, args.repeats)
     print(f"device: {where}, torch {torch.__version__}, copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
-    print(f"{'case':<46} {'algorithm':<11} {'ms':>8} {'GB/s':>7} {'of copy':>7} {'scratch MB':>10}")
+    print(f"{'case':<46} {'algorithm':<14} {'ms':>8} {'GB/s':>7} {'of copy':>7} {'scratch MB':>10}")
     for name, scan, inputs in cases(args.B, args.T, args.D, args.device):
         k = inputs[0].shape[-1] if inputs[0].dim() == 5 else 1
         algorithms = ["single_pass", "chunked"] if cuda and k <= 2 else ["chunked" if cuda else "cpu"]
@@ -95,9 +95,9 @@ def run_case(name, algorithm, scan, inputs, cuda, copy_bw, args):
         scan()
         torch.cuda.synchronize()
         scratch_text = f"{(torch.cuda.max_memory_allocated() - base - nbytes(out)) / 2**20:10.1f}"
-    seconds = median_seconds(scan, args.repeats, args.device)
+    seconds = median_seconds(scan, args.repeats, args.device, warm_up=False)
     bw = nbytes(*inputs, out) / seconds
-    print(f"{name:<46} {algorithm:<11} {1e3 * seconds:8.3f} {bw / 1e9:7.0f} {bw / copy_bw:7.2f} {scratch_text}",
+    print(f"{name:<46} {algorithm:<14} {1e3 * seconds:8.3f} {bw / 1e9:7.0f} {bw / copy_bw:7.2f} {scratch_text}",
           flush=True)
 
 

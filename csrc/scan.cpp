@@ -112,16 +112,16 @@ void scan_by_doubling(const ScanOperands& ops) {
   at::Tensor M = (ops.transpose ? ops.A.transpose(-1, -2) : ops.A).to(acc);
   at::Tensor v = ops.b.to(acc);
   if (ops.reverse) M = M.flip(1), v = v.flip(1);
-  // Shifted: each step multiplies by its predecessor's matrix, the first by zero.
-  if (ops.shift) M = at::cat({at::zeros_like(M.narrow(1, 0, 1)), M.narrow(1, 0, T - 1)}, 1);
-  // The known state before the first step is folded into it, whose multiplier becomes
-  // zero: then the v part of every inclusive prefix is the state x_pos itself.
-  M = M.clone();
-  v = v.clone();
+  // The known state before the first step is folded into it, and the first multiplier
+  // becomes zero: then the v part of every inclusive prefix is the state x_pos itself.
+  // Shifted, each step multiplies by its predecessor's matrix (the first by zero) and
+  // x0 is not read.
   if (ops.x0.defined() && !ops.shift) {
-    v.select(1, 0).add_(at::matmul(M.select(1, 0), ops.x0.to(acc).unsqueeze(-1)).squeeze(-1));
+    const at::Tensor first = v.narrow(1, 0, 1) +
+                             at::matmul(M.narrow(1, 0, 1), ops.x0.to(acc).unsqueeze(1).unsqueeze(-1)).squeeze(-1);
+    v = at::cat({first, v.narrow(1, 1, T - 1)}, 1);
   }
-  M.select(1, 0).zero_();
+  M = at::cat({at::zeros_like(M.narrow(1, 0, 1)), M.narrow(1, ops.shift ? 0 : 1, T - 1)}, 1);
   for (int64_t d = 1; d < T; d *= 2) {
     const int64_t n = T - d;
     const at::Tensor M_later = M.narrow(1, d, n);

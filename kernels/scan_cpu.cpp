@@ -108,14 +108,7 @@ void aggregate_tile(const ScanParams& p, int64_t b, int64_t h0, int64_t h1, int6
     return;
   }
   std::vector<T> tmp(k * k + k);
-  for (int64_t h = h0; h < h1; ++h) {
-    T* Mh = M + (h - h0) * k * k;
-    T* vh = v + (h - h0) * k;
-    for (int i = 0; i < k; ++i) {
-      for (int j = 0; j < k; ++j) Mh[i * k + j] = i == j ? T(1) : T(0);
-      vh[i] = 0;
-    }
-  }
+  for (int64_t h = h0; h < h1; ++h) set_identity<K>(k, M + (h - h0) * k * k, v + (h - h0) * k);
   for (int64_t pos = pos0; pos < pos1; ++pos) {
     const int64_t t = time_at(p, pos);
     const int64_t ta = coefficient_time(p, pos);

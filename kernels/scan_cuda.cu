@@ -46,10 +46,7 @@ __global__ void __launch_bounds__(kThreads)
   if (!lane_of(p, n_chunks, &lane) || lane.c == n_chunks - 1) return;
   const int k = block_size<K>(p.k);
   acc_t M[K * K], v[K], tmp[K * K + K];
-  for (int i = 0; i < k; ++i) {
-    for (int j = 0; j < k; ++j) M[i * k + j] = i == j ? acc_t(1) : acc_t(0);
-    v[i] = 0;
-  }
+  set_identity<K>(k, M, v);
   const int64_t len = ceil_div(p.T, n_chunks);
   const int64_t pos1 = min(p.T, (lane.c + 1) * len);
   for (int64_t pos = lane.c * len; pos < pos1; ++pos) {

@@ -57,6 +57,16 @@ PNEWTON_HD void compose(int64_t k_rt, const acc_t* M_earlier, const acc_t* v_ear
   affine_apply<K>(k_rt, M_later, v_earlier, v_later, v_later_stride, v_out);
 }
 
+// (M, v) ← the identity map x ↦ x: the aggregate of no steps.
+template <int K, typename acc_t>
+PNEWTON_HD void set_identity(int64_t k_rt, acc_t* M, acc_t* v) {
+  const int k = block_size<K>(k_rt);
+  for (int i = 0; i < k; ++i) {
+    for (int j = 0; j < k; ++j) M[i * k + j] = i == j ? acc_t(1) : acc_t(0);
+    v[i] = 0;
+  }
+}
+
 // aggregate ← step ∘ aggregate, in place, using tmp (k*k + k values).
 template <int K, typename acc_t, typename scalar_t>
 PNEWTON_HD void fold(int64_t k_rt, StridedMatrix<scalar_t> C, const scalar_t* v, int64_t v_stride,
@@ -75,10 +85,7 @@ struct Affine {
 
   PNEWTON_HD static Affine identity() {
     Affine e;
-    for (int i = 0; i < K; ++i) {
-      for (int j = 0; j < K; ++j) e.M[i * K + j] = i == j ? acc_t(1) : acc_t(0);
-      e.v[i] = 0;
-    }
+    set_identity<K>(K, e.M, e.v);
     return e;
   }
 };

@@ -76,14 +76,6 @@ PNEWTON_HD void publication_fence() {
 #endif
 }
 
-PNEWTON_HD int read_flag(const int* flag) {
-#if defined(__CUDA_ARCH__)
-  return *static_cast<const volatile int*>(flag);
-#else
-  return *flag;
-#endif
-}
-
 PNEWTON_HD void write_flag(int* flag, int value) {
 #if defined(__CUDA_ARCH__)
   atomicExch(flag, value);
@@ -92,7 +84,7 @@ PNEWTON_HD void write_flag(int* flag, int value) {
 #endif
 }
 
-// A value another block published: read past the (incoherent) L1 cache.
+// A value (or flag) another block published: read past the (incoherent) L1 cache.
 template <typename T>
 PNEWTON_HD T read_published(const T* x) {
 #if defined(__CUDA_ARCH__)
@@ -137,12 +129,7 @@ PNEWTON_UNROLL
   // (M, v) ← the composition of the slice's steps.
   PNEWTON_HD void aggregate(acc_t* M, acc_t* v) const {
     acc_t tmp[K * K + K];
-PNEWTON_UNROLL
-    for (int i = 0; i < K; ++i) {
-PNEWTON_UNROLL
-      for (int j = 0; j < K; ++j) M[i * K + j] = i == j ? acc_t(1) : acc_t(0);
-      v[i] = 0;
-    }
+    set_identity<K>(K, M, v);
 PNEWTON_UNROLL
     for (int s = 0; s < S; ++s) {
       if (s < n) fold<K>(K, StridedMatrix<scalar_t>{A[s], K, 1}, b[s], 1, M, v, tmp);
@@ -211,16 +198,11 @@ PNEWTON_UNROLL
     write_flag(&st.flag[self], kAggregate);
     // R: the composition of the aggregates between the published state and this tile.
     acc_t R[K * K + K], next[K * K + K];
-PNEWTON_UNROLL
-    for (int i = 0; i < K; ++i) {
-PNEWTON_UNROLL
-      for (int l = 0; l < K; ++l) R[i * K + l] = i == l ? acc_t(1) : acc_t(0);
-      R[K * K + i] = 0;
-    }
+    set_identity<K>(K, R, R + K * K);
     for (int64_t jj = j - 1;; --jj) {
       const int64_t other = geo.flag_index(g, jj, c);
       int flag;
-      while ((flag = read_flag(&st.flag[other])) == kNothing) {
+      while ((flag = read_published(&st.flag[other])) == kNothing) {
 #if !defined(__CUDA_ARCH__)
         std::abort();  // the serial mirror runs predecessors first: a bug, not a wait
 #endif

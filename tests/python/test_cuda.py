@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import pnewton
+from test_newton_rnn import problem  # random cell weights, inputs and states (float64)
 
 pytestmark = pytest.mark.cuda
 REL = 1e-5
@@ -48,14 +49,7 @@ def test_layer_float32_on_gpu_matches_torch_nn_float64_with_gradients(kind, meth
 
 @pytest.mark.parametrize("cell", ["diag_gru", "diag_lstm", "rnn_tanh"])
 def test_newton_rnn_cells_on_gpu_match_the_float64_loop(cell):
-    gen = torch.Generator().manual_seed(1)
-    D, lstm = 32, cell == "diag_lstm"
-    G, S = {"diag_gru": 3, "diag_lstm": 4, "rnn_tanh": 1}[cell] * D, (2 if lstm else 1) * D
-    W = torch.randn(G, dtype=torch.float64, generator=gen) * 0.8 if cell.startswith("diag") else \
-        torch.randn(G, D, dtype=torch.float64, generator=gen) * 0.5 / D ** 0.5
-    b = torch.randn(G, dtype=torch.float64, generator=gen) * 0.1
-    gi = torch.randn(3, 5000, G, dtype=torch.float64, generator=gen)
-    s0 = torch.randn(3, S, dtype=torch.float64, generator=gen) * 0.1
+    gi, W, b, s0 = problem(cell, B=3, T=5000, D=32, scale=0.5, seed=1)
     expected, _ = pnewton.newton_rnn(cell, gi, W, b, s0, method="sequential")
     for method in ("auto", "quasi_deer"):
         got, stats = pnewton.newton_rnn(cell, *(t.float().cuda() for t in (gi, W, b, s0)), method=method, **TIGHT)
@@ -75,12 +69,7 @@ def test_low_precision_layers_solve_in_float32_on_gpu(dtype):
 
 
 def gru_problem(B=4, T=2000, D=32, seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    W = torch.randn(3 * D, D, generator=gen) * 0.5 / D ** 0.5
-    b = torch.randn(3 * D, generator=gen) * 0.1
-    gi = torch.randn(B, T, 3 * D, generator=gen)
-    s0 = torch.randn(B, D, generator=gen) * 0.1
-    return [t.cuda() for t in (gi, W, b, s0)]
+    return [t.float().cuda() for t in problem("gru", B=B, T=T, D=D, scale=0.5, seed=seed)]
 
 
 def test_fixed_iterations_are_captured_by_a_cuda_graph_and_replay_new_inputs():
@@ -139,15 +128,7 @@ def test_opcheck_newton_rnn_on_gpu():
 
 @pytest.mark.parametrize("cell,method", [("gru", "quasi_deer"), ("lstm", "block_deer"), ("diag_lstm", "deer")])
 def test_fused_cell_kernel_matches_the_aten_form_on_gpu(cell, method, monkeypatch):
-    gates, S = {"gru": (3, 16), "lstm": (4, 32), "diag_lstm": (4, 32)}[cell]
-    gen = torch.Generator().manual_seed(6)
-    D = 16
-    W = (torch.randn(gates * D, generator=gen) * 0.8 if cell.startswith("diag") else
-         torch.randn(gates * D, D, generator=gen) * 0.4 / D ** 0.5)
-    b = torch.randn(gates * D, generator=gen) * 0.1
-    gi = torch.randn(3, 3000, gates * D, generator=gen)
-    s0 = torch.randn(3, S, generator=gen) * 0.1
-    args = [t.double().cuda().requires_grad_() for t in (gi, W, b, s0)]
+    args = [t.cuda().requires_grad_() for t in problem(cell, B=3, T=3000, D=16, seed=6)]
     fused, stats = pnewton.newton_rnn(cell, *args, method=method)
     grads = torch.autograd.grad(fused.square().sum(), args)
     monkeypatch.setenv("PNEWTON_FUSED_CELLS", "0")
