@@ -1,8 +1,13 @@
-"""torch.nn-compatible recurrent layers evaluated by parallel Newton solves.
+"""torch.nn recurrent layers evaluated by parallel Newton solves.
 
-``pnewton.GRU``, ``pnewton.LSTM`` and ``pnewton.RNN`` take torch.nn's constructor and
-forward arguments and hold the same parameters under the same names, so state_dicts
-load in both directions. Every layer and direction is one ``torch.ops.pnewton.newton_rnn``
+``pnewton.GRU``, ``pnewton.LSTM`` and ``pnewton.RNN`` derive from ``torch.nn.RNNBase``, as
+torch.nn's own layers do: parameter registration, initialisation, argument checks and their
+errors, ``all_weights``, state_dicts and pickling come from torch.nn; only the forward's
+recurrence is replaced, and it takes torch.nn's arguments, PackedSequence included. They are
+not instances of ``torch.nn.GRU`` / ``LSTM`` / ``RNN``: torch.compile refuses to trace any
+such instance (a graph break, an error under fullgraph=True), and a layer that cannot be
+compiled is no drop-in. Code that dispatches on type can test ``isinstance(m, nn.RNNBase)``
+and ``m.mode`` (``"GRU"``, ``"LSTM"``, ``"RNN_TANH"``, ``"RNN_RELU"``). Every layer and direction is one ``torch.ops.pnewton.newton_rnn``
 call over the whole sequence (the C++ solver, csrc/solver), the whole stack one
 ``torch.ops.pnewton.rnn_stack`` call (shared with the C++ modules); the input projection
 W_ih x_t + b_ih is one GEMM before each solve. ``DiagGRU`` and ``DiagLSTM`` have per-channel
@@ -10,6 +15,7 @@ recurrent weights (vectors), so their Newton steps are exact with diagonal / 2×
 """
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .solve import SolveStats
 
@@ -24,7 +30,8 @@ def _limits(max_iter, atol, rtol):
 
 
 def newton_rnn(cell, gi, W_hh, b_hh, s0, method="auto", max_iter=None, atol=None, rtol=None, damping=0.0,
-               clip=0.0, init="zeros", init_states=None, fixed_iterations=False, fallback=True, adjoint="auto"):
+               clip=0.0, init="zeros", init_states=None, fixed_iterations=False, fallback=True, adjoint="auto",
+               lengths=None):
     """Solve a built-in cell over a sequence: ``(states [B, T, S], SolveStats)``.
 
     ``cell`` is ``gru``, ``lstm``, ``rnn_tanh``, ``rnn_relu``, ``diag_gru`` or ``diag_lstm``;
@@ -37,182 +44,239 @@ def newton_rnn(cell, gi, W_hh, b_hh, s0, method="auto", max_iter=None, atol=None
     ``fixed_iterations=True`` runs exactly ``max_iter``
     iterations with no host synchronisation (no fallback; check ``stats.converged``).
     ``adjoint``: how gradients solve the adjoint — auto, scan, iterative, sequential.
+    ``lengths`` ``[B]``: per-sequence lengths of a padded batch; steps past a length are
+    padding (outside the residual and the gradients) and the states hold still there, so
+    ``states[:, -1]`` is each sequence's final state.
     """
     states, iterations, residual, converged, path = torch.ops.pnewton.newton_rnn(
         cell, gi, W_hh, b_hh, s0, method, *_limits(max_iter, atol, rtol), damping, clip, init, init_states,
-        fixed_iterations, fallback, adjoint)
+        fixed_iterations, fallback, adjoint, lengths)
     return states, SolveStats(iterations, residual, converged, path, method)
 
 
-class _NewtonRNNBase(nn.Module):
-    _gates = {"GRU": 3, "LSTM": 4, "RNN_TANH": 1, "RNN_RELU": 1, "DIAG_GRU": 3, "DIAG_LSTM": 4}
-    _cells = {"GRU": "gru", "LSTM": "lstm", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "DIAG_GRU": "diag_gru",
-              "DIAG_LSTM": "diag_lstm"}
+# The keyword arguments of torch.nn's recurrent layers.
+_TORCH_NN_ARGUMENTS = ("input_size", "hidden_size", "num_layers", "nonlinearity", "bias", "batch_first", "dropout",
+                       "bidirectional", "proj_size", "device", "dtype")
 
-    def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, device=None, dtype=None, proj_size=0, **solver_options):
-        super().__init__()
-        if proj_size:
-            raise ValueError("pnewton: proj_size is not supported (the projected LSTM has no parallel solver yet)")
-        unknown = set(solver_options) - set(SOLVER_DEFAULTS)
-        if unknown:
-            raise TypeError(f"pnewton: unknown solver options {sorted(unknown)}; known: {sorted(SOLVER_DEFAULTS)}")
-        if not 0 <= dropout <= 1:
-            raise ValueError(f"pnewton: dropout must be in [0, 1], got {dropout}")
-        if hidden_size <= 0 or input_size <= 0 or num_layers <= 0:
-            raise ValueError("pnewton: input_size, hidden_size and num_layers must be positive")
-        self.mode, self.input_size, self.hidden_size = mode, input_size, hidden_size
-        self.num_layers, self.bias, self.batch_first = num_layers, bias, batch_first
-        self.dropout, self.bidirectional, self.proj_size = float(dropout), bidirectional, 0
+
+def _pop_solver_options(layer, kwargs):
+    """Takes the solver options out of a constructor's keyword arguments."""
+    unknown = set(kwargs) - set(SOLVER_DEFAULTS) - set(_TORCH_NN_ARGUMENTS)
+    if unknown:
+        raise TypeError(f"pnewton.{layer}: unknown solver options {sorted(unknown)}; known: {sorted(SOLVER_DEFAULTS)}")
+    return {name: kwargs.pop(name) for name in list(kwargs) if name in SOLVER_DEFAULTS}
+
+
+class _NewtonLayer:
+    """What a pnewton layer adds to its torch.nn class: the solver options and a forward that
+    solves every layer and direction with one ``torch.ops.pnewton.rnn_stack`` call. Listed
+    before the torch.nn class in the bases, so its methods take precedence."""
+
+    _cells = {"GRU": "gru", "LSTM": "lstm", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+
+    def _init_solver(self, solver_options):
         self.solver_options = dict(solver_options)
         self.last_stats = None
-        factory = {"device": device, "dtype": dtype}
-        gate = self._gates[mode] * hidden_size
-        directions = 2 if bidirectional else 1
-        for layer in range(num_layers):
-            for direction in range(directions):
-                suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                layer_in = input_size if layer == 0 else hidden_size * directions
-                recurrent = (gate,) if mode.startswith("DIAG") else (gate, hidden_size)
-                params = {"weight_ih": (gate, layer_in), "weight_hh": recurrent}
-                if bias:
-                    params.update({"bias_ih": (gate,), "bias_hh": (gate,)})
-                for name, shape in params.items():
-                    self.register_parameter(name + suffix, nn.Parameter(torch.empty(shape, **factory)))
-        self.reset_parameters()
 
-    def reset_parameters(self):  # torch.nn's initialisation
-        bound = 1.0 / self.hidden_size ** 0.5
-        for p in self.parameters():
-            nn.init.uniform_(p, -bound, bound)
+    @property
+    def _cell(self):
+        return self._cells[self.mode]
 
     @property
     def _is_lstm(self):
-        return self.mode in ("LSTM", "DIAG_LSTM")
+        return self._cell in ("lstm", "diag_lstm")
 
-    def _params(self):
-        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if self.bias else ("weight_ih", "weight_hh")
+    def flatten_parameters(self):
+        """A no-op: the solver reads the parameters where they are (there is no cuDNN weight
+        buffer to compact)."""
+
+    def __getstate__(self):
+        # The last call's diagnostics are no part of the model: a pickled layer stays
+        # loadable without allow-listing SolveStats.
+        state = super().__getstate__()
+        state["last_stats"] = None
+        return state
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        return s + f", solver={self.solver_options}" if self.solver_options else s
+
+    def _check_hx_dims(self, hx, batched):
+        """torch.nn's checks of the initial state's rank, with its messages."""
+        want = 3 if batched else 2
+        kind = "batched 3-D" if batched else "unbatched 2-D"
+        if self._is_lstm:
+            if hx[0].dim() != want or hx[1].dim() != want:
+                raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got "
+                                   f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+        elif hx.dim() != want:
+            raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor")
+
+    def _zero_state(self, input, batch):
         directions = 2 if self.bidirectional else 1
-        return [getattr(self, f"{name}_l{layer}" + ("_reverse" if d else ""))
-                for layer in range(self.num_layers) for d in range(directions) for name in names]
+        h = torch.zeros(self.num_layers * directions, batch, self.proj_size or self.hidden_size, dtype=input.dtype,
+                        device=input.device)
+        if not self._is_lstm:
+            return h
+        return h, torch.zeros(self.num_layers * directions, batch, self.hidden_size, dtype=input.dtype,
+                              device=input.device)
 
-    def _forward(self, input, hx):
-        if input.dim() not in (2, 3):
-            raise ValueError(f"pnewton.{type(self).__name__}: input must be 2-d (unbatched) or 3-d, "
-                             f"got {input.dim()}-d")
-        unbatched = input.dim() == 2
-        if unbatched:
-            input = input.unsqueeze(1 if not self.batch_first else 0)
-            hx = None if hx is None else (tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple)
-                                          else hx.unsqueeze(1))
-        if input.shape[-1] != self.input_size:
-            raise ValueError(f"pnewton.{type(self).__name__}: input.size(-1) must be {self.input_size}, "
-                             f"got {input.shape[-1]}")
-        B = input.shape[0 if self.batch_first else 1]
-        n = self.num_layers * (2 if self.bidirectional else 1)
-        expected = (n, B, self.hidden_size)
-        if hx is None:
-            hx = (input.new_zeros(expected), input.new_zeros(expected)) if self._is_lstm else input.new_zeros(expected)
-        for name, h in zip(("h0", "c0"), hx if self._is_lstm else (hx,)):
-            if tuple(h.shape) != expected:
-                raise ValueError(f"pnewton.{type(self).__name__}: {name} must have shape {expected}, "
-                                 f"got {tuple(h.shape)}")
+    def forward(self, input, hx=None):
+        """torch.nn's forward: ``input`` [T, B, in] ([B, T, in] if batch_first), [T, in]
+        unbatched, or a PackedSequence; ``hx`` the initial state (LSTM: ``(h0, c0)``).
+        Returns ``(output, h_n)`` (LSTM: ``(output, (h_n, c_n))``)."""
+        packed = isinstance(input, PackedSequence)
+        batched, lengths, batch_sizes, sorted_indices, unsorted_indices = True, None, None, None, None
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            batch = int(batch_sizes[0])
+            hx = self._zero_state(data, batch) if hx is None else self.permute_hidden(hx, sorted_indices)
+            self.check_forward_args(data, hx, batch_sizes)
+            # The packed steps as a padded time-major batch in sorted order, with its lengths.
+            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+            batch_first = False
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if hx is not None:
+                self._check_hx_dims(hx, batched)
+            if not batched:
+                input = input.unsqueeze(batch_dim)
+                if hx is not None:
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1)) if self._is_lstm else hx.unsqueeze(1)
+            if hx is None:
+                hx = self._zero_state(input, input.size(batch_dim))
+            self.check_forward_args(input, hx, None)
+            x, batch_first = input, self.batch_first
+        if self.proj_size:
+            raise NotImplementedError("pnewton.LSTM: proj_size > 0 has no parallel solver yet")
+        # The LSTM cells solve (h_i, c_i) interleaved per channel.
         state0 = torch.stack(hx, -1).flatten(-2) if self._is_lstm else hx
         o = {**SOLVER_DEFAULTS, **self.solver_options}
         out, final, iterations, residual, converged, path = torch.ops.pnewton.rnn_stack(
-            self._cells[self.mode], input, state0, self._params(), self.bias, self.num_layers, self.dropout,
-            self.training, self.bidirectional, self.batch_first, o["method"],
-            *_limits(o["max_iter"], o["atol"], o["rtol"]), o["damping"], o["clip"], o["init"], o["fixed_iterations"],
-            o["fallback"], o["adjoint"])
+            self._cell, x, state0, [getattr(self, name) for name in self._flat_weights_names], self.bias, self.num_layers, self.dropout, self.training,
+            self.bidirectional, batch_first, o["method"], *_limits(o["max_iter"], o["atol"], o["rtol"]),
+            o["damping"], o["clip"], o["init"], o["fixed_iterations"], o["fallback"], o["adjoint"], lengths)
         self.last_stats = SolveStats(iterations, residual, converged, path, o["method"])
         if self._is_lstm:
             pairs = final.unflatten(-1, (self.hidden_size, 2))
             final = (pairs[..., 0].contiguous(), pairs[..., 1].contiguous())
-        if unbatched:
-            out = out.squeeze(1 if not self.batch_first else 0)
-            final = tuple(f.squeeze(1) for f in final) if isinstance(final, tuple) else final.squeeze(1)
+        if packed:
+            out = PackedSequence(pack_padded_sequence(out, lengths).data, batch_sizes, sorted_indices,
+                                 unsorted_indices)
+            return out, self.permute_hidden(final, unsorted_indices)
+        if not batched:
+            out = out.squeeze(batch_dim)
+            final = (final[0].squeeze(1), final[1].squeeze(1)) if self._is_lstm else final.squeeze(1)
         return out, final
 
-    def extra_repr(self):
-        s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
-        if self.bidirectional:
-            s += ", bidirectional=True"
-        return s + f", solver={self.solver_options or 'defaults'}"
 
-
-class GRU(_NewtonRNNBase):
-    """Drop-in ``torch.nn.GRU`` evaluated by parallel Newton iterations.
+class GRU(_NewtonLayer, nn.RNNBase):
+    """``torch.nn.GRU`` evaluated by parallel Newton iterations.
 
     ``pnewton.GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-    dropout=0.0, bidirectional=False, method="auto", ...)``; solver options as in
-    :func:`pnewton.newton_rnn` (``SOLVER_DEFAULTS``). Diagnostics of the last call:
-    ``module.last_stats`` (iterations, residual, converged, method, fallback).
+    dropout=0.0, bidirectional=False, device=None, dtype=None, method="auto", ...)``; solver
+    options as in :func:`pnewton.newton_rnn` (``SOLVER_DEFAULTS``). Diagnostics of the last
+    call: ``module.last_stats`` (iterations, residual, converged, method, fallback).
     """
 
     def __init__(self, *args, **kwargs):
-        super().__init__("GRU", *args, **kwargs)
+        solver = _pop_solver_options(type(self).__name__, kwargs)
+        if "proj_size" in kwargs:  # torch.nn.GRU's check
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        nn.RNNBase.__init__(self, "GRU", *args, **kwargs)
+        self._init_solver(solver)
 
-    def forward(self, input, hx=None):
-        return self._forward(input, hx)
 
+class LSTM(_NewtonLayer, nn.RNNBase):
+    """``torch.nn.LSTM`` evaluated by parallel Newton iterations; the solved state is (h, c)
+    together. ``proj_size`` is accepted by the constructor (torch.nn's parameters) but not
+    yet by the forward."""
 
-class LSTM(_NewtonRNNBase):
-    """Drop-in ``torch.nn.LSTM`` (no ``proj_size``); the solved state is (h, c) together."""
+    # (h0, c0) states, checked and permuted as torch.nn.LSTM does.
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
 
     def __init__(self, *args, **kwargs):
-        super().__init__("LSTM", *args, **kwargs)
-
-    def forward(self, input, hx=None):
-        return self._forward(input, hx)
-
-
-class RNN(_NewtonRNNBase):
-    """Drop-in ``torch.nn.RNN`` with ``nonlinearity`` ``'tanh'`` or ``'relu'``."""
-
-    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", *args, **kwargs):
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"pnewton.RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-        self.nonlinearity = nonlinearity
-        super().__init__("RNN_" + nonlinearity.upper(), input_size, hidden_size, num_layers, *args, **kwargs)
-
-    def forward(self, input, hx=None):
-        return self._forward(input, hx)
+        solver = _pop_solver_options(type(self).__name__, kwargs)
+        nn.RNNBase.__init__(self, "LSTM", *args, **kwargs)
+        self._init_solver(solver)
 
 
-class DiagGRU(_NewtonRNNBase):
+class RNN(_NewtonLayer, nn.RNNBase):
+    """``torch.nn.RNN`` (``nonlinearity`` ``'tanh'`` or ``'relu'``) evaluated by parallel
+    Newton iterations."""
+
+    def __init__(self, *args, **kwargs):
+        solver = _pop_solver_options(type(self).__name__, kwargs)
+        # torch.nn.RNN's constructor: nonlinearity is the 4th positional argument.
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity, args = args[3], args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        nn.RNNBase.__init__(self, "RNN_" + self.nonlinearity.upper(), *args, **kwargs)
+        self._init_solver(solver)
+
+
+class _DiagonalLayer(_NewtonLayer, nn.RNNBase):
+    """A torch.nn-style layer whose recurrent weights are per-channel vectors ``[G]``."""
+
+    def __init__(self, mode, cell, *args, **kwargs):
+        solver = _pop_solver_options(type(self).__name__, kwargs)
+        nn.RNNBase.__init__(self, mode, *args, **kwargs)
+        self._diagonal_cell = cell
+        factory = {"device": self.weight_ih_l0.device, "dtype": self.weight_ih_l0.dtype}
+        for name in self._flat_weights_names:
+            if name.startswith("weight_hh"):
+                setattr(self, name, nn.Parameter(torch.empty(getattr(self, name).shape[0], **factory)))
+        self._init_flat_weights()
+        self.reset_parameters()
+        self._init_solver(solver)
+
+    @property
+    def _cell(self):
+        return self._diagonal_cell
+
+
+class DiagGRU(_DiagonalLayer):
     """GRU whose recurrent weights are per-channel vectors (``weight_hh_l0``: [3·hidden]):
     r = σ(W_ir x + b_ir + w_hr ⊙ h + b_hr), likewise z, n = tanh(W_in x + b_in + r ⊙ (w_hn ⊙ h
     + b_hn)), h' = (1 − z) ⊙ n + z ⊙ h. Its Jacobian is diagonal, so quasi_deer is Newton."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__("DIAG_GRU", *args, **kwargs)
-
-    def forward(self, input, hx=None):
-        return self._forward(input, hx)
+        super().__init__("GRU", "diag_gru", *args, **kwargs)
 
 
-class DiagLSTM(_NewtonRNNBase):
+class DiagLSTM(_DiagonalLayer):
     """LSTM whose recurrent weights are per-channel vectors (``weight_hh_l0``: [4·hidden]);
     each channel's (h_i, c_i) evolves on its own, so block_deer (2×2 blocks) is Newton."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__("DIAG_LSTM", *args, **kwargs)
+    # (h0, c0) states, checked and permuted as torch.nn.LSTM does.
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
 
-    def forward(self, input, hx=None):
-        return self._forward(input, hx)
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", "diag_lstm", *args, **kwargs)
 
 
 def from_torch(module, **solver_options):
     """A pnewton layer with the configuration and weights of a torch.nn GRU/LSTM/RNN."""
     common = dict(num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
-                  dropout=module.dropout, bidirectional=module.bidirectional,
-                  proj_size=getattr(module, "proj_size", 0), **solver_options)
+                  dropout=module.dropout, bidirectional=module.bidirectional, **solver_options)
     p = next(module.parameters())
     factory = dict(device=p.device, dtype=p.dtype)
     if isinstance(module, nn.GRU):
         layer = GRU(module.input_size, module.hidden_size, **common, **factory)
     elif isinstance(module, nn.LSTM):
-        layer = LSTM(module.input_size, module.hidden_size, **common, **factory)
+        layer = LSTM(module.input_size, module.hidden_size, proj_size=module.proj_size, **common, **factory)
     elif isinstance(module, nn.RNN):
         layer = RNN(module.input_size, module.hidden_size, nonlinearity=module.nonlinearity, **common, **factory)
     else:

@@ -12,10 +12,11 @@ using torch::autograd::variable_list;
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using ForwardSig = Outputs(c10::string_view, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                            const at::Tensor&, c10::string_view, int64_t, double, double, double, double,
-                           c10::string_view, const c10::optional<at::Tensor>&, bool, bool, c10::string_view);
+                           c10::string_view, const c10::optional<at::Tensor>&, bool, bool, c10::string_view,
+                           const c10::optional<at::Tensor>&);
 using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, c10::string_view, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-    const at::Tensor&, const at::Tensor&, c10::string_view);
+    const at::Tensor&, const at::Tensor&, c10::string_view, const c10::optional<at::Tensor>&);
 
 class NewtonRNNFunction : public torch::autograd::Function<NewtonRNNFunction> {
  public:
@@ -23,14 +24,15 @@ class NewtonRNNFunction : public torch::autograd::Function<NewtonRNNFunction> {
                                const c10::optional<at::Tensor>& b_hh, const at::Tensor& s0, std::string method,
                                int64_t max_iter, double atol, double rtol, double damping, double clip,
                                std::string init, const c10::optional<at::Tensor>& init_states,
-                               bool fixed_iterations, bool fallback, std::string adjoint) {
+                               bool fixed_iterations, bool fallback, std::string adjoint,
+                               const c10::optional<at::Tensor>& lengths) {
     static auto op =
         c10::Dispatcher::singleton().findSchemaOrThrow("pnewton::newton_rnn", "").typed<ForwardSig>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [states, iterations, residual, converged, path] =
         op.call(cell, gi, W_hh, b_hh, s0, method, max_iter, atol, rtol, damping, clip, init, init_states,
-                fixed_iterations, fallback, adjoint);
-    ctx->save_for_backward({gi, W_hh, b_hh.value_or(at::Tensor()), s0, states});
+                fixed_iterations, fallback, adjoint, lengths);
+    ctx->save_for_backward({gi, W_hh, b_hh.value_or(at::Tensor()), s0, states, lengths.value_or(at::Tensor())});
     ctx->saved_data["cell"] = cell;
     ctx->saved_data["adjoint"] = adjoint;
     ctx->mark_non_differentiable({iterations, residual, converged, path});
@@ -42,12 +44,14 @@ class NewtonRNNFunction : public torch::autograd::Function<NewtonRNNFunction> {
         c10::Dispatcher::singleton().findSchemaOrThrow("pnewton::newton_rnn_backward", "").typed<BackwardSig>();
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& b_hh = saved[2];
+    const at::Tensor& lengths = saved[5];
     at::Tensor grad = grad_outputs[0].defined() ? grad_outputs[0] : at::zeros_like(saved[4]);
     auto [grad_gi, grad_W, grad_b, grad_s0] =
         op.call(grad, ctx->saved_data["cell"].toStringRef(), saved[0], saved[1],
                 b_hh.defined() ? c10::optional<at::Tensor>(b_hh) : c10::nullopt, saved[3], saved[4],
-                ctx->saved_data["adjoint"].toStringRef());
-    variable_list grads(16);  // one per forward argument after ctx
+                ctx->saved_data["adjoint"].toStringRef(),
+                lengths.defined() ? c10::optional<at::Tensor>(lengths) : c10::nullopt);
+    variable_list grads(17);  // one per forward argument after ctx
     grads[1] = grad_gi;
     grads[2] = grad_W;
     grads[3] = b_hh.defined() ? grad_b : at::Tensor();
@@ -60,10 +64,10 @@ Outputs newton_rnn_autograd(c10::string_view cell, const at::Tensor& gi, const a
                             const c10::optional<at::Tensor>& b_hh, const at::Tensor& s0, c10::string_view method,
                             int64_t max_iter, double atol, double rtol, double damping, double clip,
                             c10::string_view init, const c10::optional<at::Tensor>& init_states, bool fixed_iterations,
-                            bool fallback, c10::string_view adjoint) {
+                            bool fallback, c10::string_view adjoint, const c10::optional<at::Tensor>& lengths) {
   auto out = NewtonRNNFunction::apply(std::string(cell), gi, W_hh, b_hh, s0, std::string(method), max_iter, atol,
                                       rtol, damping, clip, std::string(init), init_states, fixed_iterations, fallback,
-                                      std::string(adjoint));
+                                      std::string(adjoint), lengths);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 

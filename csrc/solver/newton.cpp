@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "csrc/solver/elk.h"
+#include "csrc/solver/lengths.h"
 #include "pnewton/scan.h"
 
 namespace pnewton {
@@ -133,7 +134,7 @@ NewtonOptions newton_options(const SolverOptions& s) {
   return o;
 }
 
-double default_tolerance(at::ScalarType dtype) { return dtype == at::kDouble ? 1e-10 : 1e-5; }
+double default_tolerance(at::ScalarType dtype) { return dtype == at::kDouble ? 1e-12 : 1e-6; }
 
 at::Tensor sequential_states(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0) {
   const int64_t T = gi.size(1);
@@ -167,7 +168,7 @@ int64_t auto_budget(int64_t T) { return std::max<int64_t>(8, 4 * static_cast<int
 // states. On return p holds the residual at the final states.
 void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Tensor& s0, Method method,
                int64_t budget, bool stop_on_stall, double damping, const NewtonOptions& o, double atol, double rtol,
-               Progress& p) {
+               const at::Tensor& valid, Progress& p) {
   const int64_t B = s0.size(0), S = s0.size(1), T = gi_flat.size(0) / std::max<int64_t>(B, 1);
   const JacobianPart part = method_part(cell, method);
   const bool newton_like = method != Method::jacobi && method != Method::picard;
@@ -184,17 +185,36 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
                                                                             : std::nullopt);
     return std::make_tuple(e.F.view({B, T, S}), e.J.defined() ? e.J.view(shape) : e.J);
   };
-  auto check = [&]() {
+  // Padding (valid = 0) is no part of the system: its residual is zero.
+  auto residual_of = [&](const at::Tensor& s, const at::Tensor& F) {
+    return valid.defined() ? (s - F).mul_(valid) : s - F;
+  };
+  // Converged: every state within tolerance of the solution, judged by the error estimate
+  // max_t |δ_t| of the step just taken (the residual alone understates the error by the
+  // recurrence's memory, 1/(1 − contraction)); or, for the methods that make one more state
+  // exact per iteration, as many iterations in this stage as the sequence has steps; or an
+  // exact residual. Once converged, a sequence stays so (its states no longer move).
+  const bool exact_prefix = !elk;
+  const at::Tensor steps = o.lengths.defined() ? o.lengths : at::full({B}, T, p.iterations.options());
+  const at::Tensor iterations_before = p.iterations.clone();
+  auto check = [&](const at::Tensor& step) {
     p.residual = max_abs_per_sequence(r);
-    p.converged = p.residual.isfinite() & (p.residual <= atol + rtol * max_abs_per_sequence(F));
+    at::Tensor done = p.residual == 0;
+    if (step.defined()) {
+      const at::Tensor scale = max_abs_per_sequence(valid.defined() ? F * valid : F);
+      done = done | (step.isfinite() & (step <= atol + rtol * scale));
+    }
+    if (exact_prefix) done = done | (p.iterations - iterations_before >= steps);
+    if (p.converged.defined()) done = done | p.converged;
+    p.converged = p.residual.isfinite() & done;
   };
   auto merit = [](const at::Tensor& x) {
     const at::Tensor m = 0.5 * x.square().sum({1, 2});
     return at::where(m.isfinite(), m, at::full_like(m, INFINITY));
   };
   std::tie(F, J) = evaluate(p.s, budget > 0);
-  r = p.s - F;
-  check();
+  r = residual_of(p.s, F);
+  check(at::Tensor());
   // ½‖r‖² per sequence, where something reads it (the stall test, the ELK step): a pass
   // over r that the plain methods skip.
   const bool track_merit = stop_on_stall || elk;
@@ -212,11 +232,14 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
     }
     const at::Tensor moving = at::logical_not(p.converged);
     p.path = p.path | at::where(moving, method_bit(method), 0);
-    at::Tensor next, predicted;
+    at::Tensor next, predicted, step;  // step: max_t |δ_t| per sequence
     if (method == Method::jacobi) {
       next = F;
+      step = p.residual;
     } else if (method == Method::picard) {
-      next = p.s - r.cumsum(1);
+      const at::Tensor sum = r.cumsum(1);
+      next = p.s - sum;
+      step = max_abs_per_sequence(sum);
     } else {
       at::Tensor a = J;
       if (damping > 0 && !elk) a = a * (1.0 - damping);
@@ -225,8 +248,11 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
         const at::Tensor delta = elk_delta(a, r, lambda, part, smooth);
         predicted = phi - merit(r + delta - apply_approximation(a, delta, part));
         next = p.s + delta;
+        step = max_abs_per_sequence(delta);
       } else {
-        next = p.s - negated_newton_delta(a, r, part, S / 2);
+        const at::Tensor negated_delta = negated_newton_delta(a, r, part, S / 2);
+        next = p.s - negated_delta;
+        step = max_abs_per_sequence(negated_delta);
       }
     }
     // Non-finite values can only appear beyond the exact prefix (after iteration i the
@@ -236,7 +262,7 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
     next = at::where(p.converged.view({B, 1, 1}), p.s, next);
     const bool more = it + 1 < budget;
     auto [F_new, J_new] = evaluate(next, more);
-    const at::Tensor r_new = next - F_new;
+    const at::Tensor r_new = residual_of(next, F_new);
     p.iterations += moving.to(at::kLong);
     if (adaptive) {
       const at::Tensor phi_new = merit(r_new);
@@ -251,11 +277,12 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
       r = at::where(keep, r_new, r);
       if (more) J = at::where(accept.view({B, 1}), J_new.reshape({B, -1}), J.reshape({B, -1})).view(shape);
       phi = at::where(accept, phi_new, phi);
+      step = at::where(accept, step, INFINITY);  // a rejected step moved nothing
     } else {
       p.s = next, F = F_new, J = J_new, r = r_new;
       if (track_merit) phi = merit(r);
     }
-    check();
+    check(step);
     history.push_back(phi);
   }
 }
@@ -286,9 +313,11 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
   NewtonResult res;
   res.iterations = at::zeros({B}, opts.dtype(at::kLong));
   res.path = at::zeros({B}, opts.dtype(at::kLong));
-  if (T == 0 || o.method == Method::sequential) {
+  const at::Tensor& lengths = o.lengths;
+  if (T == 0 || B == 0 || o.method == Method::sequential) {
     res.states = sequential_states(cell, gi, s0);
-    res.iterations.fill_(T);
+    if (lengths.defined()) res.states = hold_past_lengths(res.states, s0, lengths);
+    if (lengths.defined()) res.iterations.copy_(lengths); else res.iterations.fill_(T);
     res.residual = at::zeros({B}, opts);
     res.converged = at::ones({B}, opts.dtype(at::kBool));
     if (T > 0) res.path.fill_(method_bit(Method::sequential));
@@ -308,22 +337,23 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
     s = o.init_states.to(opts).clone();
   }
 
+  const at::Tensor valid = lengths.defined() ? valid_steps(lengths, T, s.scalar_type()) : at::Tensor();
   Progress p{s, res.iterations, at::Tensor(), at::Tensor(), res.path};
   if (o.method != Method::automatic) {
     run_stage(cell, gi_flat, s0, o.method, o.max_iter < 0 ? std::min<int64_t>(T, 100) : o.max_iter, false, o.damping,
-              o, atol, rtol, p);
+              o, atol, rtol, valid, p);
   } else if (o.fixed_iterations) {
     // No host synchronisation: the first stage only, for exactly max_iter iterations.
     const Method first = auto_stages(cell, B * T * S * S).front();
-    run_stage(cell, gi_flat, s0, first, o.max_iter, false, o.damping, o, atol, rtol, p);
+    run_stage(cell, gi_flat, s0, first, o.max_iter, false, o.damping, o, atol, rtol, valid, p);
   } else {
     int64_t left = o.max_iter < 0 ? std::numeric_limits<int64_t>::max() : o.max_iter;
-    run_stage(cell, gi_flat, s0, o.method, 0, false, 0, o, atol, rtol, p);  // the residual at the start
+    run_stage(cell, gi_flat, s0, o.method, 0, false, 0, o, atol, rtol, valid, p);  // the residual at the start
     for (const Method m : auto_stages(cell, B * T * S * S)) {
       const int64_t budget = std::min(auto_budget(T), left);
       const at::Tensor before = p.iterations.max();
       const Progress start = p;
-      run_stage(cell, gi_flat, s0, m, budget, true, is_elk(m) ? kAutoLambda : o.damping, o, atol, rtol, p);
+      run_stage(cell, gi_flat, s0, m, budget, true, is_elk(m) ? kAutoLambda : o.damping, o, atol, rtol, valid, p);
       // A stage that left a sequence worse than it found it hands the next stage its start.
       {
         const at::Tensor worse = (p.residual > start.residual) | p.residual.isfinite().logical_not();
@@ -335,16 +365,19 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
       if (left <= 0 || p.converged.all().item<bool>()) break;
     }
   }
-  res.states = p.s;
+  res.states = lengths.defined() ? hold_past_lengths(p.s, s0, lengths) : p.s;
   res.iterations = p.iterations;
   res.residual = p.residual;
   res.converged = p.converged;
   res.path = p.path;
   if (o.fallback && !o.fixed_iterations && !res.converged.all().item<bool>()) {
     const at::Tensor redo = at::logical_not(res.converged).nonzero().squeeze(1);
-    const at::Tensor exact = sequential_states(cell, gi.index_select(0, redo), s0.index_select(0, redo));
+    const at::Tensor s0_redo = s0.index_select(0, redo);
+    at::Tensor exact = sequential_states(cell, gi.index_select(0, redo), s0_redo);
+    if (lengths.defined()) exact = hold_past_lengths(exact, s0_redo, lengths.index_select(0, redo));
     res.states.index_copy_(0, redo, exact);
-    res.iterations.index_fill_(0, redo, T);
+    if (lengths.defined()) res.iterations.index_copy_(0, redo, lengths.index_select(0, redo));
+    else res.iterations.index_fill_(0, redo, T);
     res.residual.index_fill_(0, redo, 0);
     // The loop's states are exact by definition, unless non-finite inputs made them NaN/Inf:
     // those sequences could not converge and say so.
@@ -446,10 +479,11 @@ at::Tensor solve_adjoint(const CellFunction& cell, const at::Tensor& s_prev, con
 at::Tensor previous_states(const at::Tensor& s0, const at::Tensor& states) { return flat(shifted(s0, states)); }
 
 NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, const at::Tensor& gi,
-                            const at::Tensor& s0, const at::Tensor& states, Adjoint adjoint) {
+                            const at::Tensor& s0, const at::Tensor& states, Adjoint adjoint,
+                            const at::Tensor& lengths) {
   const int64_t B = gi.size(0), T = gi.size(1), S = s0.size(1);
   NewtonGrads grads;
-  if (T == 0) {
+  if (T == 0 || B == 0) {
     grads.gi = at::zeros_like(gi);
     grads.W_hh = at::zeros_like(cell.weight());
     grads.b_hh = at::zeros({cell.gate_size()}, gi.options());
@@ -458,13 +492,18 @@ NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, con
   }
   const at::Tensor s_prev = previous_states(s0, states);
   const at::Tensor gi_flat = flat(gi);
-  const at::Tensor lambda = solve_adjoint(cell, s_prev, gi_flat, grad_states.contiguous(), adjoint);
+  // Held states copy the last valid one: their cotangents belong to it (padding's own
+  // cotangents are then zero, and so is its adjoint: λ_t = 0 for t ≥ L).
+  at::Tensor g = grad_states, g_s0_held;
+  if (lengths.defined()) std::tie(g, g_s0_held) = route_held_gradient(grad_states, lengths);
+  const at::Tensor lambda = solve_adjoint(cell, s_prev, gi_flat, g.contiguous(), adjoint);
   // Everything else is parallel over t: one VJP of the cell at the solution.
   const Cell::Vjp v = cell.vjp(s_prev, gi_flat, flat(lambda));
   grads.gi = v.gi.view({B, T, -1});
   grads.W_hh = cell.weight_grad(v.gh, cell.hidden_of(s_prev));
   grads.b_hh = v.gh.sum(0);
   grads.s0 = v.s.view({B, T, S}).select(1, 0);
+  if (g_s0_held.defined()) grads.s0 = grads.s0 + g_s0_held;
   return grads;
 }
 

@@ -29,6 +29,7 @@ struct NewtonOptions {
   at::Tensor init_states;      // [B, T, S] when init == "states"
   bool fixed_iterations = false;  // exactly max_iter iterations, no host synchronisation
   bool fallback = true;           // rerun unconverged sequences sequentially
+  at::Tensor lengths;             // [B] int64 on the states' device, or undefined (all T steps)
 };
 
 struct NewtonResult {
@@ -75,7 +76,9 @@ at::Tensor solve_adjoint(const CellFunction& cell, const at::Tensor& s_prev, con
 // [s0, s_1, ..., s_{T-1}] flattened to [B·T, S]: the state each step reads.
 at::Tensor previous_states(const at::Tensor& s0, const at::Tensor& states);
 
+// lengths: as NewtonOptions::lengths (states then hold past each length).
 NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, const at::Tensor& gi,
-                            const at::Tensor& s0, const at::Tensor& states, Adjoint adjoint);
+                            const at::Tensor& s0, const at::Tensor& states, Adjoint adjoint,
+                            const at::Tensor& lengths = {});
 
 }  // namespace pnewton

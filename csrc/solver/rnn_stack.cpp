@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "csrc/solver/lengths.h"
 #include "csrc/solver/newton.h"
 
 namespace pnewton {
@@ -23,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     c10::string_view cell, const at::Tensor& input, const at::Tensor& state0, at::TensorList params, bool has_biases,
     int64_t num_layers, double dropout, bool train, bool bidirectional, bool batch_first, c10::string_view method,
     int64_t max_iter, double atol, double rtol, double damping, double clip, c10::string_view init,
-    bool fixed_iterations, bool fallback, c10::string_view adjoint) {
+    bool fixed_iterations, bool fallback, c10::string_view adjoint, const c10::optional<at::Tensor>& lengths) {
   const char* op = "pnewton.rnn_stack";
   const int64_t dirs = bidirectional ? 2 : 1, per = has_biases ? 4 : 2;
   TORCH_CHECK(num_layers > 0, op, ": num_layers must be positive, got ", num_layers);
@@ -33,35 +34,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(input.dim() == 3, op, ": input must be 3-d, got ", input.dim(), "-d");
   TORCH_CHECK(state0.dim() == 3 && state0.size(0) == num_layers * dirs, op, ": state0 must be [", num_layers * dirs,
               ", B, S], got ", state0.sizes());
+  const int64_t T = input.size(batch_first ? 1 : 0), B = input.size(batch_first ? 0 : 1);
+  // torch.nn's own wording for an empty sequence.
+  TORCH_CHECK(T > 0, "Expected sequence length to be larger than 0 in RNN");
   const bool lstm = cell == "lstm" || cell == "diag_lstm";
   const SolverOptions o =
       solver_options(method, max_iter, atol, rtol, damping, clip, init, fixed_iterations, fallback, adjoint);
+  const at::Tensor L = lengths.has_value() ? checked_lengths(op, *lengths, B, T, input.device()) : at::Tensor();
+  const c10::optional<at::Tensor> solver_lengths = L.defined() ? c10::optional<at::Tensor>(L) : c10::nullopt;
+  // The reverse direction reads each sequence backwards from its own end.
+  const at::Tensor reverse_index = L.defined() ? reversed_index(L, T) : at::Tensor();
+  auto reversed = [&](const at::Tensor& x) { return L.defined() ? gather_steps(x, reverse_index) : x.flip(1); };
 
-  at::Tensor x = batch_first ? input : input.transpose(0, 1);
+  // Layers exchange time-major [T, B, features] tensors, as torch.nn's do, so that a
+  // dropout mask drawn for the same seed is torch.nn's mask.
+  at::Tensor x = batch_first ? input.transpose(0, 1) : input;
   std::vector<at::Tensor> finals, iterations, residual, converged, path;
   for (int64_t layer = 0; layer < num_layers; ++layer) {
     std::vector<at::Tensor> outs;
     for (int64_t d = 0; d < dirs; ++d) {
       const int64_t k = (layer * dirs + d) * per;
-      const at::Tensor seq = d ? x.flip(1) : x;
+      const at::Tensor seq = d ? reversed(x.transpose(0, 1)) : x.transpose(0, 1);
       const at::Tensor gi = at::linear(seq, params[k], has_biases ? c10::optional<at::Tensor>(params[k + 2])
                                                                  : c10::nullopt);  // one GEMM for all t
       const at::Tensor s0 = state0[layer * dirs + d];
-      auto [states, stats] = newton_rnn(std::string(cell), gi, params[k + 1],
-                                        has_biases ? std::optional<at::Tensor>(params[k + 3]) : std::nullopt, s0, o);
+      auto [states, stats] =
+          newton_rnn(std::string(cell), gi, params[k + 1],
+                     has_biases ? std::optional<at::Tensor>(params[k + 3]) : std::nullopt, s0, o, std::nullopt,
+                     solver_lengths);
       iterations.push_back(stats.iterations);
       residual.push_back(stats.residual);
       converged.push_back(stats.converged);
       path.push_back(stats.path);
-      finals.push_back(states.size(1) > 0 ? states.select(1, states.size(1) - 1) : s0);
+      // States hold still past each length, so the last step is every sequence's final state.
+      finals.push_back(states.select(1, T - 1));
       // The hidden part of the state (LSTM: h of the interleaved (h_i, c_i) pairs).
-      const at::Tensor h = lstm ? states.unflatten(-1, {states.size(-1) / 2, 2}).select(-1, 0) : states;
-      outs.push_back(d ? h.flip(1) : h);
+      at::Tensor h = lstm ? states.unflatten(-1, {states.size(-1) / 2, 2}).select(-1, 0) : states;
+      if (d) h = reversed(h);
+      outs.push_back(h.transpose(0, 1));
     }
     x = at::cat(outs, -1);
+    if (L.defined()) x = x * valid_steps(L, T, x.scalar_type()).transpose(0, 1);  // torch.nn's zero padding
     if (dropout > 0 && train && layer + 1 < num_layers) x = at::dropout(x, dropout, /*train=*/true);
   }
-  return {batch_first ? x : x.transpose(0, 1), at::stack(finals), at::stack(iterations).amax(0),
+  return {batch_first ? x.transpose(0, 1) : x, at::stack(finals), at::stack(iterations).amax(0),
           at::stack(residual).amax(0), at::stack(converged).all(0), union_of(path)};
 }
 

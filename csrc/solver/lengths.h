@@ -1,0 +1,36 @@
+#pragma once
+// Variable-length sequences in a padded batch (DESIGN §4b "Segments"). A sequence b of a
+// [B, T, ...] batch has its own length L_b ≤ T: steps t ≥ L_b are padding. The solver keeps
+// them out of the residual (so of the convergence test, the iteration counts and the
+// fallback), and the states it returns hold still past the length, s_t = s_{L_b − 1}
+// (s0 when L_b = 0), so states[:, T − 1] is each sequence's own final state and the
+// gradient of a held state flows to the step it copies.
+#include <ATen/ATen.h>
+
+namespace pnewton {
+
+// Checks lengths ([B] integers in [0, T], any device) and returns them as int64 on `device`.
+at::Tensor checked_lengths(const char* op, const at::Tensor& lengths, int64_t B, int64_t T, at::Device device);
+
+// [B, T, 1] in `dtype`: 1 at steps t < L_b, 0 at padding.
+at::Tensor valid_steps(const at::Tensor& lengths, int64_t T, at::ScalarType dtype);
+
+// [B, T] int64: the index into [s0, s_1, ..., s_T] that step t holds: t + 1 before the
+// length, L_b after it (so 0, i.e. s0, for an empty sequence).
+at::Tensor held_index(const at::Tensor& lengths, int64_t T);
+
+// states [B, T, S] with every step past its sequence's length replaced by the last valid state.
+at::Tensor hold_past_lengths(const at::Tensor& states, const at::Tensor& s0, const at::Tensor& lengths);
+
+// The adjoint of hold_past_lengths: the cotangent of the held states [B, T, S] summed onto
+// the steps they copy; returns (grad of the solved states [B, T, S], grad of s0 [B, S]).
+std::tuple<at::Tensor, at::Tensor> route_held_gradient(const at::Tensor& grad, const at::Tensor& lengths);
+
+// [B, T] int64: the time index that reverses each sequence within its own length and
+// leaves its padding in place (an involution: applying it twice is the identity).
+at::Tensor reversed_index(const at::Tensor& lengths, int64_t T);
+
+// x [B, T, ...] gathered along time by index [B, T].
+at::Tensor gather_steps(const at::Tensor& x, const at::Tensor& index);
+
+}  // namespace pnewton
