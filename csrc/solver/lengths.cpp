@@ -2,11 +2,16 @@
 
 namespace pnewton {
 
-at::Tensor checked_lengths(const char* op, const at::Tensor& lengths, int64_t B, int64_t T, at::Device device) {
-  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B, op, ": lengths must be a 1-d tensor of the B = ", B,
-              " sequence lengths, got shape ", lengths.sizes());
+at::Tensor lengths_on(const char* op, const at::Tensor& lengths, const c10::SymInt& B, at::Device device) {
+  TORCH_CHECK(lengths.dim() == 1 && lengths.sym_size(0) == B, op, ": lengths must be a 1-d tensor of the B = ", B,
+              " sequence lengths, got shape ", lengths.sym_sizes());
   TORCH_CHECK(at::isIntegralType(lengths.scalar_type(), /*includeBool=*/false), op,
               ": lengths must be an integer tensor, got ", lengths.scalar_type());
+  return lengths.to(device, at::kLong);
+}
+
+at::Tensor checked_lengths(const char* op, const at::Tensor& lengths, int64_t B, int64_t T, at::Device device) {
+  lengths_on(op, lengths, B, device);
   if (B > 0) {
     // One host read of two numbers: a length outside [0, T] would index past the batch.
     const auto [lo, hi] = at::aminmax(lengths.to(at::kLong));
@@ -17,26 +22,31 @@ at::Tensor checked_lengths(const char* op, const at::Tensor& lengths, int64_t B,
   return lengths.to(device, at::kLong);
 }
 
-at::Tensor valid_steps(const at::Tensor& lengths, int64_t T, at::ScalarType dtype) {
-  return (at::arange(T, lengths.options()).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(-1).to(dtype);
+// Time indices [1, T] as int64 beside lengths.
+at::Tensor time_index(const at::Tensor& lengths, const c10::SymInt& T) {
+  return at::arange(c10::Scalar(T), lengths.options()).unsqueeze(0);
 }
 
-at::Tensor held_index(const at::Tensor& lengths, int64_t T) {
-  return at::minimum(at::arange(T, lengths.options()).unsqueeze(0), lengths.unsqueeze(1) - 1) + 1;
+at::Tensor valid_steps(const at::Tensor& lengths, const c10::SymInt& T, at::ScalarType dtype) {
+  return (time_index(lengths, T) < lengths.unsqueeze(1)).unsqueeze(-1).to(dtype);
+}
+
+at::Tensor held_index(const at::Tensor& lengths, const c10::SymInt& T) {
+  return at::minimum(time_index(lengths, T), lengths.unsqueeze(1) - 1) + 1;
 }
 
 at::Tensor gather_steps(const at::Tensor& x, const at::Tensor& index) {
-  std::vector<int64_t> shape(index.sizes().begin(), index.sizes().end());
+  std::vector<c10::SymInt> shape(index.sym_sizes().begin(), index.sym_sizes().end());
   at::Tensor i = index;
   for (int64_t d = 2; d < x.dim(); ++d) {
     i = i.unsqueeze(-1);
-    shape.push_back(x.size(d));
+    shape.push_back(x.sym_size(d));
   }
-  return x.gather(1, i.expand(shape));
+  return x.gather(1, i.expand_symint(shape));
 }
 
 at::Tensor hold_past_lengths(const at::Tensor& states, const at::Tensor& s0, const at::Tensor& lengths) {
-  return gather_steps(at::cat({s0.unsqueeze(1), states}, 1), held_index(lengths, states.size(1)));
+  return gather_steps(at::cat({s0.unsqueeze(1), states}, 1), held_index(lengths, states.sym_size(1)));
 }
 
 std::tuple<at::Tensor, at::Tensor> route_held_gradient(const at::Tensor& grad, const at::Tensor& lengths) {
@@ -46,8 +56,8 @@ std::tuple<at::Tensor, at::Tensor> route_held_gradient(const at::Tensor& grad, c
   return {full.narrow(1, 1, T), full.select(1, 0)};
 }
 
-at::Tensor reversed_index(const at::Tensor& lengths, int64_t T) {
-  const at::Tensor t = at::arange(T, lengths.options()).unsqueeze(0);
+at::Tensor reversed_index(const at::Tensor& lengths, const c10::SymInt& T) {
+  const at::Tensor t = time_index(lengths, T);
   const at::Tensor L = lengths.unsqueeze(1);
   return at::where(t < L, L - 1 - t, t);
 }

@@ -9,15 +9,17 @@
 
 namespace pnewton {
 
-// Checks lengths ([B] integers in [0, T], any device) and returns them as int64 on `device`.
+// Checks that lengths is a [B] integer tensor (any device) and returns it as int64 on `device`.
+at::Tensor lengths_on(const char* op, const at::Tensor& lengths, const c10::SymInt& B, at::Device device);
+// The same, and that every length is in [0, T] (one host read: the kernels' check).
 at::Tensor checked_lengths(const char* op, const at::Tensor& lengths, int64_t B, int64_t T, at::Device device);
 
 // [B, T, 1] in `dtype`: 1 at steps t < L_b, 0 at padding.
-at::Tensor valid_steps(const at::Tensor& lengths, int64_t T, at::ScalarType dtype);
+at::Tensor valid_steps(const at::Tensor& lengths, const c10::SymInt& T, at::ScalarType dtype);
 
 // [B, T] int64: the index into [s0, s_1, ..., s_T] that step t holds: t + 1 before the
 // length, L_b after it (so 0, i.e. s0, for an empty sequence).
-at::Tensor held_index(const at::Tensor& lengths, int64_t T);
+at::Tensor held_index(const at::Tensor& lengths, const c10::SymInt& T);
 
 // states [B, T, S] with every step past its sequence's length replaced by the last valid state.
 at::Tensor hold_past_lengths(const at::Tensor& states, const at::Tensor& s0, const at::Tensor& lengths);
@@ -28,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor> route_held_gradient(const at::Tensor& grad, c
 
 // [B, T] int64: the time index that reverses each sequence within its own length and
 // leaves its padding in place (an involution: applying it twice is the identity).
-at::Tensor reversed_index(const at::Tensor& lengths, int64_t T);
+at::Tensor reversed_index(const at::Tensor& lengths, const c10::SymInt& T);
 
 // x [B, T, ...] gathered along time by index [B, T].
 at::Tensor gather_steps(const at::Tensor& x, const at::Tensor& index);

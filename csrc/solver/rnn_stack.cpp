@@ -32,18 +32,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               num_layers * dirs * per, " tensors (W_ih, W_hh", has_biases ? ", b_ih, b_hh" : "",
               " per layer and direction), got ", params.size());
   TORCH_CHECK(input.dim() == 3, op, ": input must be 3-d, got ", input.dim(), "-d");
-  TORCH_CHECK(state0.dim() == 3 && state0.size(0) == num_layers * dirs, op, ": state0 must be [", num_layers * dirs,
-              ", B, S], got ", state0.sizes());
-  const int64_t T = input.size(batch_first ? 1 : 0), B = input.size(batch_first ? 0 : 1);
+  TORCH_CHECK(state0.dim() == 3 && state0.sym_size(0) == num_layers * dirs, op, ": state0 must be [",
+              num_layers * dirs, ", B, S], got ", state0.sym_sizes());
+  // Sizes stay symbolic (SymInt) where nothing needs their value, so that torch.compile and
+  // export trace one graph for every T and B.
+  const c10::SymInt T = input.sym_size(batch_first ? 1 : 0);
   // torch.nn's own wording for an empty sequence.
-  TORCH_CHECK(T > 0, "Expected sequence length to be larger than 0 in RNN");
+  TORCH_SYM_CHECK(T.sym_gt(0), "Expected sequence length to be larger than 0 in RNN");
   const bool lstm = cell == "lstm" || cell == "diag_lstm";
   const SolverOptions o =
       solver_options(method, max_iter, atol, rtol, damping, clip, init, fixed_iterations, fallback, adjoint);
-  const at::Tensor L = lengths.has_value() ? checked_lengths(op, *lengths, B, T, input.device()) : at::Tensor();
+  // The reverse direction reads each sequence backwards from its own end. (Their values are
+  // checked by newton_rnn, which sees them first.)
+  at::Tensor L, reverse_index;
+  if (lengths.has_value()) {
+    L = lengths_on(op, *lengths, input.sym_size(batch_first ? 0 : 1), input.device());
+    reverse_index = reversed_index(L, T);
+  }
   const c10::optional<at::Tensor> solver_lengths = L.defined() ? c10::optional<at::Tensor>(L) : c10::nullopt;
-  // The reverse direction reads each sequence backwards from its own end.
-  const at::Tensor reverse_index = L.defined() ? reversed_index(L, T) : at::Tensor();
   auto reversed = [&](const at::Tensor& x) { return L.defined() ? gather_steps(x, reverse_index) : x.flip(1); };
 
   // Layers exchange time-major [T, B, features] tensors, as torch.nn's do, so that a
@@ -67,9 +73,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       converged.push_back(stats.converged);
       path.push_back(stats.path);
       // States hold still past each length, so the last step is every sequence's final state.
-      finals.push_back(states.select(1, T - 1));
+      finals.push_back(states.select(1, -1));
       // The hidden part of the state (LSTM: h of the interleaved (h_i, c_i) pairs).
-      at::Tensor h = lstm ? states.unflatten(-1, {states.size(-1) / 2, 2}).select(-1, 0) : states;
+      at::Tensor h = lstm ? states.unflatten_symint(-1, {states.sym_size(-1) / 2, 2}).select(-1, 0) : states;
       if (d) h = reversed(h);
       outs.push_back(h.transpose(0, 1));
     }

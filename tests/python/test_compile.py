@@ -44,3 +44,37 @@ def test_export_equals_eager():
     ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     # The layers stay pnewton ops in the exported graph (the stack, or its solves).
     assert {"pnewton.rnn_stack.default", "pnewton.newton_rnn.default"} & ops, ops
+
+
+def test_compile_dynamic_traces_once_for_every_length_and_batch():
+    torch.manual_seed(2)
+    gru = pnewton.GRU(3, 8, batch_first=True, method="quasi_deer").double()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(gru, dynamic=True, backend=backend)
+    # (torch.compile specialises sizes 0 and 1 of its own accord: sizes from 2 on share a graph.)
+    for T, B in ((5, 2), (9, 3), (17, 2), (33, 4)):
+        x = torch.randn(B, T, 3, dtype=torch.float64)
+        out, h = compiled(x)
+        out_eager, h_eager = gru(x)
+        torch.testing.assert_close(out, out_eager)
+        torch.testing.assert_close(h, h_eager)
+    assert len(graphs) == 1
+
+
+def test_export_with_dynamic_length_and_batch():
+    torch.manual_seed(3)
+    lstm = pnewton.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True).double()
+    T, B = torch.export.Dim("T", min=2, max=1 << 20), torch.export.Dim("B", min=1, max=1 << 16)
+    program = torch.export.export(lstm, (torch.randn(2, 10, 3, dtype=torch.float64),),
+                                  dynamic_shapes={"input": {0: B, 1: T}})
+    for shape in ((3, 25, 3), (1, 7, 3)):
+        x = torch.randn(*shape, dtype=torch.float64)
+        out, (h, c) = program.module()(x)
+        out_eager, (h_eager, c_eager) = lstm(x)
+        torch.testing.assert_close(out, out_eager)
+        torch.testing.assert_close(c, c_eager)

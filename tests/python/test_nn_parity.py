@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pack_sequen
 
 import pnewton
 
-common_modules = pytest.importorskip("torch.testing._internal.common_modules")
+from torch.testing._internal import common_modules  # noqa: E402  (torch.nn's own module test inputs)
 
 OURS = {nn.GRU: pnewton.GRU, nn.LSTM: pnewton.LSTM, nn.RNN: pnewton.RNN}
 MODULE_INFOS = [info for info in common_modules.module_db if info.module_cls in OURS]
