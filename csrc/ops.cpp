@@ -25,15 +25,17 @@ TORCH_LIBRARY(pnewton, m) {
   // residual, converged (bool) and path (int64: bit i set when method i of
   // the Method enum in csrc/solver/newton.h moved the sequence; bit 5 is the sequential loop). Negative max_iter/atol/rtol: defaults.
   // lengths [B] (integers in [0, T]): steps t >= lengths[b] are padding, outside the residual
-  // and the gradients, and the states hold still there (csrc/solver/lengths.h).
+  // and the gradients, and the states hold still there (csrc/solver/lengths.h). W_hr: the
+  // projection [P, D] of cell lstm_proj (torch.nn.LSTM's proj_size; state [h | c], S = P + D).
   m.def(
       "newton_rnn(str cell, Tensor gi, Tensor W_hh, Tensor? b_hh, Tensor s0, str method=\"auto\", "
       "int max_iter=-1, float atol=-1.0, float rtol=-1.0, float damping=0.0, float clip=0.0, "
       "str init=\"zeros\", Tensor? init_states=None, bool fixed_iterations=False, bool fallback=True, "
-      "str adjoint=\"auto\", Tensor? lengths=None) -> (Tensor states, Tensor iterations, Tensor residual, "
-      "Tensor converged, Tensor path)");
+      "str adjoint=\"auto\", Tensor? lengths=None, Tensor? W_hr=None) -> (Tensor states, Tensor iterations, "
+      "Tensor residual, Tensor converged, Tensor path)");
   // A stack of recurrent layers (torch.nn's GRU/LSTM/RNN semantics), each layer and direction
-  // one newton_rnn solve; params per (layer, direction): W_ih, W_hh[, b_ih, b_hh]. input is
+  // one newton_rnn solve; params per (layer, direction): W_ih, W_hh[, b_ih, b_hh][, W_hr] (as
+  // torch's _VF.lstm: a fifth (third) tensor per layer is LSTM's projection). input is
   // [T, B, in] ([B, T, in] if batch_first), state0 [layers·dirs, B, S]; lengths [B] as for
   // newton_rnn (outputs past a length are zero, as in torch.nn's padded packed output; the
   // reverse direction starts at each sequence's own end). Composite: autograd flows through
@@ -46,11 +48,11 @@ TORCH_LIBRARY(pnewton, m) {
       "(Tensor output, Tensor final, Tensor iterations, Tensor residual, Tensor converged, Tensor path)");
   // One step of a built-in cell, s' = f(s, gi) for rows s [N, S], gi [N, G]: the map the
   // solver iterates, for diagnostics such as pnewton.lyapunov. Composite (differentiable).
-  m.def("cell_step(str cell, Tensor s, Tensor gi, Tensor W_hh, Tensor? b_hh) -> Tensor");
+  m.def("cell_step(str cell, Tensor s, Tensor gi, Tensor W_hh, Tensor? b_hh, Tensor? W_hr=None) -> Tensor");
   // Exact gradients at the solution (the adjoint with the true Jacobian); grad_b_hh is
-  // returned even when b_hh is None.
+  // returned even when b_hh is None, grad_W_hr is empty without W_hr.
   m.def(
       "newton_rnn_backward(Tensor grad_states, str cell, Tensor gi, Tensor W_hh, Tensor? b_hh, Tensor s0, "
-      "Tensor states, str adjoint=\"auto\", Tensor? lengths=None) -> (Tensor grad_gi, Tensor grad_W_hh, "
-      "Tensor grad_b_hh, Tensor grad_s0)");
+      "Tensor states, str adjoint=\"auto\", Tensor? lengths=None, Tensor? W_hr=None) -> (Tensor grad_gi, "
+      "Tensor grad_W_hh, Tensor grad_b_hh, Tensor grad_s0, Tensor grad_W_hr)");
 }

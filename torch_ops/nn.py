@@ -31,12 +31,13 @@ def _limits(max_iter, atol, rtol):
 
 def newton_rnn(cell, gi, W_hh, b_hh, s0, method="auto", max_iter=None, atol=None, rtol=None, damping=0.0,
                clip=0.0, init="zeros", init_states=None, fixed_iterations=False, fallback=True, adjoint="auto",
-               lengths=None):
+               lengths=None, W_hr=None):
     """Solve a built-in cell over a sequence: ``(states [B, T, S], SolveStats)``.
 
-    ``cell`` is ``gru``, ``lstm``, ``rnn_tanh``, ``rnn_relu``, ``diag_gru`` or ``diag_lstm``;
-    ``gi`` the input projections ``[B, T, G]``; ``s0`` ``[B, S]`` (LSTM cells: (h_i, c_i)
-    interleaved, S = 2·hidden). ``method``: ``auto`` (default: the cheapest method, then
+    ``cell`` is ``gru``, ``lstm``, ``rnn_tanh``, ``rnn_relu``, ``diag_gru``, ``diag_lstm`` or
+    ``lstm_proj`` (torch.nn's projected LSTM: ``W_hr`` [P, hidden] required, state [h | c],
+    S = P + hidden); ``gi`` the input projections ``[B, T, G]``; ``s0`` ``[B, S]`` (LSTM
+    cells: (h_i, c_i) interleaved, S = 2·hidden). ``method``: ``auto`` (default: the cheapest method, then
     exact Newton while the dense Jacobian fits (B·T·S² ≤ 2²⁴), then the trust-region ELK step, then the loop — see
     README "Choosing a method"), deer, quasi_deer, block_deer (LSTM cells), elk, quasi_elk,
     elk_filter, quasi_elk_filter, picard, jacobi or sequential. ``damping``: κ in [0, 1)
@@ -50,7 +51,7 @@ def newton_rnn(cell, gi, W_hh, b_hh, s0, method="auto", max_iter=None, atol=None
     """
     states, iterations, residual, converged, path = torch.ops.pnewton.newton_rnn(
         cell, gi, W_hh, b_hh, s0, method, *_limits(max_iter, atol, rtol), damping, clip, init, init_states,
-        fixed_iterations, fallback, adjoint, lengths)
+        fixed_iterations, fallback, adjoint, lengths, W_hr)
     return states, SolveStats(iterations, residual, converged, path, method)
 
 
@@ -150,17 +151,20 @@ class _NewtonLayer:
                 hx = self._zero_state(input, input.size(batch_dim))
             self.check_forward_args(input, hx, None)
             x, batch_first = input, self.batch_first
-        if self.proj_size:
-            raise NotImplementedError("pnewton.LSTM: proj_size > 0 has no parallel solver yet")
-        # The LSTM cells solve (h_i, c_i) interleaved per channel.
-        state0 = torch.stack(hx, -1).flatten(-2) if self._is_lstm else hx
+        # The LSTM cells solve (h_i, c_i) interleaved per channel; the projected LSTM [h | c].
+        if not self._is_lstm:
+            state0 = hx
+        else:
+            state0 = torch.cat(hx, -1) if self.proj_size else torch.stack(hx, -1).flatten(-2)
         o = {**SOLVER_DEFAULTS, **self.solver_options}
         out, final, iterations, residual, converged, path = torch.ops.pnewton.rnn_stack(
             self._cell, x, state0, [getattr(self, name) for name in self._flat_weights_names], self.bias, self.num_layers, self.dropout, self.training,
             self.bidirectional, batch_first, o["method"], *_limits(o["max_iter"], o["atol"], o["rtol"]),
             o["damping"], o["clip"], o["init"], o["fixed_iterations"], o["fallback"], o["adjoint"], lengths)
         self.last_stats = SolveStats(iterations, residual, converged, path, o["method"])
-        if self._is_lstm:
+        if self.proj_size:
+            final = (final[..., :self.proj_size].contiguous(), final[..., self.proj_size:].contiguous())
+        elif self._is_lstm:
             pairs = final.unflatten(-1, (self.hidden_size, 2))
             final = (pairs[..., 0].contiguous(), pairs[..., 1].contiguous())
         if packed:
@@ -192,8 +196,9 @@ class GRU(_NewtonLayer, nn.RNNBase):
 
 class LSTM(_NewtonLayer, nn.RNNBase):
     """``torch.nn.LSTM`` evaluated by parallel Newton iterations; the solved state is (h, c)
-    together. ``proj_size`` is accepted by the constructor (torch.nn's parameters) but not
-    yet by the forward."""
+    together. With ``proj_size`` > 0 (torch.nn's projected LSTM, ``weight_hr_l{k}``) the cell
+    is ``lstm_proj``, whose Jacobian has no 2×2 blocks: ``auto`` then runs quasi_deer, deer
+    and the ELK filter."""
 
     # (h0, c0) states, checked and permuted as torch.nn.LSTM does.
     get_expected_cell_size = nn.LSTM.get_expected_cell_size

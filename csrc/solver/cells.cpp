@@ -21,7 +21,8 @@ int64_t gates_of(CellKind kind) {
     case CellKind::gru:
     case CellKind::diag_gru: return 3;
     case CellKind::lstm:
-    case CellKind::diag_lstm: return 4;
+    case CellKind::diag_lstm:
+    case CellKind::lstm_proj: return 4;
     default: return 1;
   }
 }
@@ -47,8 +48,9 @@ CellKind parse_cell(const std::string& name) {
   if (name == "rnn_relu") return CellKind::rnn_relu;
   if (name == "diag_gru") return CellKind::diag_gru;
   if (name == "diag_lstm") return CellKind::diag_lstm;
-  TORCH_CHECK(false, "pnewton.newton_rnn: cell must be one of gru, lstm, rnn_tanh, rnn_relu, diag_gru, diag_lstm; got '",
-              name, "'");
+  if (name == "lstm_proj") return CellKind::lstm_proj;
+  TORCH_CHECK(false, "pnewton.newton_rnn: cell must be one of gru, lstm, rnn_tanh, rnn_relu, diag_gru, diag_lstm, ",
+              "lstm_proj; got '", name, "'");
 }
 
 const char* cell_name(CellKind kind) {
@@ -59,14 +61,25 @@ const char* cell_name(CellKind kind) {
     case CellKind::rnn_relu: return "rnn_relu";
     case CellKind::diag_gru: return "diag_gru";
     case CellKind::diag_lstm: return "diag_lstm";
+    case CellKind::lstm_proj: return "lstm_proj";
   }
   return "?";
 }
 
-Cell::Cell(CellKind kind, const at::Tensor& W_hh, const c10::optional<at::Tensor>& b_hh)
+Cell::Cell(CellKind kind, const at::Tensor& W_hh, const c10::optional<at::Tensor>& b_hh,
+           const c10::optional<at::Tensor>& W_hr)
     : kind_(kind), W_(W_hh), gates_(gates_of(kind)) {
   const char* op = "pnewton.newton_rnn";
-  if (diagonal_weights()) {
+  TORCH_CHECK(W_hr.has_value() == is_projected(), op, ": W_hr (the projection) is ",
+              is_projected() ? "required by" : "only for", " cell 'lstm_proj'");
+  if (is_projected()) {
+    TORCH_CHECK(W_hh.dim() == 2 && W_hh.size(0) % 4 == 0, op, ": W_hh of cell 'lstm_proj' must be [4 * hidden, ",
+                "proj_size], got shape ", W_hh.sizes());
+    D_ = W_hh.size(0) / 4, P_ = W_hh.size(1);
+    TORCH_CHECK(W_hr->dim() == 2 && W_hr->size(0) == P_ && W_hr->size(1) == D_, op, ": W_hr must be [proj_size, ",
+                "hidden] = [", P_, ", ", D_, "], got shape ", W_hr->sizes());
+    W_hr_ = *W_hr;
+  } else if (diagonal_weights()) {
     TORCH_CHECK(W_hh.dim() == 1 && W_hh.size(0) % gates_ == 0, op, ": W_hh of cell '", cell_name(kind),
                 "' must be a vector [", gates_, " * hidden], got shape ", W_hh.sizes());
     D_ = W_hh.size(0) / gates_;
@@ -89,6 +102,7 @@ JacobianPart Cell::structure() const {
 }
 
 at::Tensor Cell::hidden_of(const at::Tensor& s) const {
+  if (is_projected()) return s.narrow(-1, 0, P_);
   return is_lstm() ? s.unflatten(-1, {D_, 2}).select(-1, 0) : s;
 }
 
@@ -144,7 +158,7 @@ bool plain(const at::Tensor& t, const at::Tensor& like) {
 
 std::optional<CellFunction::Evaluation> Cell::evaluate_fused(const at::Tensor& s, const at::Tensor& gi,
                                                              std::optional<JacobianPart> part) const {
-  if (kind_ == CellKind::rnn_tanh || kind_ == CellKind::rnn_relu) return std::nullopt;
+  if (kind_ == CellKind::rnn_tanh || kind_ == CellKind::rnn_relu || is_projected()) return std::nullopt;
   if (!is_lstm() && part == JacobianPart::block2) return std::nullopt;  // the ATen form names the error
   if (part == JacobianPart::dense || at::GradMode::is_enabled() || !fused_cells_enabled(s)) return std::nullopt;
   if (s.scalar_type() != at::kFloat && s.scalar_type() != at::kDouble) return std::nullopt;
@@ -182,6 +196,7 @@ Cell::Evaluation Cell::evaluate(const at::Tensor& s, const at::Tensor& gi, std::
 }
 
 Cell::Evaluation Cell::evaluate_aten(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const {
+  if (is_projected()) return evaluate_projected(s, gi, part);
   // Gates are computed once and serve both f and its Jacobian.
   const bool dense = part == JacobianPart::dense;
   if (is_lstm()) {
@@ -236,7 +251,55 @@ Cell::Evaluation Cell::evaluate_aten(const at::Tensor& s, const at::Tensor& gi, 
   return e;
 }
 
+Cell::Evaluation Cell::evaluate_projected(const at::Tensor& s, const at::Tensor& gi,
+                                          std::optional<JacobianPart> part) const {
+  const int64_t N = s.size(0);
+  const at::Tensor h = s.narrow(1, 0, P_), c = s.narrow(1, P_, D_);
+  const auto a = (gi + recurrent(h)).chunk(4, -1);
+  const at::Tensor i = at::sigmoid(a[0]), f = at::sigmoid(a[1]), g = at::tanh(a[2]), o = at::sigmoid(a[3]);
+  const at::Tensor c_new = f * c + i * g, tc = at::tanh(c_new);
+  Evaluation e{at::cat({at::linear(o * tc, W_hr_), c_new}, 1), at::Tensor()};
+  if (!part) return e;
+  TORCH_CHECK(*part != JacobianPart::block2, "pnewton.newton_rnn: cell 'lstm_proj' has no 2x2 blocks (block_deer); ",
+              "use quasi_deer, deer or auto");
+  // ∂m/∂(gate pre-activations) for m = o ⊙ tanh(c'), gate order (i, f, g, o), [N, 4, D];
+  // then ∂h'/∂h = W_hr · ∂m/∂gates · W_hh, ∂h'/∂c = W_hr diag(o (1 − tanh² c') f), ∂c'/∂c = diag(f).
+  const at::Tensor dm_dc = o * (1 - tc * tc);
+  const at::Tensor dc_gates = at::stack({g * sigmoid_grad(i), c * sigmoid_grad(f), i * (1 - g * g)}, 1);
+  const at::Tensor dm_gates = at::cat({dm_dc.unsqueeze(1) * dc_gates, (tc * sigmoid_grad(o)).unsqueeze(1)}, 1);
+  const at::Tensor dc_gates4 = at::cat({dc_gates, at::zeros_like(dc_gates.narrow(1, 0, 1))}, 1);
+  const at::Tensor W = W_.view({4, D_, P_});
+  if (*part == JacobianPart::diagonal) {
+    // diag(∂h'/∂h)_p = Σ_{k,d} ∂m_d/∂gate_k · W_k[d, p] W_hr[p, d]: one GEMM against W ⊙ W_hrᵀ.
+    const at::Tensor M = (W * W_hr_.t().unsqueeze(0)).reshape({4 * D_, P_});
+    e.J = at::cat({at::matmul(dm_gates.reshape({N, 4 * D_}), M), f}, 1);
+    return e;
+  }
+  // Dense [N, S, S] over [h | c]: ∂·/∂h through the gates (a [N, D, P] contraction per row).
+  const at::Tensor dc_dh = at::einsum("nkd,kdp->ndp", {dc_gates4, W});
+  const at::Tensor dm_dh = at::einsum("nkd,kdp->ndp", {dm_gates, W});
+  const at::Tensor dh_dh = at::matmul(W_hr_, dm_dh);
+  const at::Tensor dh_dc = W_hr_ * (dm_dc * f).unsqueeze(1);
+  e.J = at::cat({at::cat({dh_dh, dh_dc}, 2), at::cat({dc_dh, at::diag_embed(f)}, 2)}, 1);
+  return e;
+}
+
+Cell::Vjp Cell::vjp_projected(const at::Tensor& s, const at::Tensor& gi, const at::Tensor& v) const {
+  const at::Tensor h = s.narrow(1, 0, P_), c = s.narrow(1, P_, D_);
+  const at::Tensor v_h = v.narrow(1, 0, P_), v_c = v.narrow(1, P_, D_);
+  const auto a = (gi + recurrent(h)).chunk(4, -1);
+  const at::Tensor i = at::sigmoid(a[0]), f = at::sigmoid(a[1]), g = at::tanh(a[2]), o = at::sigmoid(a[3]);
+  const at::Tensor tc = at::tanh(f * c + i * g);
+  const at::Tensor v_m = at::matmul(v_h, W_hr_);  // the cotangent of m = o ⊙ tanh(c')
+  const at::Tensor dc = v_c + v_m * o * (1 - tc * tc);
+  const at::Tensor grad_gates = at::cat({dc * g * sigmoid_grad(i), dc * c * sigmoid_grad(f), dc * i * (1 - g * g),
+                                         v_m * tc * sigmoid_grad(o)},
+                                        -1);
+  return {at::cat({recurrent_vjp(grad_gates), dc * f}, 1), grad_gates, grad_gates, at::matmul(v_h.t(), o * tc)};
+}
+
 Cell::Vjp Cell::vjp(const at::Tensor& s, const at::Tensor& gi, const at::Tensor& v) const {
+  if (is_projected()) return vjp_projected(s, gi, v);
   if (is_lstm()) {
     auto [h, c] = split_lstm(s, D_);
     auto [v_h, v_c] = split_lstm(v, D_);

@@ -5,7 +5,9 @@
 //
 // State layouts: gru, rnn_*, diag_gru: s = h [N, D]. lstm, diag_lstm: s = (h_i, c_i)
 // interleaved per channel, [N, 2D] viewed as [N, D, 2], so the 2×2 (h_i, c_i) blocks
-// of block_deer are contiguous. gi is the input projection W_ih x_t + b_ih with torch.nn's
+// of block_deer are contiguous. lstm_proj (torch.nn.LSTM with proj_size P): s = [h | c],
+// [N, P + D], h = W_hr (o ⊙ tanh c) of size P, W_hh [4D, P], W_hr [P, D]; its Jacobian is
+// dense with no 2×2 blocks. gi is the input projection W_ih x_t + b_ih with torch.nn's
 // gate order. Recurrent weights are [G, D] matrices, or [G] vectors for the diag_* cells
 // (per-channel recurrences, so their Jacobians are exactly diagonal / 2×2 block-diagonal).
 #include <ATen/ATen.h>
@@ -16,20 +18,24 @@
 
 namespace pnewton {
 
-enum class CellKind { gru, lstm, rnn_tanh, rnn_relu, diag_gru, diag_lstm };
+enum class CellKind { gru, lstm, rnn_tanh, rnn_relu, diag_gru, diag_lstm, lstm_proj };
 
 CellKind parse_cell(const std::string& name);
 const char* cell_name(CellKind kind);
 
 class Cell : public CellFunction {
  public:
-  // Checks W_hh, b_hh against the cell and the hidden size D they imply.
-  Cell(CellKind kind, const at::Tensor& W_hh, const c10::optional<at::Tensor>& b_hh);
+  // Checks W_hh, b_hh (and W_hr, the projection of lstm_proj only) against the cell and
+  // the hidden size D they imply.
+  Cell(CellKind kind, const at::Tensor& W_hh, const c10::optional<at::Tensor>& b_hh,
+       const c10::optional<at::Tensor>& W_hr = c10::nullopt);
 
   CellKind kind() const { return kind_; }
   int64_t hidden() const { return D_; }
   const at::Tensor& weight() const { return W_; }
-  int64_t state_size() const override { return is_lstm() ? 2 * D_ : D_; }
+  const at::Tensor& projection() const { return W_hr_; }  // lstm_proj's W_hr, else undefined
+  bool is_projected() const { return kind_ == CellKind::lstm_proj; }
+  int64_t state_size() const override { return is_lstm() ? 2 * D_ : is_projected() ? P_ + D_ : D_; }
   int64_t gate_size() const { return gates_ * D_; }
   bool is_lstm() const { return kind_ == CellKind::lstm || kind_ == CellKind::diag_lstm; }
   bool diagonal_weights() const { return kind_ == CellKind::diag_gru || kind_ == CellKind::diag_lstm; }
@@ -49,9 +55,10 @@ class Cell : public CellFunction {
   }
 
   // For a cotangent v of f(s, gi): ∂f/∂sᵀ v, and the cotangents of gi and of the
-  // recurrent pre-activations gh = W_hh h + b_hh (for the weight gradients).
+  // recurrent pre-activations gh = W_hh h + b_hh (for the weight gradients); lstm_proj
+  // also the gradient of W_hr summed over the rows.
   struct Vjp {
-    at::Tensor s, gi, gh;
+    at::Tensor s, gi, gh, W_hr;
   };
   Vjp vjp(const at::Tensor& s, const at::Tensor& gi, const at::Tensor& v) const;
   // Gradients of W_hh and b_hh from the gh cotangents [N, G] and the hidden states h [N, D].
@@ -69,10 +76,12 @@ class Cell : public CellFunction {
   at::Tensor recurrent_vjp(const at::Tensor& grad_gh) const;    // [N, D]
   // diag(c) · ∂gh_k/∂h for gate block k: its diagonal [N, D] or matrix [N, D, D].
   at::Tensor scaled_gate(const at::Tensor& c, int64_t k, bool dense) const;
+  Evaluation evaluate_projected(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const;
+  Vjp vjp_projected(const at::Tensor& s, const at::Tensor& gi, const at::Tensor& v) const;
 
   CellKind kind_;
-  at::Tensor W_, b_;
-  int64_t D_, gates_;
+  at::Tensor W_, b_, W_hr_;
+  int64_t D_, gates_, P_ = 0;
 };
 
 }  // namespace pnewton

@@ -488,6 +488,7 @@ NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, con
     grads.W_hh = at::zeros_like(cell.weight());
     grads.b_hh = at::zeros({cell.gate_size()}, gi.options());
     grads.s0 = at::zeros_like(s0);
+    if (cell.is_projected()) grads.W_hr = at::zeros_like(cell.projection());
     return grads;
   }
   const at::Tensor s_prev = previous_states(s0, states);
@@ -502,6 +503,7 @@ NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, con
   grads.gi = v.gi.view({B, T, -1});
   grads.W_hh = cell.weight_grad(v.gh, cell.hidden_of(s_prev));
   grads.b_hh = v.gh.sum(0);
+  grads.W_hr = v.W_hr;
   grads.s0 = v.s.view({B, T, S}).select(1, 0);
   if (g_s0_held.defined()) grads.s0 = grads.s0 + g_s0_held;
   return grads;

@@ -61,7 +61,7 @@ enum class Adjoint { automatic, scan, iterative, sequential };
 Adjoint parse_adjoint(const std::string& name);
 
 struct NewtonGrads {
-  at::Tensor gi, W_hh, b_hh, s0;
+  at::Tensor gi, W_hh, b_hh, s0, W_hr;  // W_hr: lstm_proj only
 };
 
 // Exact gradients at the solution `states` for the cotangent grad_states.

@@ -26,11 +26,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     int64_t max_iter, double atol, double rtol, double damping, double clip, c10::string_view init,
     bool fixed_iterations, bool fallback, c10::string_view adjoint, const c10::optional<at::Tensor>& lengths) {
   const char* op = "pnewton.rnn_stack";
-  const int64_t dirs = bidirectional ? 2 : 1, per = has_biases ? 4 : 2;
+  const int64_t dirs = bidirectional ? 2 : 1, weights = has_biases ? 4 : 2;
   TORCH_CHECK(num_layers > 0, op, ": num_layers must be positive, got ", num_layers);
-  TORCH_CHECK(static_cast<int64_t>(params.size()) == num_layers * dirs * per, op, ": params must hold ",
-              num_layers * dirs * per, " tensors (W_ih, W_hh", has_biases ? ", b_ih, b_hh" : "",
-              " per layer and direction), got ", params.size());
+  // As in torch's _VF.lstm, one more tensor per layer and direction is LSTM's projection W_hr.
+  const int64_t n = static_cast<int64_t>(params.size());
+  const bool projected = cell == "lstm" && n == num_layers * dirs * (weights + 1);
+  const int64_t per = projected ? weights + 1 : weights;
+  TORCH_CHECK(n == num_layers * dirs * per, op, ": params must hold ", num_layers * dirs * per, " tensors (W_ih, W_hh",
+              has_biases ? ", b_ih, b_hh" : "", cell == "lstm" ? "[, W_hr]" : "", " per layer and direction), got ",
+              n);
+  const std::string solved_cell = projected ? "lstm_proj" : std::string(cell);
   TORCH_CHECK(input.dim() == 3, op, ": input must be 3-d, got ", input.dim(), "-d");
   TORCH_CHECK(state0.dim() == 3 && state0.sym_size(0) == num_layers * dirs, op, ": state0 must be [",
               num_layers * dirs, ", B, S], got ", state0.sym_sizes());
@@ -64,18 +69,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const at::Tensor gi = at::linear(seq, params[k], has_biases ? c10::optional<at::Tensor>(params[k + 2])
                                                                  : c10::nullopt);  // one GEMM for all t
       const at::Tensor s0 = state0[layer * dirs + d];
+      const std::optional<at::Tensor> W_hr =
+          projected ? std::optional<at::Tensor>(params[k + weights]) : std::nullopt;
       auto [states, stats] =
-          newton_rnn(std::string(cell), gi, params[k + 1],
+          newton_rnn(solved_cell, gi, params[k + 1],
                      has_biases ? std::optional<at::Tensor>(params[k + 3]) : std::nullopt, s0, o, std::nullopt,
-                     solver_lengths);
+                     solver_lengths, W_hr);
       iterations.push_back(stats.iterations);
       residual.push_back(stats.residual);
       converged.push_back(stats.converged);
       path.push_back(stats.path);
       // States hold still past each length, so the last step is every sequence's final state.
       finals.push_back(states.select(1, -1));
-      // The hidden part of the state (LSTM: h of the interleaved (h_i, c_i) pairs).
-      at::Tensor h = lstm ? states.unflatten_symint(-1, {states.sym_size(-1) / 2, 2}).select(-1, 0) : states;
+      // The hidden part of the state (LSTM: h of the interleaved (h_i, c_i) pairs; projected
+      // LSTM: the first P of [h | c]).
+      at::Tensor h = projected ? states.narrow_symint(-1, 0, W_hr->sym_size(0))
+                     : lstm    ? states.unflatten_symint(-1, {states.sym_size(-1) / 2, 2}).select(-1, 0)
+                               : states;
       if (d) h = reversed(h);
       outs.push_back(h.transpose(0, 1));
     }
