@@ -58,12 +58,69 @@ TEST(CppApi, LSTMAndRNNMatchTorchNN) {
   expect_close(out, out_ref, 1e-8);
   expect_close(std::get<1>(hc), std::get<1>(hc_ref), 1e-8);
 
-  pnewton::nn::RNN rnn(pnewton::nn::RNNOptions(4, 6).nonlinearity("relu"));
+  pnewton::nn::RNN rnn(pnewton::nn::RNNOptions(4, 6).nonlinearity(torch::kReLU));
   torch::nn::RNN rnn_ref(torch::nn::RNNOptions(4, 6).nonlinearity(torch::kReLU));
   rnn->to(torch::kDouble);
   rnn_ref->to(torch::kDouble);
   copy_weights(rnn, rnn_ref);
   expect_close(std::get<0>(rnn->forward(x)), std::get<0>(rnn_ref->forward(x)), 1e-8);
+}
+
+TEST(CppApi, PackedInputMatchesTorchNNForEveryModule) {
+  torch::manual_seed(5);
+  namespace rnn = torch::nn::utils::rnn;
+  const auto x = torch::randn({30, 4, 3}, torch::kDouble);
+  const auto packed = rnn::pack_padded_sequence(x, torch::tensor({30, 1, 17, 30}), /*batch_first=*/false,
+                                                /*enforce_sorted=*/false);
+  pnewton::nn::GRU gru(pnewton::nn::GRUOptions(3, 5).num_layers(2).bidirectional(true));
+  torch::nn::GRU gru_ref(torch::nn::GRUOptions(3, 5).num_layers(2).bidirectional(true));
+  gru->to(torch::kDouble);
+  gru_ref->to(torch::kDouble);
+  copy_weights(gru, gru_ref);
+  const auto h0 = torch::randn({4, 4, 5}, torch::kDouble);
+  auto [out, h] = gru->forward_with_packed_input(packed, h0);
+  auto [out_ref, h_ref] = gru_ref->forward_with_packed_input(packed, h0);
+  expect_close(out.data(), out_ref.data(), 1e-8);
+  expect_close(h, h_ref, 1e-8);
+  EXPECT_TRUE(torch::equal(out.unsorted_indices(), out_ref.unsorted_indices()));
+
+  pnewton::nn::LSTM lstm(pnewton::nn::LSTMOptions(3, 6).proj_size(2));
+  torch::nn::LSTM lstm_ref(torch::nn::LSTMOptions(3, 6).proj_size(2));
+  lstm->to(torch::kDouble);
+  lstm_ref->to(torch::kDouble);
+  copy_weights(lstm, lstm_ref);
+  auto [lstm_out, hc] = lstm->forward_with_packed_input(packed);
+  auto [lstm_out_ref, hc_ref] = lstm_ref->forward_with_packed_input(packed);
+  expect_close(lstm_out.data(), lstm_out_ref.data(), 1e-8);
+  expect_close(std::get<0>(hc), std::get<0>(hc_ref), 1e-8);
+  expect_close(std::get<1>(hc), std::get<1>(hc_ref), 1e-8);
+
+  pnewton::nn::RNN rnn_ours(pnewton::nn::RNNOptions(3, 5).nonlinearity(torch::kTanh));
+  torch::nn::RNN rnn_ref(torch::nn::RNNOptions(3, 5).nonlinearity(torch::kTanh));
+  rnn_ours->to(torch::kDouble);
+  rnn_ref->to(torch::kDouble);
+  copy_weights(rnn_ours, rnn_ref);
+  expect_close(std::get<0>(rnn_ours->forward_with_packed_input(packed)).data(),
+               std::get<0>(rnn_ref->forward_with_packed_input(packed)).data(), 1e-8);
+}
+
+TEST(CppApi, ProjectedLSTMMatchesTorchNNAndPrettyPrintShowsTheOptions) {
+  torch::manual_seed(6);
+  pnewton::nn::LSTM ours(pnewton::nn::LSTMOptions(3, 6).proj_size(4).num_layers(2).batch_first(true));
+  torch::nn::LSTM theirs(torch::nn::LSTMOptions(3, 6).proj_size(4).num_layers(2).batch_first(true));
+  ours->to(torch::kDouble);
+  theirs->to(torch::kDouble);
+  EXPECT_EQ(ours->named_parameters().keys(), theirs->named_parameters().keys());
+  copy_weights(ours, theirs);
+  const auto x = torch::randn({2, 60, 3}, torch::kDouble);
+  auto [out, hc] = ours->forward(x);
+  auto [out_ref, hc_ref] = theirs->forward(x);
+  expect_close(out, out_ref, 1e-8);
+  expect_close(std::get<1>(hc), std::get<1>(hc_ref), 1e-8);
+  std::ostringstream text;
+  ours->pretty_print(text);
+  EXPECT_EQ(text.str(), "pnewton::nn::LSTM(input_size=3, hidden_size=6, num_layers=2, bias=true, batch_first=true, "
+                        "dropout=0, bidirectional=false, proj_size=4, method=auto)");
 }
 
 TEST(CppApi, ScanAndSolverThroughTheDispatcherWithAutograd) {
@@ -206,7 +263,7 @@ TEST(CppApi, BadInputRaisesErrorsNamingTheArgument) {
   EXPECT_THROW(pnewton::newton_rnn("gru", torch::randn({1, 4, 15}), torch::randn({15, 5}), std::nullopt,
                                    torch::zeros({1, 5}), bad),
                c10::Error);
-  EXPECT_THROW(pnewton::nn::RNN(pnewton::nn::RNNOptions(3, 4).nonlinearity("gelu")), c10::Error);
+  EXPECT_THROW(pnewton::nn::LSTM(pnewton::nn::LSTMOptions(3, 4).proj_size(4)), c10::Error);
 }
 
 }  // namespace

@@ -1,22 +1,28 @@
 #pragma once
 // torch::nn modules evaluated by the Newton solver: pnewton::nn::GRU, LSTM and RNN mirror
-// torch::nn::GRU / LSTM / RNN (options, parameter names, forward), so state dicts and
-// weights carry over. Link the pnewton library.
+// torch::nn::GRU / LSTM / RNN (option types, parameter names, forward and
+// forward_with_packed_input, pretty_print), so state dicts and weights carry over, plus
+// the solver's options. Link the pnewton library.
 #include <torch/arg.h>
+#include <torch/enum.h>
 #include <torch/nn/cloneable.h>
 #include <torch/nn/pimpl.h>
+#include <torch/nn/utils/rnn.h>
 
 #include <optional>
 #include <string>
 #include <tuple>
+#include <variant>
 #include <vector>
 
 #include "pnewton/solver.h"
 
 namespace pnewton::nn {
 
-struct RNNOptions {
-  RNNOptions(int64_t input_size, int64_t hidden_size) : input_size_(input_size), hidden_size_(hidden_size) {}
+using torch::nn::utils::rnn::PackedSequence;
+
+struct GRUOptions {
+  GRUOptions(int64_t input_size, int64_t hidden_size) : input_size_(input_size), hidden_size_(hidden_size) {}
   TORCH_ARG(int64_t, input_size);
   TORCH_ARG(int64_t, hidden_size);
   TORCH_ARG(int64_t, num_layers) = 1;
@@ -24,30 +30,68 @@ struct RNNOptions {
   TORCH_ARG(bool, batch_first) = false;
   TORCH_ARG(double, dropout) = 0.0;
   TORCH_ARG(bool, bidirectional) = false;
-  TORCH_ARG(std::string, nonlinearity) = "tanh";  // RNN only: "tanh" or "relu"
   TORCH_ARG(SolverOptions, solver) = {};
 };
-using GRUOptions = RNNOptions;
-using LSTMOptions = RNNOptions;
+
+struct LSTMOptions {
+  LSTMOptions(int64_t input_size, int64_t hidden_size) : input_size_(input_size), hidden_size_(hidden_size) {}
+  TORCH_ARG(int64_t, input_size);
+  TORCH_ARG(int64_t, hidden_size);
+  TORCH_ARG(int64_t, num_layers) = 1;
+  TORCH_ARG(bool, bias) = true;
+  TORCH_ARG(bool, batch_first) = false;
+  TORCH_ARG(double, dropout) = 0.0;
+  TORCH_ARG(bool, bidirectional) = false;
+  TORCH_ARG(int64_t, proj_size) = 0;  // > 0: torch.nn's projected LSTM (weight_hr_l{k})
+  TORCH_ARG(SolverOptions, solver) = {};
+};
+
+struct RNNOptions {
+  typedef std::variant<torch::enumtype::kTanh, torch::enumtype::kReLU> nonlinearity_t;
+  RNNOptions(int64_t input_size, int64_t hidden_size) : input_size_(input_size), hidden_size_(hidden_size) {}
+  TORCH_ARG(int64_t, input_size);
+  TORCH_ARG(int64_t, hidden_size);
+  TORCH_ARG(int64_t, num_layers) = 1;
+  TORCH_ARG(nonlinearity_t, nonlinearity) = torch::kTanh;
+  TORCH_ARG(bool, bias) = true;
+  TORCH_ARG(bool, batch_first) = false;
+  TORCH_ARG(double, dropout) = 0.0;
+  TORCH_ARG(bool, bidirectional) = false;
+  TORCH_ARG(SolverOptions, solver) = {};
+};
 
 namespace detail {
+
+// What the layer stack needs of any of the three option types.
+struct StackOptions {
+  std::string cell;  // gru | lstm | rnn_tanh | rnn_relu
+  int64_t input_size, hidden_size, num_layers, proj_size = 0;
+  bool bias, batch_first, bidirectional;
+  double dropout;
+  SolverOptions solver;
+};
+StackOptions stack_options(const GRUOptions& o);
+StackOptions stack_options(const LSTMOptions& o);
+StackOptions stack_options(const RNNOptions& o);
 
 // The layer stack shared by GRU, LSTM and RNN: every layer and direction is one solve.
 class RNNStack {
  public:
-  RNNStack(RNNOptions options, std::string cell) : options(std::move(options)), cell(std::move(cell)) {}
-  RNNOptions options;
-  std::string cell;  // gru | lstm | rnn_tanh | rnn_relu
+  StackOptions options;
   SolveStats last_stats;
 
-  int64_t gates() const;
-  // Registers torch.nn's parameters (weight_ih_l0, ..., _reverse) on `module`.
-  void register_parameters(torch::nn::Module& module);
-  // Takes the module's (possibly edited) options and registers fresh parameters.
-  void reset(torch::nn::Module& module, const RNNOptions& new_options);
-  // input [T, B, in] or [B, T, in] (batch_first), state0 [layers·dirs, B, S] -> (output, final).
+  // Registers torch.nn's parameters (weight_ih_l0, ..., _reverse) on `module`, as
+  // torch::nn does (a fresh set on every reset), with its initialisation.
+  void reset(torch::nn::Module& module, StackOptions new_options);
+  // input [T, B, in] or [B, T, in] (batch_first), state0 [layers·dirs, B, S]; lengths [B] or
+  // undefined -> (output, final states [layers·dirs, B, S]).
   std::tuple<at::Tensor, at::Tensor> run(const torch::nn::Module& module, const at::Tensor& input,
-                                         const at::Tensor& state0, bool training);
+                                         const at::Tensor& state0, bool training, const at::Tensor& lengths = {});
+  // The same for a PackedSequence (state0 in sorted order); the output packed alike.
+  std::tuple<PackedSequence, at::Tensor> run_packed(const torch::nn::Module& module, const PackedSequence& input,
+                                                    const at::Tensor& state0, bool training);
+  // torch::nn's description: "pnewton::nn::GRU(input_size=3, hidden_size=5, ...)".
+  void pretty_print(std::ostream& stream, const char* name) const;
 };
 
 }  // namespace detail
@@ -57,8 +101,12 @@ class GRUImpl : public torch::nn::Cloneable<GRUImpl> {
   GRUImpl(int64_t input_size, int64_t hidden_size) : GRUImpl(GRUOptions(input_size, hidden_size)) {}
   explicit GRUImpl(const GRUOptions& options);
   void reset() override;
+  void pretty_print(std::ostream& stream) const override { stack_.pretty_print(stream, "GRU"); }
   // input [T, B, in] ([B, T, in] if batch_first); hx [layers·dirs, B, hidden] or undefined.
   std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, at::Tensor hx = {});
+  // Variable-length batches, as torch::nn::GRU's: hx in the caller's batch order.
+  std::tuple<PackedSequence, at::Tensor> forward_with_packed_input(const PackedSequence& packed_input,
+                                                                   at::Tensor hx = {});
   const SolveStats& last_stats() const { return stack_.last_stats; }
   GRUOptions options;
 
@@ -72,8 +120,11 @@ class LSTMImpl : public torch::nn::Cloneable<LSTMImpl> {
   LSTMImpl(int64_t input_size, int64_t hidden_size) : LSTMImpl(LSTMOptions(input_size, hidden_size)) {}
   explicit LSTMImpl(const LSTMOptions& options);
   void reset() override;
+  void pretty_print(std::ostream& stream) const override { stack_.pretty_print(stream, "LSTM"); }
   std::tuple<at::Tensor, std::tuple<at::Tensor, at::Tensor>> forward(
       const at::Tensor& input, std::optional<std::tuple<at::Tensor, at::Tensor>> hx = std::nullopt);
+  std::tuple<PackedSequence, std::tuple<at::Tensor, at::Tensor>> forward_with_packed_input(
+      const PackedSequence& packed_input, std::optional<std::tuple<at::Tensor, at::Tensor>> hx = std::nullopt);
   const SolveStats& last_stats() const { return stack_.last_stats; }
   LSTMOptions options;
 
@@ -87,7 +138,10 @@ class RNNImpl : public torch::nn::Cloneable<RNNImpl> {
   RNNImpl(int64_t input_size, int64_t hidden_size) : RNNImpl(RNNOptions(input_size, hidden_size)) {}
   explicit RNNImpl(const RNNOptions& options);
   void reset() override;
+  void pretty_print(std::ostream& stream) const override { stack_.pretty_print(stream, "RNN"); }
   std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, at::Tensor hx = {});
+  std::tuple<PackedSequence, at::Tensor> forward_with_packed_input(const PackedSequence& packed_input,
+                                                                   at::Tensor hx = {});
   const SolveStats& last_stats() const { return stack_.last_stats; }
   RNNOptions options;
 
