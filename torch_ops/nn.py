@@ -13,6 +13,8 @@ call over the whole sequence (the C++ solver, csrc/solver), the whole stack one
 W_ih x_t + b_ih is one GEMM before each solve. ``DiagGRU`` and ``DiagLSTM`` have per-channel
 recurrent weights (vectors), so their Newton steps are exact with diagonal / 2×2 scans.
 """
+import warnings
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -60,6 +62,19 @@ _TORCH_NN_ARGUMENTS = ("input_size", "hidden_size", "num_layers", "nonlinearity"
                        "bidirectional", "proj_size", "device", "dtype")
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward hands on a contiguous gradient: the gradient of an
+    interleaved (h, c) state is a strided view, and torch.nn's h0/c0 gradients are contiguous."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def _pop_solver_options(layer, kwargs):
     """Takes the solver options out of a constructor's keyword arguments."""
     unknown = set(kwargs) - set(SOLVER_DEFAULTS) - set(_TORCH_NN_ARGUMENTS)
@@ -78,6 +93,10 @@ class _NewtonLayer:
     def _init_solver(self, solver_options):
         self.solver_options = dict(solver_options)
         self.last_stats = None
+        # True: a UserWarning whenever the sequential fallback produced part of a call's
+        # output (shown once per call site under Python's default warning filter). Off by
+        # default: reading the flag costs a host synchronisation.
+        self.warn_on_fallback = False
 
     @property
     def _cell(self):
@@ -155,6 +174,7 @@ class _NewtonLayer:
         if not self._is_lstm:
             state0 = hx
         else:
+            hx = tuple(_ContiguousGrad.apply(h) if h.requires_grad else h for h in hx)
             state0 = torch.cat(hx, -1) if self.proj_size else torch.stack(hx, -1).flatten(-2)
         o = {**SOLVER_DEFAULTS, **self.solver_options}
         out, final, iterations, residual, converged, path = torch.ops.pnewton.rnn_stack(
@@ -162,6 +182,10 @@ class _NewtonLayer:
             self.bidirectional, batch_first, o["method"], *_limits(o["max_iter"], o["atol"], o["rtol"]),
             o["damping"], o["clip"], o["init"], o["fixed_iterations"], o["fallback"], o["adjoint"], lengths)
         self.last_stats = SolveStats(iterations, residual, converged, path, o["method"])
+        if self.warn_on_fallback and self.last_stats.fallback:
+            warnings.warn(f"pnewton.{type(self).__name__}: the sequential fallback computed "
+                          f"{int(self.last_stats.fell_back.sum())} of {len(converged)} sequences "
+                          f"(path {self.last_stats.method}); see last_stats", stacklevel=2)
         if self.proj_size:
             final = (final[..., :self.proj_size].contiguous(), final[..., self.proj_size:].contiguous())
         elif self._is_lstm:

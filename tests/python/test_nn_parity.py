@@ -273,3 +273,24 @@ def test_a_normal_backward_warns_nothing():
         warnings.simplefilter("error")
         out, (h, c) = layer(x, (torch.zeros(4, 2, 4, requires_grad=True), torch.zeros(4, 2, 4, requires_grad=True)))
         (out.sum() + h.sum() + c.sum()).backward()
+
+
+def test_initial_state_gradients_are_contiguous_as_torch_nns():
+    layer = pnewton.LSTM(3, 4, num_layers=2)
+    h0, c0 = (torch.randn(2, 5, 4, requires_grad=True) for _ in range(2))
+    out, _ = layer(torch.randn(7, 5, 3), (h0, c0))
+    grads = torch.autograd.grad(out.sum(), (h0, c0))
+    assert all(g.is_contiguous() for g in grads)
+
+
+def test_fallback_warning_is_offered_and_off_by_default():
+    torch.manual_seed(9)
+    layer = pnewton.RNN(2, 8, max_iter=2)  # a budget too small: the loop finishes the solve
+    x = torch.randn(50, 3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)
+    assert layer.last_stats.fallback
+    layer.warn_on_fallback = True
+    with pytest.warns(UserWarning, match="sequential fallback computed 3 of 3 sequences"):
+        layer(x)

@@ -10,7 +10,8 @@
 namespace pnewton {
 
 // The solver options; negative max_iter / atol / rtol select the per-dtype defaults
-// (min(T, 100) iterations; 1e-10 for float64, 1e-5 otherwise). See README "The solver".
+// (min(T, 100) iterations; 1e-12 for float64, 1e-6 otherwise, on the Newton step, the
+// error estimate). See README "The solver".
 struct SolverOptions {
   std::string method = "auto";  // auto | deer | quasi_deer | block_deer | elk | quasi_elk | elk_filter |
                                // quasi_elk_filter | picard | jacobi | sequential
