@@ -190,6 +190,23 @@ at::Tensor lstm_state(const detail::StackOptions& o, std::optional<std::tuple<at
   return o.proj_size > 0 ? at::cat({h0, c0}, -1) : at::stack({h0, c0}, -1).flatten(-2);
 }
 
+// GRU and RNN: forward and forward_with_packed_input.
+std::tuple<at::Tensor, at::Tensor> forward_hidden(detail::RNNStack& stack, const torch::nn::Module& module,
+                                                  const char* name, const at::Tensor& input, at::Tensor hx) {
+  const auto [n, B] = state_shape(stack.options, input, name);
+  return stack.run(module, input, hidden_state(stack.options, name, std::move(hx), n, B, input.options()),
+                   module.is_training());
+}
+
+std::tuple<PackedSequence, at::Tensor> forward_hidden_packed(detail::RNNStack& stack, const torch::nn::Module& module,
+                                                             const char* name, const PackedSequence& input,
+                                                             at::Tensor hx) {
+  const auto [n, B] = packed_state_shape(stack.options, input, name);
+  const at::Tensor h0 = hidden_state(stack.options, name, std::move(hx), n, B, input.data().options());
+  auto [out, final] = stack.run_packed(module, input, permuted(h0, input.sorted_indices()), module.is_training());
+  return {out, permuted(final, input.unsorted_indices())};
+}
+
 std::tuple<at::Tensor, at::Tensor> lstm_final(const detail::StackOptions& o, const at::Tensor& final,
                                               const at::Tensor& permutation) {
   if (o.proj_size > 0) {
@@ -208,17 +225,12 @@ GRUImpl::GRUImpl(const GRUOptions& options_) : options(options_) { reset(); }
 void GRUImpl::reset() { stack_.reset(*this, detail::stack_options(options)); }
 
 std::tuple<at::Tensor, at::Tensor> GRUImpl::forward(const at::Tensor& input, at::Tensor hx) {
-  const auto [n, B] = state_shape(stack_.options, input, "GRU");
-  return stack_.run(*this, input, hidden_state(stack_.options, "GRU", std::move(hx), n, B, input.options()),
-                    is_training());
+  return forward_hidden(stack_, *this, "GRU", input, std::move(hx));
 }
 
 std::tuple<PackedSequence, at::Tensor> GRUImpl::forward_with_packed_input(const PackedSequence& input,
                                                                           at::Tensor hx) {
-  const auto [n, B] = packed_state_shape(stack_.options, input, "GRU");
-  const at::Tensor h0 = hidden_state(stack_.options, "GRU", std::move(hx), n, B, input.data().options());
-  auto [out, final] = stack_.run_packed(*this, input, permuted(h0, input.sorted_indices()), is_training());
-  return {out, permuted(final, input.unsorted_indices())};
+  return forward_hidden_packed(stack_, *this, "GRU", input, std::move(hx));
 }
 
 LSTMImpl::LSTMImpl(const LSTMOptions& options_) : options(options_) { reset(); }
@@ -247,17 +259,12 @@ RNNImpl::RNNImpl(const RNNOptions& options_) : options(options_) { reset(); }
 void RNNImpl::reset() { stack_.reset(*this, detail::stack_options(options)); }
 
 std::tuple<at::Tensor, at::Tensor> RNNImpl::forward(const at::Tensor& input, at::Tensor hx) {
-  const auto [n, B] = state_shape(stack_.options, input, "RNN");
-  return stack_.run(*this, input, hidden_state(stack_.options, "RNN", std::move(hx), n, B, input.options()),
-                    is_training());
+  return forward_hidden(stack_, *this, "RNN", input, std::move(hx));
 }
 
 std::tuple<PackedSequence, at::Tensor> RNNImpl::forward_with_packed_input(const PackedSequence& input,
                                                                           at::Tensor hx) {
-  const auto [n, B] = packed_state_shape(stack_.options, input, "RNN");
-  const at::Tensor h0 = hidden_state(stack_.options, "RNN", std::move(hx), n, B, input.data().options());
-  auto [out, final] = stack_.run_packed(*this, input, permuted(h0, input.sorted_indices()), is_training());
-  return {out, permuted(final, input.unsorted_indices())};
+  return forward_hidden_packed(stack_, *this, "RNN", input, std::move(hx));
 }
 
 }  // namespace pnewton::nn
