@@ -25,27 +25,31 @@ TORCH_LIBRARY(pnewton, m) {
   // residual, converged (bool) and path (int64: bit i set when method i of
   // the Method enum in csrc/solver/newton.h moved the sequence; bit 5 is the sequential loop). Negative max_iter/atol/rtol: defaults.
   // lengths [B] (integers in [0, T]): steps t >= lengths[b] are padding, outside the residual
-  // and the gradients, and the states hold still there (csrc/solver/lengths.h). W_hr: the
+  // and the gradients, and the states hold still there (csrc/solver/segments.h). W_hr: the
   // projection [P, D] of cell lstm_proj (torch.nn.LSTM's proj_size; state [h | c], S = P + D).
+  // resets [B, T] (bool): segments packed end to end in a row; a true step starts a new
+  // segment from s0, with nothing carried across (csrc/solver/segments.h).
   m.def(
       "newton_rnn(str cell, Tensor gi, Tensor W_hh, Tensor? b_hh, Tensor s0, str method=\"auto\", "
       "int max_iter=-1, float atol=-1.0, float rtol=-1.0, float damping=0.0, float clip=0.0, "
       "str init=\"zeros\", Tensor? init_states=None, bool fixed_iterations=False, bool fallback=True, "
-      "str adjoint=\"auto\", Tensor? lengths=None, Tensor? W_hr=None) -> (Tensor states, Tensor iterations, "
-      "Tensor residual, Tensor converged, Tensor path)");
+      "str adjoint=\"auto\", Tensor? lengths=None, Tensor? W_hr=None, Tensor? resets=None) -> (Tensor states, "
+      "Tensor iterations, Tensor residual, Tensor converged, Tensor path)");
   // A stack of recurrent layers (torch.nn's GRU/LSTM/RNN semantics), each layer and direction
   // one newton_rnn solve; params per (layer, direction): W_ih, W_hh[, b_ih, b_hh][, W_hr] (as
   // torch's _VF.lstm: a fifth (third) tensor per layer is LSTM's projection). input is
   // [T, B, in] ([B, T, in] if batch_first), state0 [layers·dirs, B, S]; lengths [B] as for
   // newton_rnn (outputs past a length are zero, as in torch.nn's padded packed output; the
-  // reverse direction starts at each sequence's own end). Composite: autograd flows through
+  // reverse direction starts at each sequence's own end); resets [B, T] as for newton_rnn (the
+  // reverse direction reads each segment backwards). Composite: autograd flows through
   // its parts. Diagnostics are the worst case over the stack, per sequence.
   m.def(
       "rnn_stack(str cell, Tensor input, Tensor state0, Tensor[] params, bool has_biases, int num_layers, "
       "float dropout, bool train, bool bidirectional, bool batch_first, str method=\"auto\", int max_iter=-1, "
       "float atol=-1.0, float rtol=-1.0, float damping=0.0, float clip=0.0, str init=\"zeros\", "
-      "bool fixed_iterations=False, bool fallback=True, str adjoint=\"auto\", Tensor? lengths=None) -> "
-      "(Tensor output, Tensor final, Tensor iterations, Tensor residual, Tensor converged, Tensor path)");
+      "bool fixed_iterations=False, bool fallback=True, str adjoint=\"auto\", Tensor? lengths=None, "
+      "Tensor? resets=None) -> (Tensor output, Tensor final, Tensor iterations, Tensor residual, Tensor converged, "
+      "Tensor path)");
   // One step of a built-in cell, s' = f(s, gi) for rows s [N, S], gi [N, G]: the map the
   // solver iterates, for diagnostics such as pnewton.lyapunov. Composite (differentiable).
   m.def("cell_step(str cell, Tensor s, Tensor gi, Tensor W_hh, Tensor? b_hh, Tensor? W_hr=None) -> Tensor");
@@ -53,6 +57,6 @@ TORCH_LIBRARY(pnewton, m) {
   // returned even when b_hh is None, grad_W_hr is empty without W_hr.
   m.def(
       "newton_rnn_backward(Tensor grad_states, str cell, Tensor gi, Tensor W_hh, Tensor? b_hh, Tensor s0, "
-      "Tensor states, str adjoint=\"auto\", Tensor? lengths=None, Tensor? W_hr=None) -> (Tensor grad_gi, "
-      "Tensor grad_W_hh, Tensor grad_b_hh, Tensor grad_s0, Tensor grad_W_hr)");
+      "Tensor states, str adjoint=\"auto\", Tensor? lengths=None, Tensor? W_hr=None, Tensor? resets=None) -> "
+      "(Tensor grad_gi, Tensor grad_W_hh, Tensor grad_b_hh, Tensor grad_s0, Tensor grad_W_hr)");
 }

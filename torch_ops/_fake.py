@@ -33,7 +33,7 @@ def _scan_block_backward_fake(grad_x, A, x, x0, reverse, transpose):
 @torch.library.register_fake("pnewton::newton_rnn")
 def _newton_rnn_fake(cell, gi, W_hh, b_hh, s0, method="auto", max_iter=-1, atol=-1.0, rtol=-1.0, damping=0.0,
                      clip=0.0, init="zeros", init_states=None, fixed_iterations=False, fallback=True, adjoint="auto",
-                     lengths=None, W_hr=None):
+                     lengths=None, W_hr=None, resets=None):
     B, T = gi.shape[:2]
     torch._check(s0.dim() == 2, lambda: f"pnewton.newton_rnn: s0 must be [B, S], got {tuple(s0.shape)}")
     states = gi.new_empty(B, T, s0.shape[1])
@@ -42,7 +42,8 @@ def _newton_rnn_fake(cell, gi, W_hh, b_hh, s0, method="auto", max_iter=-1, atol=
 
 
 @torch.library.register_fake("pnewton::newton_rnn_backward")
-def _newton_rnn_backward_fake(grad_states, cell, gi, W_hh, b_hh, s0, states, adjoint="auto", lengths=None, W_hr=None):
+def _newton_rnn_backward_fake(grad_states, cell, gi, W_hh, b_hh, s0, states, adjoint="auto", lengths=None, W_hr=None,
+                              resets=None):
     return (_contiguous(gi), _contiguous(W_hh), gi.new_empty(W_hh.shape[0]), _contiguous(s0),
             gi.new_empty(0) if W_hr is None else _contiguous(W_hr))
 

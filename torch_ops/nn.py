@@ -33,7 +33,7 @@ def _limits(max_iter, atol, rtol):
 
 def newton_rnn(cell, gi, W_hh, b_hh, s0, method="auto", max_iter=None, atol=None, rtol=None, damping=0.0,
                clip=0.0, init="zeros", init_states=None, fixed_iterations=False, fallback=True, adjoint="auto",
-               lengths=None, W_hr=None):
+               lengths=None, W_hr=None, resets=None):
     """Solve a built-in cell over a sequence: ``(states [B, T, S], SolveStats)``.
 
     ``cell`` is ``gru``, ``lstm``, ``rnn_tanh``, ``rnn_relu``, ``diag_gru``, ``diag_lstm`` or
@@ -49,11 +49,13 @@ def newton_rnn(cell, gi, W_hh, b_hh, s0, method="auto", max_iter=None, atol=None
     ``adjoint``: how gradients solve the adjoint — auto, scan, iterative, sequential.
     ``lengths`` ``[B]``: per-sequence lengths of a padded batch; steps past a length are
     padding (outside the residual and the gradients) and the states hold still there, so
-    ``states[:, -1]`` is each sequence's final state.
+    ``states[:, -1]`` is each sequence's final state. ``resets`` ``[B, T]`` (bool): several
+    sequences packed end to end in a row; a true step starts a new one from ``s0``, with
+    nothing carried across in the states or the gradients.
     """
     states, iterations, residual, converged, path = torch.ops.pnewton.newton_rnn(
         cell, gi, W_hh, b_hh, s0, method, *_limits(max_iter, atol, rtol), damping, clip, init, init_states,
-        fixed_iterations, fallback, adjoint, lengths, W_hr)
+        fixed_iterations, fallback, adjoint, lengths, W_hr, resets)
     return states, SolveStats(iterations, residual, converged, path, method)
 
 

@@ -13,11 +13,12 @@ using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
 using ForwardSig = Outputs(c10::string_view, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                            const at::Tensor&, c10::string_view, int64_t, double, double, double, double,
                            c10::string_view, const c10::optional<at::Tensor>&, bool, bool, c10::string_view,
-                           const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&);
+                           const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                           const c10::optional<at::Tensor>&);
 using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, c10::string_view, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
     const at::Tensor&, const at::Tensor&, c10::string_view, const c10::optional<at::Tensor>&,
-    const c10::optional<at::Tensor>&);
+    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&);
 
 c10::optional<at::Tensor> optional(const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; }
 
@@ -28,15 +29,16 @@ class NewtonRNNFunction : public torch::autograd::Function<NewtonRNNFunction> {
                                int64_t max_iter, double atol, double rtol, double damping, double clip,
                                std::string init, const c10::optional<at::Tensor>& init_states,
                                bool fixed_iterations, bool fallback, std::string adjoint,
-                               const c10::optional<at::Tensor>& lengths, const c10::optional<at::Tensor>& W_hr) {
+                               const c10::optional<at::Tensor>& lengths, const c10::optional<at::Tensor>& W_hr,
+                               const c10::optional<at::Tensor>& resets) {
     static auto op =
         c10::Dispatcher::singleton().findSchemaOrThrow("pnewton::newton_rnn", "").typed<ForwardSig>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [states, iterations, residual, converged, path] =
         op.call(cell, gi, W_hh, b_hh, s0, method, max_iter, atol, rtol, damping, clip, init, init_states,
-                fixed_iterations, fallback, adjoint, lengths, W_hr);
+                fixed_iterations, fallback, adjoint, lengths, W_hr, resets);
     ctx->save_for_backward({gi, W_hh, b_hh.value_or(at::Tensor()), s0, states, lengths.value_or(at::Tensor()),
-                            W_hr.value_or(at::Tensor())});
+                            W_hr.value_or(at::Tensor()), resets.value_or(at::Tensor())});
     ctx->saved_data["cell"] = cell;
     ctx->saved_data["adjoint"] = adjoint;
     ctx->mark_non_differentiable({iterations, residual, converged, path});
@@ -50,11 +52,12 @@ class NewtonRNNFunction : public torch::autograd::Function<NewtonRNNFunction> {
     const at::Tensor& b_hh = saved[2];
     const at::Tensor& lengths = saved[5];
     const at::Tensor& W_hr = saved[6];
+    const at::Tensor& resets = saved[7];
     at::Tensor grad = grad_outputs[0].defined() ? grad_outputs[0] : at::zeros_like(saved[4]);
     auto [grad_gi, grad_W, grad_b, grad_s0, grad_W_hr] =
         op.call(grad, ctx->saved_data["cell"].toStringRef(), saved[0], saved[1], optional(b_hh), saved[3], saved[4],
-                ctx->saved_data["adjoint"].toStringRef(), optional(lengths), optional(W_hr));
-    variable_list grads(18);  // one per forward argument after ctx
+                ctx->saved_data["adjoint"].toStringRef(), optional(lengths), optional(W_hr), optional(resets));
+    variable_list grads(19);  // one per forward argument after ctx
     grads[1] = grad_gi;
     grads[2] = grad_W;
     grads[3] = b_hh.defined() ? grad_b : at::Tensor();
@@ -69,10 +72,10 @@ Outputs newton_rnn_autograd(c10::string_view cell, const at::Tensor& gi, const a
                             int64_t max_iter, double atol, double rtol, double damping, double clip,
                             c10::string_view init, const c10::optional<at::Tensor>& init_states, bool fixed_iterations,
                             bool fallback, c10::string_view adjoint, const c10::optional<at::Tensor>& lengths,
-                            const c10::optional<at::Tensor>& W_hr) {
+                            const c10::optional<at::Tensor>& W_hr, const c10::optional<at::Tensor>& resets) {
   auto out = NewtonRNNFunction::apply(std::string(cell), gi, W_hh, b_hh, s0, std::string(method), max_iter, atol,
                                       rtol, damping, clip, std::string(init), init_states, fixed_iterations, fallback,
-                                      std::string(adjoint), lengths, W_hr);
+                                      std::string(adjoint), lengths, W_hr, resets);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 

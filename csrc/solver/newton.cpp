@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "csrc/solver/elk.h"
-#include "csrc/solver/lengths.h"
+#include "csrc/solver/segments.h"
 #include "pnewton/scan.h"
 
 namespace pnewton {
@@ -15,11 +15,6 @@ namespace {
 
 bool is_elk(Method m) {
   return m == Method::elk || m == Method::quasi_elk || m == Method::elk_filter || m == Method::quasi_elk_filter;
-}
-
-// The previous state of every step: [s0, s_1, ..., s_{T-1}].
-at::Tensor shifted(const at::Tensor& s0, const at::Tensor& s) {
-  return at::cat({s0.unsqueeze(1), s.narrow(1, 0, s.size(1) - 1)}, 1);
 }
 
 // [B, T, ...] -> [B·T, ...]: every step of every sequence as one row.
@@ -49,6 +44,13 @@ at::Tensor negated_newton_delta(const at::Tensor& a, const at::Tensor& r, Jacobi
     case JacobianPart::dense: return scan_block(a.unsqueeze(2), r.unsqueeze(2)).squeeze(2);
   }
   return r;
+}
+
+// [B, T, 1, ...]: a per-step mask broadcast over a Jacobian part of `shape` [B, T, ...].
+std::vector<int64_t> jacobian_mask_shape(const std::vector<int64_t>& shape) {
+  std::vector<int64_t> mask(shape.size(), 1);
+  mask[0] = shape[0], mask[1] = shape[1];
+  return mask;
 }
 
 JacobianPart method_part(const CellFunction& cell, Method method) {
@@ -136,11 +138,13 @@ NewtonOptions newton_options(const SolverOptions& s) {
 
 double default_tolerance(at::ScalarType dtype) { return dtype == at::kDouble ? 1e-12 : 1e-6; }
 
-at::Tensor sequential_states(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0) {
+at::Tensor sequential_states(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0,
+                             const at::Tensor& resets) {
   const int64_t T = gi.size(1);
   at::Tensor out = at::empty({gi.size(0), T, s0.size(1)}, s0.options());
   at::Tensor s = s0;
   for (int64_t t = 0; t < T; ++t) {
+    if (resets.defined() && t > 0) s = at::where(resets.select(1, t).unsqueeze(1), s0, s);
     s = cell.step(s, gi.select(1, t));
     out.select(1, t).copy_(s);
   }
@@ -179,11 +183,15 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
                                      : part == JacobianPart::block2 ? std::vector<int64_t>{B, T, S / 2, 2, 2}
                                                                     : std::vector<int64_t>{B, T, S, S};
   at::Tensor F, J, r;
+  // A reset step reads s0: its Jacobian with respect to the previous state is zero.
+  const at::Tensor carried = o.resets.defined() ? carried_steps(o.resets, s0.scalar_type()) : at::Tensor();
   auto evaluate = [&](const at::Tensor& s, bool with_jacobian) {
-    CellFunction::Evaluation e = cell.evaluate(flat(shifted(s0, s)), gi_flat,
+    CellFunction::Evaluation e = cell.evaluate(flat(previous_steps(s0, s, o.resets)), gi_flat,
                                                newton_like && with_jacobian ? std::optional<JacobianPart>(part)
                                                                             : std::nullopt);
-    return std::make_tuple(e.F.view({B, T, S}), e.J.defined() ? e.J.view(shape) : e.J);
+    at::Tensor jacobian = e.J.defined() ? e.J.view(shape) : e.J;
+    if (carried.defined() && jacobian.defined()) jacobian = jacobian * carried.view(jacobian_mask_shape(shape));
+    return std::make_tuple(e.F.view({B, T, S}), jacobian);
   };
   // Padding (valid = 0) is no part of the system: its residual is zero, it takes no step
   // (a step decaying through it would leave subnormal states, which slow the GEMMs tenfold),
@@ -318,7 +326,7 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
   res.path = at::zeros({B}, opts.dtype(at::kLong));
   const at::Tensor& lengths = o.lengths;
   if (T == 0 || B == 0 || o.method == Method::sequential) {
-    res.states = sequential_states(cell, gi, s0);
+    res.states = sequential_states(cell, gi, s0, o.resets);
     if (lengths.defined()) res.states = hold_past_lengths(res.states, s0, lengths);
     if (lengths.defined()) res.iterations.copy_(lengths); else res.iterations.fill_(T);
     res.residual = at::zeros({B}, opts);
@@ -376,7 +384,8 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
   if (o.fallback && !o.fixed_iterations && !res.converged.all().item<bool>()) {
     const at::Tensor redo = at::logical_not(res.converged).nonzero().squeeze(1);
     const at::Tensor s0_redo = s0.index_select(0, redo);
-    at::Tensor exact = sequential_states(cell, gi.index_select(0, redo), s0_redo);
+    at::Tensor exact = sequential_states(cell, gi.index_select(0, redo), s0_redo,
+                                         o.resets.defined() ? o.resets.index_select(0, redo) : at::Tensor());
     if (lengths.defined()) exact = hold_past_lengths(exact, s0_redo, lengths.index_select(0, redo));
     res.states.index_copy_(0, redo, exact);
     if (lengths.defined()) res.iterations.index_copy_(0, redo, lengths.index_select(0, redo));
@@ -395,10 +404,15 @@ namespace {
 // λ by one transposed reverse scan over the true Jacobian A_{t+1} = A[:, 1:] (a view:
 // no shifted copy), entering from λ_{T-1} = g_{T-1}.
 at::Tensor adjoint_by_scan(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
-                           const at::Tensor& g, JacobianPart part) {
+                           const at::Tensor& g, JacobianPart part, const at::Tensor& carried) {
   const int64_t B = g.size(0), T = g.size(1), S = g.size(2), D = S / 2;
   at::Tensor head;
-  const at::Tensor J = cell.jacobian(s_prev, gi_flat, part);
+  at::Tensor J = cell.jacobian(s_prev, gi_flat, part);
+  if (carried.defined()) {
+    std::vector<int64_t> mask(J.dim(), 1);
+    mask[0] = B * T;
+    J = J * carried.reshape(mask);
+  }
   const at::Tensor g_head = g.narrow(1, 0, T - 1), g_last = g.select(1, T - 1);
   if (part == JacobianPart::diagonal) {
     head = scan_diag(J.view({B, T, S}).narrow(1, 1, T - 1), g_head, g_last, /*reverse=*/true);
@@ -416,21 +430,24 @@ at::Tensor adjoint_by_scan(const CellFunction& cell, const at::Tensor& s_prev, c
 
 // w_t = A_{t+1}ᵀ λ_{t+1} (zero at the last step), matrix-free through the cell's VJP.
 at::Tensor next_step_transpose_product(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
-                                       const at::Tensor& lambda) {
+                                       const at::Tensor& lambda, const at::Tensor& carried) {
   const int64_t B = lambda.size(0), T = lambda.size(1), S = lambda.size(2);
-  const at::Tensor u = cell.transpose_product(s_prev, gi_flat, flat(lambda)).view({B, T, S});
+  at::Tensor u = cell.transpose_product(s_prev, gi_flat, flat(lambda)).view({B, T, S});
+  if (carried.defined()) u = u * carried;
   return at::cat({u.narrow(1, 1, T - 1), at::zeros_like(u.narrow(1, 0, 1))}, 1);
 }
 
 at::Tensor adjoint_sequential(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
-                              const at::Tensor& g) {
+                              const at::Tensor& g, const at::Tensor& carried) {
   const int64_t B = g.size(0), T = g.size(1), S = g.size(2);
   const at::Tensor sp = s_prev.view({B, T, S}), gv = gi_flat.unflatten(0, {B, T});
   at::Tensor lambda = at::empty_like(g);
   at::Tensor l = g.select(1, T - 1);
   lambda.select(1, T - 1).copy_(l);
   for (int64_t t = T - 2; t >= 0; --t) {
-    l = g.select(1, t) + cell.transpose_product(sp.select(1, t + 1), gv.select(1, t + 1), l);
+    at::Tensor carry = cell.transpose_product(sp.select(1, t + 1), gv.select(1, t + 1), l);
+    if (carried.defined()) carry = carry * carried.select(1, t + 1);
+    l = g.select(1, t) + carry;
     lambda.select(1, t).copy_(l);
   }
   return lambda;
@@ -439,10 +456,11 @@ at::Tensor adjoint_sequential(const CellFunction& cell, const at::Tensor& s_prev
 // λ without forming A: a splitting iteration whose inner solve is the diagonal reverse
 // scan. Like any undamped scheme it makes the last i adjoints exact after i sweeps.
 at::Tensor adjoint_iterative(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
-                             const at::Tensor& g) {
+                             const at::Tensor& g, const at::Tensor& carried) {
   const int64_t B = g.size(0), T = g.size(1), S = g.size(2);
   const double tol = default_tolerance(g.scalar_type());
-  const at::Tensor diag = cell.jacobian(s_prev, gi_flat, JacobianPart::diagonal).view({B, T, S});
+  at::Tensor diag = cell.jacobian(s_prev, gi_flat, JacobianPart::diagonal).view({B, T, S});
+  if (carried.defined()) diag = diag * carried;
   auto diag_solve = [&](const at::Tensor& rhs) {
     const at::Tensor head = scan_diag(diag.narrow(1, 1, T - 1), rhs.narrow(1, 0, T - 1), rhs.select(1, T - 1), true);
     return at::cat({head, rhs.narrow(1, T - 1, 1)}, 1);
@@ -450,7 +468,7 @@ at::Tensor adjoint_iterative(const CellFunction& cell, const at::Tensor& s_prev,
   at::Tensor lambda = diag_solve(g);
   const int64_t budget = std::min<int64_t>(T, 100);
   for (int64_t it = 0; it < budget; ++it) {
-    const at::Tensor w = next_step_transpose_product(cell, s_prev, gi_flat, lambda);
+    const at::Tensor w = next_step_transpose_product(cell, s_prev, gi_flat, lambda, carried);
     const double err = (lambda - g - w).abs().max().item<double>();
     const double scale = lambda.abs().max().item<double>();
     if (std::isfinite(err) && err <= tol * (1 + scale)) return lambda;
@@ -459,13 +477,13 @@ at::Tensor adjoint_iterative(const CellFunction& cell, const at::Tensor& s_prev,
     const at::Tensor dl_next = at::cat({dl.narrow(1, 1, T - 1), at::zeros_like(dl.narrow(1, 0, 1))}, 1);
     lambda = diag_solve(g + w - dl_next);
   }
-  return adjoint_sequential(cell, s_prev, gi_flat, g);
+  return adjoint_sequential(cell, s_prev, gi_flat, g, carried);
 }
 
 }  // namespace
 
 at::Tensor solve_adjoint(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& u_flat,
-                         const at::Tensor& g, Adjoint adjoint) {
+                         const at::Tensor& g, Adjoint adjoint, const at::Tensor& carried) {
   const int64_t B = g.size(0), T = g.size(1), S = g.size(2);
   if (adjoint == Adjoint::automatic) {
     // The dense Jacobian costs B·T·S² numbers: form it only while that stays small.
@@ -473,17 +491,19 @@ at::Tensor solve_adjoint(const CellFunction& cell, const at::Tensor& s_prev, con
                                                                                              : Adjoint::iterative;
   }
   switch (adjoint) {
-    case Adjoint::scan: return adjoint_by_scan(cell, s_prev, u_flat, g, cell.structure());
-    case Adjoint::iterative: return adjoint_iterative(cell, s_prev, u_flat, g);
-    default: return adjoint_sequential(cell, s_prev, u_flat, g);
+    case Adjoint::scan: return adjoint_by_scan(cell, s_prev, u_flat, g, cell.structure(), carried);
+    case Adjoint::iterative: return adjoint_iterative(cell, s_prev, u_flat, g, carried);
+    default: return adjoint_sequential(cell, s_prev, u_flat, g, carried);
   }
 }
 
-at::Tensor previous_states(const at::Tensor& s0, const at::Tensor& states) { return flat(shifted(s0, states)); }
+at::Tensor previous_states(const at::Tensor& s0, const at::Tensor& states, const at::Tensor& resets) {
+  return flat(previous_steps(s0, states, resets));
+}
 
 NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, const at::Tensor& gi,
                             const at::Tensor& s0, const at::Tensor& states, Adjoint adjoint,
-                            const at::Tensor& lengths) {
+                            const at::Tensor& lengths, const at::Tensor& resets) {
   const int64_t B = gi.size(0), T = gi.size(1), S = s0.size(1);
   NewtonGrads grads;
   if (T == 0 || B == 0) {
@@ -494,20 +514,23 @@ NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, con
     if (cell.is_projected()) grads.W_hr = at::zeros_like(cell.projection());
     return grads;
   }
-  const at::Tensor s_prev = previous_states(s0, states);
+  const at::Tensor s_prev = previous_states(s0, states, resets);
   const at::Tensor gi_flat = flat(gi);
+  const at::Tensor carried = resets.defined() ? carried_steps(resets, s0.scalar_type()) : at::Tensor();
   // Held states copy the last valid one: their cotangents belong to it (padding's own
   // cotangents are then zero, and so is its adjoint: λ_t = 0 for t ≥ L).
   at::Tensor g = grad_states, g_s0_held;
   if (lengths.defined()) std::tie(g, g_s0_held) = route_held_gradient(grad_states, lengths);
-  const at::Tensor lambda = solve_adjoint(cell, s_prev, gi_flat, g.contiguous(), adjoint);
+  const at::Tensor lambda = solve_adjoint(cell, s_prev, gi_flat, g.contiguous(), adjoint, carried);
   // Everything else is parallel over t: one VJP of the cell at the solution.
   const Cell::Vjp v = cell.vjp(s_prev, gi_flat, flat(lambda));
   grads.gi = v.gi.view({B, T, -1});
   grads.W_hh = cell.weight_grad(v.gh, cell.hidden_of(s_prev));
   grads.b_hh = v.gh.sum(0);
   grads.W_hr = v.W_hr;
-  grads.s0 = v.s.view({B, T, S}).select(1, 0);
+  // s0 is read by step 0 and by every reset step.
+  const at::Tensor v_s = v.s.view({B, T, S});
+  grads.s0 = resets.defined() ? v_s.select(1, 0) + (v_s * (1 - carried)).narrow(1, 1, T - 1).sum(1) : v_s.select(1, 0);
   if (g_s0_held.defined()) grads.s0 = grads.s0 + g_s0_held;
   return grads;
 }

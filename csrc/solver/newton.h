@@ -30,6 +30,7 @@ struct NewtonOptions {
   bool fixed_iterations = false;  // exactly max_iter iterations, no host synchronisation
   bool fallback = true;           // rerun unconverged sequences sequentially
   at::Tensor lengths;             // [B] int64 on the states' device, or undefined (all T steps)
+  at::Tensor resets;              // [B, T] bool: segment heads that read s0 (csrc/solver/segments.h)
 };
 
 struct NewtonResult {
@@ -55,7 +56,8 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
                           const NewtonOptions& options);
 
 // The states by the step-by-step loop.
-at::Tensor sequential_states(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0);
+at::Tensor sequential_states(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0,
+                             const at::Tensor& resets = {});
 
 enum class Adjoint { automatic, scan, iterative, sequential };
 Adjoint parse_adjoint(const std::string& name);
@@ -71,14 +73,15 @@ struct NewtonGrads {
 // the sequential reverse sweep. automatic: scan for structured cells or while B·T·S² ≤ 2^24.
 // λ_t = g_t + A_{t+1}ᵀ λ_{t+1} for the true Jacobian A_t = ∂f/∂s at (s_prev_t, u_t):
 // s_prev and u_flat are flattened [B·T, ...] rows, g is [B, T, S].
+// carried [B, T, 1] (or undefined): 0 where a reset step's Jacobian is zero.
 at::Tensor solve_adjoint(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& u_flat,
-                         const at::Tensor& g, Adjoint adjoint);
-// [s0, s_1, ..., s_{T-1}] flattened to [B·T, S]: the state each step reads.
-at::Tensor previous_states(const at::Tensor& s0, const at::Tensor& states);
+                         const at::Tensor& g, Adjoint adjoint, const at::Tensor& carried = {});
+// [s0, s_1, ..., s_{T-1}] flattened to [B·T, S]: the state each step reads (s0 at resets).
+at::Tensor previous_states(const at::Tensor& s0, const at::Tensor& states, const at::Tensor& resets = {});
 
-// lengths: as NewtonOptions::lengths (states then hold past each length).
+// lengths, resets: as NewtonOptions' (states then hold past each length).
 NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, const at::Tensor& gi,
                             const at::Tensor& s0, const at::Tensor& states, Adjoint adjoint,
-                            const at::Tensor& lengths = {});
+                            const at::Tensor& lengths = {}, const at::Tensor& resets = {});
 
 }  // namespace pnewton

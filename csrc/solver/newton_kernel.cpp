@@ -3,7 +3,7 @@
 // scan ops, so the same function serves CPU and CUDA.
 #include <torch/library.h>
 
-#include "csrc/solver/lengths.h"
+#include "csrc/solver/segments.h"
 #include "csrc/solver/newton.h"
 
 namespace pnewton {
@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> newton_rn
     const at::Tensor& s0, c10::string_view method, int64_t max_iter, double atol, double rtol, double damping,
     double clip, c10::string_view init, const c10::optional<at::Tensor>& init_states, bool fixed_iterations,
     bool fallback, c10::string_view adjoint, const c10::optional<at::Tensor>& lengths,
-    const c10::optional<at::Tensor>& W_hr) {
+    const c10::optional<at::Tensor>& W_hr, const c10::optional<at::Tensor>& resets) {
   checked_cell(std::string(cell_name_), gi, W_hh, b_hh, s0, W_hr);
   NewtonOptions o = newton_options(
       solver_options(method, max_iter, atol, rtol, damping, clip, init, fixed_iterations, fallback, adjoint));
@@ -58,6 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> newton_rn
   const Cell cell(parse_cell(std::string(cell_name_)), W_hh.to(type), widen(b_hh, type), widen(W_hr, type));
   if (init_states.has_value()) o.init_states = init_states->to(type);
   if (lengths.has_value()) o.lengths = checked_lengths(kOp, *lengths, gi.size(0), gi.size(1), gi.device());
+  if (resets.has_value()) o.resets = checked_resets(kOp, *resets, gi.size(0), gi.size(1), gi.device());
   NewtonResult r = newton_solve(cell, gi.to(type), s0.to(type), o);
   return {r.states.to(gi.scalar_type()), r.iterations, r.residual.to(gi.scalar_type()), r.converged, r.path};
 }
@@ -65,7 +66,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> newton_rn
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> newton_rnn_backward_kernel(
     const at::Tensor& grad_states, c10::string_view cell_name_, const at::Tensor& gi, const at::Tensor& W_hh,
     const c10::optional<at::Tensor>& b_hh, const at::Tensor& s0, const at::Tensor& states, c10::string_view adjoint,
-    const c10::optional<at::Tensor>& lengths, const c10::optional<at::Tensor>& W_hr) {
+    const c10::optional<at::Tensor>& lengths, const c10::optional<at::Tensor>& W_hr,
+    const c10::optional<at::Tensor>& resets) {
   const Cell checked = checked_cell(std::string(cell_name_), gi, W_hh, b_hh, s0, W_hr);
   const std::vector<int64_t> expected{gi.size(0), gi.size(1), checked.state_size()};
   TORCH_CHECK(states.sizes() == at::IntArrayRef(expected) && grad_states.sizes() == at::IntArrayRef(expected), kOp,
@@ -75,8 +77,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> newton_rn
   const Cell cell(checked.kind(), W_hh.to(type), widen(b_hh, type), widen(W_hr, type));
   const at::Tensor L =
       lengths.has_value() ? checked_lengths(kOp, *lengths, gi.size(0), gi.size(1), gi.device()) : at::Tensor();
+  const at::Tensor R =
+      resets.has_value() ? checked_resets(kOp, *resets, gi.size(0), gi.size(1), gi.device()) : at::Tensor();
   NewtonGrads g = newton_backward(cell, grad_states.to(type), gi.to(type), s0.to(type), states.to(type),
-                                  parse_adjoint(std::string(adjoint)), L);
+                                  parse_adjoint(std::string(adjoint)), L, R);
   const auto out = gi.scalar_type();
   return {g.gi.to(out), g.W_hh.to(out), g.b_hh.to(out), g.s0.to(out),
           g.W_hr.defined() ? g.W_hr.to(out) : gi.new_empty({0})};

@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "csrc/solver/lengths.h"
+#include "csrc/solver/segments.h"
 #include "csrc/solver/newton.h"
 
 namespace pnewton {
@@ -24,7 +24,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     c10::string_view cell, const at::Tensor& input, const at::Tensor& state0, at::TensorList params, bool has_biases,
     int64_t num_layers, double dropout, bool train, bool bidirectional, bool batch_first, c10::string_view method,
     int64_t max_iter, double atol, double rtol, double damping, double clip, c10::string_view init,
-    bool fixed_iterations, bool fallback, c10::string_view adjoint, const c10::optional<at::Tensor>& lengths) {
+    bool fixed_iterations, bool fallback, c10::string_view adjoint, const c10::optional<at::Tensor>& lengths,
+    const c10::optional<at::Tensor>& resets) {
   const char* op = "pnewton.rnn_stack";
   const int64_t dirs = bidirectional ? 2 : 1, weights = has_biases ? 4 : 2;
   TORCH_CHECK(num_layers > 0, op, ": num_layers must be positive, got ", num_layers);
@@ -49,13 +50,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       solver_options(method, max_iter, atol, rtol, damping, clip, init, fixed_iterations, fallback, adjoint);
   // The reverse direction reads each sequence backwards from its own end. (Their values are
   // checked by newton_rnn, which sees them first.)
-  at::Tensor L, reverse_index;
-  if (lengths.has_value()) {
-    L = lengths_on(op, *lengths, input.sym_size(batch_first ? 0 : 1), input.device());
+  // With segments, every segment backwards within itself.
+  const c10::SymInt B = input.sym_size(batch_first ? 0 : 1);
+  at::Tensor L, R, reverse_index;
+  if (lengths.has_value()) L = lengths_on(op, *lengths, B, input.device());
+  if (resets.has_value()) R = checked_resets(op, *resets, B, T, input.device());
+  if (R.defined()) {
+    reverse_index = segment_reversed_index(R, L, T);
+  } else if (L.defined()) {
     reverse_index = reversed_index(L, T);
   }
   const c10::optional<at::Tensor> solver_lengths = L.defined() ? c10::optional<at::Tensor>(L) : c10::nullopt;
-  auto reversed = [&](const at::Tensor& x) { return L.defined() ? gather_steps(x, reverse_index) : x.flip(1); };
+  const c10::optional<at::Tensor> solver_resets = R.defined() ? c10::optional<at::Tensor>(R) : c10::nullopt;
+  auto reversed = [&](const at::Tensor& x) {
+    return reverse_index.defined() ? gather_steps(x, reverse_index) : x.flip(1);
+  };
 
   // Layers exchange time-major [T, B, features] tensors, as torch.nn's do, so that a
   // dropout mask drawn for the same seed is torch.nn's mask.
@@ -74,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       auto [states, stats] =
           newton_rnn(solved_cell, gi, params[k + 1],
                      has_biases ? std::optional<at::Tensor>(params[k + 3]) : std::nullopt, s0, o, std::nullopt,
-                     solver_lengths, W_hr);
+                     solver_lengths, W_hr, solver_resets);
       iterations.push_back(stats.iterations);
       residual.push_back(stats.residual);
       converged.push_back(stats.converged);

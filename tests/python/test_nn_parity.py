@@ -294,3 +294,72 @@ def test_fallback_warning_is_offered_and_off_by_default():
     layer.warn_on_fallback = True
     with pytest.warns(UserWarning, match="sequential fallback computed 3 of 3 sequences"):
         layer(x)
+
+
+# ---- segments packed end to end ------------------------------------------------------------
+
+def segment_resets(lengths_per_row, T):
+    """[B, T] resets and the (row, start, length) of every segment."""
+    resets = torch.zeros(len(lengths_per_row), T, dtype=torch.bool)
+    segments = []
+    for row, lengths in enumerate(lengths_per_row):
+        start = 0
+        for n in lengths:
+            resets[row, start] = start > 0
+            segments.append((row, start, n))
+            start += n
+    return resets, segments
+
+
+@pytest.mark.parametrize("cell,method", [("gru", "quasi_deer"), ("lstm", "block_deer"), ("rnn_tanh", "deer"),
+                                         ("gru", "sequential")])
+@pytest.mark.parametrize("adjoint", ["scan", "iterative", "sequential"])
+def test_newton_rnn_segments_equal_separate_solves(cell, method, adjoint):
+    torch.manual_seed(10)
+    D = 4
+    S, G = (2 * D, 4 * D) if cell == "lstm" else (D, 3 * D if cell == "gru" else D)
+    resets, segments = segment_resets([[5, 1, 7, 3], [16]], 16)
+    gi = torch.randn(2, 16, G, dtype=torch.float64, requires_grad=True)
+    W = (torch.randn(G, D, dtype=torch.float64) / D).requires_grad_(True)
+    b = torch.randn(G, dtype=torch.float64, requires_grad=True)
+    s0 = torch.randn(2, S, dtype=torch.float64, requires_grad=True)
+    states, stats = pnewton.newton_rnn(cell, gi, W, b, s0, method=method, resets=resets, adjoint=adjoint)
+    assert bool(stats.converged.all())
+    expected = torch.cat([torch.cat([pnewton.newton_rnn(cell, gi[r:r + 1, a:a + n], W, b, s0[r:r + 1],
+                                                        method="sequential")[0]
+                                     for row, a, n in segments if row == r], 1) for r in range(2)])
+    torch.testing.assert_close(states, expected, rtol=1e-9, atol=1e-9)
+    g = torch.randn_like(states)
+    grads = torch.autograd.grad((states * g).sum(), [gi, W, b, s0])
+    grads_ref = torch.autograd.grad((expected * g).sum(), [gi, W, b, s0])
+    for a, b_ in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b_, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("torch_cls,cell", [(nn.GRU, "gru"), (nn.LSTM, "lstm")])
+def test_rnn_stack_segments_equal_torch_nn_on_each_sequence(torch_cls, cell):
+    """Several sequences end to end in one row of a bidirectional 2-layer stack: each
+    segment's outputs and gradients are torch.nn's on that sequence alone."""
+    torch.manual_seed(11)
+    ref = torch_cls(3, 5, num_layers=2, bidirectional=True).double()
+    params = [getattr(ref, name) for name in ref._flat_weights_names]
+    lengths = [[9, 1, 14], [4, 20]]
+    T = 24
+    resets, segments = segment_resets(lengths, T)
+    x = torch.randn(T, 2, 3, dtype=torch.float64, requires_grad=True)
+    S = 2 * 5 if cell == "lstm" else 5
+    state0 = torch.zeros(4, 2, S, dtype=torch.float64)
+    out, *_ = torch.ops.pnewton.rnn_stack(cell, x, state0, params, True, 2, 0.0, False, True, False,
+                                          resets=resets)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), [x] + params)
+    expected = torch.zeros_like(out)
+    loss = 0
+    for row, a, n in segments:
+        seg_out, _ = ref(x[a:a + n, row:row + 1])
+        expected[a:a + n, row:row + 1] = seg_out
+        loss = loss + (seg_out * g[a:a + n, row:row + 1]).sum()
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    grads_ref = torch.autograd.grad(loss, [x] + params)
+    for a, b_ in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b_, rtol=1e-8, atol=1e-8)

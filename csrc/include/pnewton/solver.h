@@ -38,20 +38,23 @@ struct SolveStats {
 // over gi [B, T, G] from s0 [B, S]; returns the states [B, T, S] and the diagnostics.
 // lengths [B]: per-sequence lengths in a padded batch (states hold still past them).
 // W_hr: the projection of cell "lstm_proj" (torch.nn.LSTM's proj_size; state [h | c]).
+// resets [B, T] (bool): segments packed end to end, each true step starting from s0 again.
 inline std::tuple<at::Tensor, SolveStats> newton_rnn(const std::string& cell, const at::Tensor& gi,
                                                      const at::Tensor& W_hh, const std::optional<at::Tensor>& b_hh,
                                                      const at::Tensor& s0, const SolverOptions& o = {},
                                                      const std::optional<at::Tensor>& init_states = std::nullopt,
                                                      const std::optional<at::Tensor>& lengths = std::nullopt,
-                                                     const std::optional<at::Tensor>& W_hr = std::nullopt) {
+                                                     const std::optional<at::Tensor>& W_hr = std::nullopt,
+                                                     const std::optional<at::Tensor>& resets = std::nullopt) {
   using Sig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
       c10::string_view, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
       c10::string_view, int64_t, double, double, double, double, c10::string_view, const std::optional<at::Tensor>&,
-      bool, bool, c10::string_view, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+      bool, bool, c10::string_view, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+      const std::optional<at::Tensor>&);
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("pnewton::newton_rnn", "").typed<Sig>();
   auto [states, iterations, residual, converged, path] =
       op.call(cell, gi, W_hh, b_hh, s0, o.method, o.max_iter, o.atol, o.rtol, o.damping, o.clip, o.init, init_states,
-              o.fixed_iterations, o.fallback, o.adjoint, lengths, W_hr);
+              o.fixed_iterations, o.fallback, o.adjoint, lengths, W_hr, resets);
   return {states, SolveStats{iterations, residual, converged, path}};
 }
 

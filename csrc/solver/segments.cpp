@@ -1,4 +1,6 @@
-#include "csrc/solver/lengths.h"
+#include "csrc/solver/segments.h"
+
+#include <limits>
 
 namespace pnewton {
 
@@ -24,7 +26,7 @@ at::Tensor checked_lengths(const char* op, const at::Tensor& lengths, int64_t B,
 
 // Time indices [1, T] as int64 beside lengths.
 at::Tensor time_index(const at::Tensor& lengths, const c10::SymInt& T) {
-  return at::arange(c10::Scalar(T), lengths.options()).unsqueeze(0);
+  return at::arange(c10::Scalar(T), lengths.options().dtype(at::kLong)).unsqueeze(0);
 }
 
 at::Tensor valid_steps(const at::Tensor& lengths, const c10::SymInt& T, at::ScalarType dtype) {
@@ -60,6 +62,38 @@ at::Tensor reversed_index(const at::Tensor& lengths, const c10::SymInt& T) {
   const at::Tensor t = time_index(lengths, T);
   const at::Tensor L = lengths.unsqueeze(1);
   return at::where(t < L, L - 1 - t, t);
+}
+
+at::Tensor checked_resets(const char* op, const at::Tensor& resets, const c10::SymInt& B, const c10::SymInt& T,
+                          at::Device device) {
+  TORCH_CHECK(resets.dim() == 2 && resets.sym_size(0) == B && resets.sym_size(1) == T, op,
+              ": resets must be a [B, T] = [", B, ", ", T, "] tensor, got shape ", resets.sym_sizes());
+  TORCH_CHECK(resets.scalar_type() == at::kBool, op, ": resets must be a bool tensor, got ", resets.scalar_type());
+  return resets.to(device);
+}
+
+at::Tensor carried_steps(const at::Tensor& resets, at::ScalarType dtype) {
+  return resets.logical_not().unsqueeze(-1).to(dtype);
+}
+
+at::Tensor previous_steps(const at::Tensor& s0, const at::Tensor& s, const at::Tensor& resets) {
+  const at::Tensor prev = at::cat({s0.unsqueeze(1), s.narrow_symint(1, 0, s.sym_size(1) - 1)}, 1);
+  return resets.defined() ? at::where(resets.unsqueeze(-1), s0.unsqueeze(1), prev) : prev;
+}
+
+at::Tensor segment_reversed_index(const at::Tensor& resets, const at::Tensor& lengths, const c10::SymInt& T) {
+  const at::Tensor t = time_index(resets, T).to(at::kLong).expand_as(resets);
+  const at::Tensor length = lengths.defined() ? lengths.unsqueeze(1) : at::full_like(t.narrow(1, 0, 1), T);
+  const at::Tensor valid = t < length;
+  // A segment [start, end]: start is the latest head at or before t (step 0 is one), end
+  // the step before the next head, or the last valid step.
+  const at::Tensor head = resets.logical_or(t == 0);
+  const at::Tensor start = std::get<0>(at::cummax(at::where(head, t, at::zeros_like(t)), 1));
+  const at::Tensor next_head = at::cat({head.narrow(1, 1, head.size(1) - 1), at::ones_like(head.narrow(1, 0, 1))}, 1);
+  const at::Tensor boundary = next_head.logical_or(t == length - 1);
+  const at::Tensor big = at::full_like(t, std::numeric_limits<int64_t>::max());
+  const at::Tensor end = std::get<0>(at::cummin(at::where(boundary, t, big).flip(1), 1)).flip(1);
+  return at::where(valid, start + end - t, t);
 }
 
 }  // namespace pnewton
