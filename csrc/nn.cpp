@@ -109,7 +109,11 @@ std::tuple<at::Tensor, at::Tensor> solve_stack(RNNStack& stack, const torch::nn:
                 o.bidirectional, batch_first, s.method, s.max_iter, s.atol, s.rtol, s.damping, s.clip, s.init,
                 s.fixed_iterations, s.fallback, s.adjoint,
                 lengths.defined() ? c10::optional<at::Tensor>(lengths) : c10::nullopt);
-  stack.last_stats = SolveStats{iterations, residual, converged, path};
+  stack.last_stats = SolveStats::worst(iterations, residual, converged, path);
+  stack.last_layer_stats.clear();
+  for (int64_t i = 0; i < iterations.size(0); ++i) {
+    stack.last_layer_stats.push_back({iterations[i], residual[i], converged[i], path[i]});
+  }
   return {out, final};
 }
 

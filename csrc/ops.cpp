@@ -42,7 +42,7 @@ TORCH_LIBRARY(pnewton, m) {
   // newton_rnn (outputs past a length are zero, as in torch.nn's padded packed output; the
   // reverse direction starts at each sequence's own end); resets [B, T] as for newton_rnn (the
   // reverse direction reads each segment backwards). Composite: autograd flows through
-  // its parts. Diagnostics are the worst case over the stack, per sequence.
+  // its parts. Diagnostics per (layer, direction) and sequence: [layers·dirs, B] each.
   m.def(
       "rnn_stack(str cell, Tensor input, Tensor state0, Tensor[] params, bool has_biases, int num_layers, "
       "float dropout, bool train, bool bidirectional, bool batch_first, str method=\"auto\", int max_iter=-1, "

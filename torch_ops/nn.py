@@ -94,7 +94,8 @@ class _NewtonLayer:
 
     def _init_solver(self, solver_options):
         self.solver_options = dict(solver_options)
-        self.last_stats = None
+        self.last_stats = None  # the worst over the layers and directions, per sequence
+        self.last_layer_stats = None  # one SolveStats per (layer, direction), in parameter order
         # True: a UserWarning whenever the sequential fallback produced part of a call's
         # output (shown once per call site under Python's default warning filter). Off by
         # default: reading the flag costs a host synchronisation.
@@ -116,7 +117,7 @@ class _NewtonLayer:
         # The last call's diagnostics are no part of the model: a pickled layer stays
         # loadable without allow-listing SolveStats.
         state = super().__getstate__()
-        state["last_stats"] = None
+        state["last_stats"] = state["last_layer_stats"] = None
         return state
 
     def extra_repr(self):
@@ -183,11 +184,13 @@ class _NewtonLayer:
             self._cell, x, state0, [getattr(self, name) for name in self._flat_weights_names], self.bias, self.num_layers, self.dropout, self.training,
             self.bidirectional, batch_first, o["method"], *_limits(o["max_iter"], o["atol"], o["rtol"]),
             o["damping"], o["clip"], o["init"], o["fixed_iterations"], o["fallback"], o["adjoint"], lengths)
-        self.last_stats = SolveStats(iterations, residual, converged, path, o["method"])
+        self.last_layer_stats = [SolveStats(*stats, o["method"]) for stats in zip(iterations, residual, converged, path)]
+        self.last_stats = SolveStats.worst(self.last_layer_stats)
         if self.warn_on_fallback and self.last_stats.fallback:
+            layers = [i for i, stats in enumerate(self.last_layer_stats) if stats.fallback]
             warnings.warn(f"pnewton.{type(self).__name__}: the sequential fallback computed "
-                          f"{int(self.last_stats.fell_back.sum())} of {len(converged)} sequences "
-                          f"(path {self.last_stats.method}); see last_stats", stacklevel=2)
+                          f"{int(self.last_stats.fell_back.sum())} of {converged.shape[1]} sequences in layer·direction "
+                          f"{layers} (path {self.last_stats.method}); see last_layer_stats", stacklevel=2)
         if self.proj_size:
             final = (final[..., :self.proj_size].contiguous(), final[..., self.proj_size:].contiguous())
         elif self._is_lstm:

@@ -45,6 +45,16 @@ class SolveStats:
     path: torch.Tensor  # [B] int64: bit PATH_BITS.index(m) set when method m moved the sequence
     requested: str  # the method asked for
 
+    @staticmethod
+    def worst(records):
+        """The worst per sequence over several solves (a stack's layers and directions)."""
+        path = records[0].path
+        for r in records[1:]:
+            path = path | r.path
+        return SolveStats(torch.stack([r.iterations for r in records]).amax(0),
+                          torch.stack([r.residual for r in records]).amax(0),
+                          torch.stack([r.converged for r in records]).all(0), path, records[0].requested)
+
     @property
     def fell_back(self):
         """[B] bool: the sequential fallback produced these sequences."""

@@ -9,15 +9,6 @@
 #include "csrc/solver/newton.h"
 
 namespace pnewton {
-namespace {
-
-at::Tensor union_of(const std::vector<at::Tensor>& bits) {
-  at::Tensor out = bits.front();
-  for (size_t i = 1; i < bits.size(); ++i) out = out | bits[i];
-  return out;
-}
-
-}  // namespace
 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack(
@@ -102,8 +93,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (L.defined()) x = x * valid_steps(L, T, x.scalar_type()).transpose(0, 1);  // torch.nn's zero padding
     if (dropout > 0 && train && layer + 1 < num_layers) x = at::dropout(x, dropout, /*train=*/true);
   }
-  return {batch_first ? x.transpose(0, 1) : x, at::stack(finals), at::stack(iterations).amax(0),
-          at::stack(residual).amax(0), at::stack(converged).all(0), union_of(path)};
+  return {batch_first ? x.transpose(0, 1) : x, at::stack(finals), at::stack(iterations), at::stack(residual),
+          at::stack(converged), at::stack(path)};
 }
 
 // Composite: autograd, torch.compile and export see its parts (newton_rnn, linear, ...).

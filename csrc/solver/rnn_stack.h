@@ -7,7 +7,8 @@
 
 namespace pnewton {
 
-// (output, final states, iterations, residual, converged, path); see rnn_stack in csrc/ops.cpp.
+// (output, final states, then iterations, residual, converged, path per (layer, direction)
+// [layers·dirs, B]); see rnn_stack in csrc/ops.cpp.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack(
     c10::string_view cell, const at::Tensor& input, const at::Tensor& state0, at::TensorList params, bool has_biases,
     int64_t num_layers, double dropout, bool train, bool bidirectional, bool batch_first, c10::string_view method,

@@ -292,8 +292,9 @@ def test_fallback_warning_is_offered_and_off_by_default():
         layer(x)
     assert layer.last_stats.fallback
     layer.warn_on_fallback = True
-    with pytest.warns(UserWarning, match="sequential fallback computed 3 of 3 sequences"):
+    with pytest.warns(UserWarning, match=r"sequential fallback computed 3 of 3 sequences in layer·direction \[0\]"):
         layer(x)
+    assert len(layer.last_layer_stats) == 1 and layer.last_layer_stats[0].fallback
 
 
 # ---- segments packed end to end ------------------------------------------------------------

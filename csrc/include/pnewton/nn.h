@@ -78,7 +78,8 @@ StackOptions stack_options(const RNNOptions& o);
 class RNNStack {
  public:
   StackOptions options;
-  SolveStats last_stats;
+  SolveStats last_stats;                     // the worst over the layers and directions
+  std::vector<SolveStats> last_layer_stats;  // per (layer, direction), in parameter order
 
   // Registers torch.nn's parameters (weight_ih_l0, ..., _reverse) on `module`, as
   // torch::nn does (a fresh set on every reset), with its initialisation.
@@ -108,6 +109,7 @@ class GRUImpl : public torch::nn::Cloneable<GRUImpl> {
   std::tuple<PackedSequence, at::Tensor> forward_with_packed_input(const PackedSequence& packed_input,
                                                                    at::Tensor hx = {});
   const SolveStats& last_stats() const { return stack_.last_stats; }
+  const std::vector<SolveStats>& last_layer_stats() const { return stack_.last_layer_stats; }
   GRUOptions options;
 
  private:
@@ -126,6 +128,7 @@ class LSTMImpl : public torch::nn::Cloneable<LSTMImpl> {
   std::tuple<PackedSequence, std::tuple<at::Tensor, at::Tensor>> forward_with_packed_input(
       const PackedSequence& packed_input, std::optional<std::tuple<at::Tensor, at::Tensor>> hx = std::nullopt);
   const SolveStats& last_stats() const { return stack_.last_stats; }
+  const std::vector<SolveStats>& last_layer_stats() const { return stack_.last_layer_stats; }
   LSTMOptions options;
 
  private:
@@ -143,6 +146,7 @@ class RNNImpl : public torch::nn::Cloneable<RNNImpl> {
   std::tuple<PackedSequence, at::Tensor> forward_with_packed_input(const PackedSequence& packed_input,
                                                                    at::Tensor hx = {});
   const SolveStats& last_stats() const { return stack_.last_stats; }
+  const std::vector<SolveStats>& last_layer_stats() const { return stack_.last_layer_stats; }
   RNNOptions options;
 
  private:

@@ -32,6 +32,13 @@ struct SolveStats {
   at::Tensor path;
   // Whether the sequential loop produced each sequence (its fallback, or method "sequential").
   at::Tensor sequential() const { return (path & (int64_t(1) << 5)) != 0; }
+  // Diagnostics stacked over solves [n, B] (e.g. a stack's layers) -> the worst per sequence.
+  static SolveStats worst(const at::Tensor& iterations, const at::Tensor& residual, const at::Tensor& converged,
+                          const at::Tensor& path) {
+    at::Tensor bits = path.select(0, 0);
+    for (int64_t i = 1; i < path.size(0); ++i) bits = bits | path.select(0, i);
+    return {iterations.amax(0), residual.amax(0), converged.all(0), bits};
+  }
 };
 
 // Solves a built-in cell ("gru", "lstm", "rnn_tanh", "rnn_relu", "diag_gru", "diag_lstm")
