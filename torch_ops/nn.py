@@ -180,17 +180,20 @@ class _NewtonLayer:
             hx = tuple(_ContiguousGrad.apply(h) if h.requires_grad else h for h in hx)
             state0 = torch.cat(hx, -1) if self.proj_size else torch.stack(hx, -1).flatten(-2)
         o = {**SOLVER_DEFAULTS, **self.solver_options}
+        weights = [getattr(self, name) for name in self._flat_weights_names]
         out, final, iterations, residual, converged, path = torch.ops.pnewton.rnn_stack(
-            self._cell, x, state0, [getattr(self, name) for name in self._flat_weights_names], self.bias, self.num_layers, self.dropout, self.training,
+            self._cell, x, state0, weights, self.bias, self.num_layers, self.dropout, self.training,
             self.bidirectional, batch_first, o["method"], *_limits(o["max_iter"], o["atol"], o["rtol"]),
             o["damping"], o["clip"], o["init"], o["fixed_iterations"], o["fallback"], o["adjoint"], lengths)
-        self.last_layer_stats = [SolveStats(*stats, o["method"]) for stats in zip(iterations, residual, converged, path)]
+        self.last_layer_stats = [SolveStats(*stats, o["method"])
+                                 for stats in zip(iterations, residual, converged, path)]
         self.last_stats = SolveStats.worst(self.last_layer_stats)
         if self.warn_on_fallback and self.last_stats.fallback:
             layers = [i for i, stats in enumerate(self.last_layer_stats) if stats.fallback]
             warnings.warn(f"pnewton.{type(self).__name__}: the sequential fallback computed "
-                          f"{int(self.last_stats.fell_back.sum())} of {converged.shape[1]} sequences in layer·direction "
-                          f"{layers} (path {self.last_stats.method}); see last_layer_stats", stacklevel=2)
+                          f"{int(self.last_stats.fell_back.sum())} of {converged.shape[1]} sequences in "
+                          f"layer·direction {layers} (path {self.last_stats.method}); see last_layer_stats",
+                          stacklevel=2)
         if self.proj_size:
             final = (final[..., :self.proj_size].contiguous(), final[..., self.proj_size:].contiguous())
         elif self._is_lstm:

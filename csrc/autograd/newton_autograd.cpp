@@ -20,7 +20,9 @@ using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, a
     const at::Tensor&, const at::Tensor&, c10::string_view, const c10::optional<at::Tensor>&,
     const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&);
 
-c10::optional<at::Tensor> optional(const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; }
+c10::optional<at::Tensor> optional(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
 
 class NewtonRNNFunction : public torch::autograd::Function<NewtonRNNFunction> {
  public:

@@ -136,7 +136,7 @@ NewtonOptions newton_options(const SolverOptions& s) {
   return o;
 }
 
-double default_tolerance(at::ScalarType dtype) { return dtype == at::kDouble ? 1e-12 : 1e-6; }
+double default_tolerance(at::ScalarType dtype) { return dtype == at::kDouble ? 1e-12 : 3e-7; }
 
 at::Tensor sequential_states(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0,
                              const at::Tensor& resets) {

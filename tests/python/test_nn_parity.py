@@ -364,3 +364,28 @@ def test_rnn_stack_segments_equal_torch_nn_on_each_sequence(torch_cls, cell):
     grads_ref = torch.autograd.grad(loss, [x] + params)
     for a, b_ in zip(grads, grads_ref):
         torch.testing.assert_close(a, b_, rtol=1e-8, atol=1e-8)
+
+
+# ---- accuracy at default options ------------------------------------------------------------
+
+@pytest.mark.parametrize("torch_cls,ours_cls,kw", LAYERS[:3])
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+@pytest.mark.parametrize("T", [1, 300])
+def test_default_float32_error_is_within_10x_torch_nns_own(torch_cls, ours_cls, kw, scale, T):
+    """Against a float64 sequential truth (torch.nn in float64): pnewton's float32 error at
+    default options is at most 10× torch.nn's own float32 error, outputs and final states
+    (the full grid: benchmarks/bench_accuracy.py). Recurrent weights ×2: a slower recurrence
+    that amplifies a residual into a larger state error."""
+    torch.manual_seed(12)
+    ref = torch_cls(8, 32, num_layers=2, **kw)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.startswith("weight_hh"):
+                p.mul_(scale)
+    ours = pnewton.from_torch(ref)
+    x = torch.randn(T, 4, 8)
+    with torch.no_grad():
+        truth = flat(ref.double()(x.double()))
+        torch_error = max(float((a.double() - b).abs().max()) for a, b in zip(flat(ref.float()(x)), truth))
+        error = max(float((a.double() - b).abs().max()) for a, b in zip(flat(ours(x)), truth))
+    assert error <= 10 * torch_error + 1e-7, (error, torch_error)

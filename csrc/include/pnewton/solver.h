@@ -10,7 +10,7 @@
 namespace pnewton {
 
 // The solver options; negative max_iter / atol / rtol select the per-dtype defaults
-// (min(T, 100) iterations; 1e-12 for float64, 1e-6 otherwise, on the Newton step, the
+// (min(T, 100) iterations; 1e-12 for float64, 3e-7 otherwise, on the Newton step, the
 // error estimate). See README "The solver".
 struct SolverOptions {
   std::string method = "auto";  // auto | deer | quasi_deer | block_deer | elk | quasi_elk | elk_filter |
