@@ -39,18 +39,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool lstm = cell == "lstm" || cell == "diag_lstm";
   const SolverOptions o =
       solver_options(method, max_iter, atol, rtol, damping, clip, init, fixed_iterations, fallback, adjoint);
-  // The reverse direction reads each sequence backwards from its own end. (Their values are
-  // checked by newton_rnn, which sees them first.)
-  // With segments, every segment backwards within itself.
+  // The reverse direction reads each sequence (each segment) backwards from its own end.
+  // (The lengths' values are checked by newton_rnn, which sees them first.)
   const c10::SymInt B = input.sym_size(batch_first ? 0 : 1);
-  at::Tensor L, R, reverse_index;
+  at::Tensor L, R, reverse_index, padding_mask;
   if (lengths.has_value()) L = lengths_on(op, *lengths, B, input.device());
   if (resets.has_value()) R = checked_resets(op, *resets, B, T, input.device());
-  if (R.defined()) {
-    reverse_index = segment_reversed_index(R, L, T);
-  } else if (L.defined()) {
-    reverse_index = reversed_index(L, T);
-  }
+  if (L.defined() || R.defined()) reverse_index = reversed_index(L, R, T);
+  if (L.defined()) padding_mask = valid_steps(L, T, input.scalar_type()).transpose(0, 1);  // [T, B, 1]
   const c10::optional<at::Tensor> solver_lengths = L.defined() ? c10::optional<at::Tensor>(L) : c10::nullopt;
   const c10::optional<at::Tensor> solver_resets = R.defined() ? c10::optional<at::Tensor>(R) : c10::nullopt;
   auto reversed = [&](const at::Tensor& x) {
@@ -90,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       outs.push_back(h.transpose(0, 1));
     }
     x = at::cat(outs, -1);
-    if (L.defined()) x = x * valid_steps(L, T, x.scalar_type()).transpose(0, 1);  // torch.nn's zero padding
+    if (L.defined()) x = x * padding_mask;  // torch.nn's zero padding
     if (dropout > 0 && train && layer + 1 < num_layers) x = at::dropout(x, dropout, /*train=*/true);
   }
   return {batch_first ? x.transpose(0, 1) : x, at::stack(finals), at::stack(iterations), at::stack(residual),

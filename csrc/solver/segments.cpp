@@ -58,12 +58,6 @@ std::tuple<at::Tensor, at::Tensor> route_held_gradient(const at::Tensor& grad, c
   return {full.narrow(1, 1, T), full.select(1, 0)};
 }
 
-at::Tensor reversed_index(const at::Tensor& lengths, const c10::SymInt& T) {
-  const at::Tensor t = time_index(lengths, T);
-  const at::Tensor L = lengths.unsqueeze(1);
-  return at::where(t < L, L - 1 - t, t);
-}
-
 at::Tensor checked_resets(const char* op, const at::Tensor& resets, const c10::SymInt& B, const c10::SymInt& T,
                           at::Device device) {
   TORCH_CHECK(resets.dim() == 2 && resets.sym_size(0) == B && resets.sym_size(1) == T, op,
@@ -81,15 +75,17 @@ at::Tensor previous_steps(const at::Tensor& s0, const at::Tensor& s, const at::T
   return resets.defined() ? at::where(resets.unsqueeze(-1), s0.unsqueeze(1), prev) : prev;
 }
 
-at::Tensor segment_reversed_index(const at::Tensor& resets, const at::Tensor& lengths, const c10::SymInt& T) {
-  const at::Tensor t = time_index(resets, T).to(at::kLong).expand_as(resets);
+at::Tensor reversed_index(const at::Tensor& lengths, const at::Tensor& resets, const c10::SymInt& T) {
+  const at::Tensor& like = resets.defined() ? resets : lengths;
+  const c10::SymInt B = like.sym_size(0);
+  const at::Tensor t = time_index(like, T).expand_symint({B, T});
   const at::Tensor length = lengths.defined() ? lengths.unsqueeze(1) : at::full_like(t.narrow(1, 0, 1), T);
   const at::Tensor valid = t < length;
   // A segment [start, end]: start is the latest head at or before t (step 0 is one), end
   // the step before the next head, or the last valid step.
-  const at::Tensor head = resets.logical_or(t == 0);
+  const at::Tensor head = resets.defined() ? resets.logical_or(t == 0) : t == 0;
   const at::Tensor start = std::get<0>(at::cummax(at::where(head, t, at::zeros_like(t)), 1));
-  const at::Tensor next_head = at::cat({head.narrow(1, 1, head.size(1) - 1), at::ones_like(head.narrow(1, 0, 1))}, 1);
+  const at::Tensor next_head = at::cat({head.narrow_symint(1, 1, T - 1), at::ones_like(head.narrow(1, 0, 1))}, 1);
   const at::Tensor boundary = next_head.logical_or(t == length - 1);
   const at::Tensor big = at::full_like(t, std::numeric_limits<int64_t>::max());
   const at::Tensor end = std::get<0>(at::cummin(at::where(boundary, t, big).flip(1), 1)).flip(1);

@@ -34,9 +34,6 @@ at::Tensor hold_past_lengths(const at::Tensor& states, const at::Tensor& s0, con
 // the steps they copy; returns (grad of the solved states [B, T, S], grad of s0 [B, S]).
 std::tuple<at::Tensor, at::Tensor> route_held_gradient(const at::Tensor& grad, const at::Tensor& lengths);
 
-// [B, T] int64: the time index that reverses each sequence within its own length and
-// leaves its padding in place (an involution: applying it twice is the identity).
-at::Tensor reversed_index(const at::Tensor& lengths, const c10::SymInt& T);
 
 // Checks that resets is a [B, T] bool tensor and returns it on `device`.
 at::Tensor checked_resets(const char* op, const at::Tensor& resets, const c10::SymInt& B, const c10::SymInt& T,
@@ -48,9 +45,11 @@ at::Tensor carried_steps(const at::Tensor& resets, at::ScalarType dtype);
 // The state each step reads, [s0, s_1, ..., s_{T−1}] as [B, T, S], with s0 at the reset steps.
 at::Tensor previous_steps(const at::Tensor& s0, const at::Tensor& s, const at::Tensor& resets);
 
-// [B, T] int64: the time index that reverses every segment of a row within itself (segments
-// end at the next reset, at the row's length when lengths is defined, or at T), padding in place.
-at::Tensor segment_reversed_index(const at::Tensor& resets, const at::Tensor& lengths, const c10::SymInt& T);
+// [B, T] int64: the time index that reverses every segment of a row within itself and leaves
+// padding in place (an involution). Segments start at step 0 and at each reset (resets may be
+// undefined: one segment) and end before the next start or at the row's length (lengths may
+// be undefined: T).
+at::Tensor reversed_index(const at::Tensor& lengths, const at::Tensor& resets, const c10::SymInt& T);
 
 // x [B, T, ...] gathered along time by index [B, T].
 at::Tensor gather_steps(const at::Tensor& x, const at::Tensor& index);
