@@ -1,5 +1,7 @@
 // Every pnewton schema, in one place. Kernels live one folder per dispatch key:
-// csrc/cpu, csrc/cuda, csrc/autograd; fake (meta) kernels live in torch_ops/_fake.py.
+// csrc/cpu, csrc/cuda, csrc/meta, csrc/autograd (the solver's ops register theirs beside
+// their kernels in csrc/solver). Every kernel, meta included, checks its arguments with
+// csrc/checks.h.
 #include <torch/library.h>
 
 TORCH_LIBRARY(pnewton, m) {

@@ -1,59 +1,34 @@
 #include "csrc/scan.h"
 
+#include "csrc/checks.h"
+
 #include <string>
 #include <vector>
 
 namespace pnewton {
+
+void check_diag_args(const char* op, const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& x0,
+                     const char* b_name) {
+  check_floating(op, "a", a, 3, "[B, T, D]");
+  check_operand(op, b_name, b, a.sym_sizes(), "[B, T, D] like a", a, "a");
+  if (x0.has_value()) {
+    check_operand(op, "x0", *x0, {a.sym_size(0), a.sym_size(2)}, "[B, D]", a, "a");
+  }
+}
+
+void check_block_args(const char* op, const at::Tensor& A, const at::Tensor& b, const std::optional<at::Tensor>& x0,
+                      const char* b_name) {
+  check_floating(op, "A", A, 5, "[B, T, H, k, k]");
+  TORCH_CHECK(A.sym_size(3) == A.sym_size(4), op, ": A must hold square blocks [B, T, H, k, k], got shape ",
+              A.sym_sizes());
+  TORCH_CHECK(A.sym_size(3) >= 1, op, ": A must have a block size k >= 1, got shape ", A.sym_sizes());
+  check_operand(op, b_name, b, A.sym_sizes().slice(0, 4), "[B, T, H, k]", A, "A");
+  if (x0.has_value()) {
+    check_operand(op, "x0", *x0, {A.sym_size(0), A.sym_size(2), A.sym_size(3)}, "[B, H, k]", A, "A");
+  }
+}
+
 namespace {
-
-bool is_scannable_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-// Checks one operand against the reference operand `ref_name`: layout, dtype, device, shape.
-void check_operand(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
-                   const char* shape_doc, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
-  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a strided (dense) tensor, got layout ",
-              t.layout());
-  TORCH_CHECK(is_scannable_dtype(t.scalar_type()), op, ": ", name,
-              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
-              ref.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the device of ", ref_name, " (",
-              ref.device(), "), got ", t.device());
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape_doc, " = ", shape, ", got ",
-              t.sizes());
-}
-
-void check_rank(const char* op, const char* name, const at::Tensor& t, int64_t rank, const char* shape_doc) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
-  TORCH_CHECK(t.dim() == rank, op, ": ", name, " must be a ", rank, "-d tensor ", shape_doc, ", got a ", t.dim(),
-              "-d tensor of shape ", t.sizes());
-  TORCH_CHECK(is_scannable_dtype(t.scalar_type()), op, ": ", name,
-              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
-  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a strided (dense) tensor, got layout ",
-              t.layout());
-}
-
-void check_diag_args(const char* op, const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& x0) {
-  check_rank(op, "a", a, 3, "[B, T, D]");
-  check_operand(op, "b", b, a.sizes(), "[B, T, D] like a", a, "a");
-  if (x0.has_value()) {
-    check_operand(op, "x0", *x0, {a.size(0), a.size(2)}, "[B, D]", a, "a");
-  }
-}
-
-void check_block_args(const char* op, const at::Tensor& A, const at::Tensor& b,
-                      const std::optional<at::Tensor>& x0) {
-  check_rank(op, "A", A, 5, "[B, T, H, k, k]");
-  TORCH_CHECK(A.size(3) == A.size(4), op, ": A must hold square blocks [B, T, H, k, k], got shape ", A.sizes());
-  TORCH_CHECK(A.size(3) >= 1, op, ": A must have a block size k >= 1, got shape ", A.sizes());
-  check_operand(op, "b", b, A.sizes().slice(0, 4), "[B, T, H, k]", A, "A");
-  if (x0.has_value()) {
-    check_operand(op, "x0", *x0, {A.size(0), A.size(2), A.size(3)}, "[B, H, k]", A, "A");
-  }
-}
 
 // The diagonal scan as the block scan with k = 1 (views, no copies).
 at::Tensor as_block_matrix(const at::Tensor& a) { return a.unsqueeze(-1).unsqueeze(-1); }
@@ -64,8 +39,8 @@ std::optional<at::Tensor> as_block_vector(const std::optional<at::Tensor>& v) {
 
 at::Tensor run_block_scan(const at::Tensor& A, const at::Tensor& b, const std::optional<at::Tensor>& x0,
                           bool reverse, bool transpose, bool shift, ScanRunner run) {
-  at::Tensor x = at::empty(b.sizes(), b.options().memory_format(at::MemoryFormat::Contiguous));
-  if (x.numel() == 0) return x;
+  at::Tensor x = at::empty_symint(b.sym_sizes(), b.options().memory_format(at::MemoryFormat::Contiguous));
+  if (x.sym_numel() == 0) return x;
   run(ScanOperands{A, b, x0.has_value() ? *x0 : at::Tensor(), x, reverse, transpose, shift});
   return x;
 }
@@ -146,25 +121,26 @@ at::Tensor scan_block_impl(const at::Tensor& A, const at::Tensor& b, const std::
   return run_block_scan(A, b, x0, reverse, transpose, false, run);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_block_backward_impl(const at::Tensor& grad_x,
-                                                                        const at::Tensor& A, const at::Tensor& x,
-                                                                        const std::optional<at::Tensor>& x0,
-                                                                        bool reverse, bool transpose, ScanRunner run) {
-  const char* op = "pnewton.scan_block_backward";
-  check_block_args(op, A, x, x0);
-  check_operand(op, "grad_x", grad_x, x.sizes(), "[B, T, H, k] like x", A, "A");
-  const int64_t T = x.size(1);
-  // The adjoint λ_t = g_t + A_{t+1}ᵀ λ_{t+1} (forward case): the same scan, the other way,
-  // transposed, each step multiplied by its predecessor's matrix.
-  at::Tensor lambda = run_block_scan(A, grad_x, std::nullopt, !reverse, !transpose, true, run);
-  at::Tensor initial = x0.has_value() ? *x0 : at::zeros({x.size(0), x.size(2), x.size(3)}, x.options());
+void check_block_backward_args(const char* op, const at::Tensor& grad_x, const at::Tensor& A, const at::Tensor& x,
+                               const std::optional<at::Tensor>& x0) {
+  check_block_args(op, A, x, x0, "x");
+  check_operand(op, "grad_x", grad_x, x.sym_sizes(), "[B, T, H, k] like x", A, "A");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_gradients(const at::Tensor& lambda, const at::Tensor& A,
+                                                              const at::Tensor& x,
+                                                              const std::optional<at::Tensor>& x0, bool reverse,
+                                                              bool transpose) {
+  const c10::SymInt T = x.sym_size(1);
+  at::Tensor initial =
+      x0.has_value() ? *x0 : at::zeros_symint({x.sym_size(0), x.sym_size(2), x.sym_size(3)}, x.options());
   if (T == 0) return {at::zeros_like(A), lambda, at::zeros_like(initial)};
 
   // Step t read the state x_prev_t (x_{t-1} forward, x_{t+1} reverse; x0 at the edge).
-  const int64_t first = reverse ? T - 1 : 0;
-  at::Tensor x_prev = at::empty_like(x, at::MemoryFormat::Contiguous);
-  x_prev.select(1, first).copy_(initial);
-  if (T > 1) x_prev.narrow(1, reverse ? 0 : 1, T - 1).copy_(x.narrow(1, reverse ? 1 : 0, T - 1));
+  const at::Tensor first_state = initial.unsqueeze(1);
+  const at::Tensor x_prev = reverse ? at::cat({x.narrow_symint(1, 1, T - 1), first_state}, 1)
+                                    : at::cat({first_state, x.narrow_symint(1, 0, T - 1)}, 1);
+  const int64_t first = reverse ? -1 : 0;
   // x_t = C_t x_prev + b_t with C = A (or Aᵀ): dL/dA = λ x_prevᵀ (or x_prev λᵀ).
   at::Tensor grad_A = transpose ? x_prev.unsqueeze(-1) * lambda.unsqueeze(-2)
                                 : lambda.unsqueeze(-1) * x_prev.unsqueeze(-2);
@@ -174,13 +150,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_block_backward_impl(const at
   return {grad_A, lambda, grad_x0};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_block_backward_impl(const at::Tensor& grad_x,
+                                                                        const at::Tensor& A, const at::Tensor& x,
+                                                                        const std::optional<at::Tensor>& x0,
+                                                                        bool reverse, bool transpose, ScanRunner run) {
+  check_block_backward_args("pnewton.scan_block_backward", grad_x, A, x, x0);
+  // The adjoint λ_t = g_t + A_{t+1}ᵀ λ_{t+1} (forward case): the same scan, the other way,
+  // transposed, each step multiplied by its predecessor's matrix.
+  const at::Tensor lambda = run_block_scan(A, grad_x, std::nullopt, !reverse, !transpose, true, run);
+  return scan_gradients(lambda, A, x, x0, reverse, transpose);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_diag_backward_impl(const at::Tensor& grad_x,
                                                                        const at::Tensor& a, const at::Tensor& x,
                                                                        const std::optional<at::Tensor>& x0,
                                                                        bool reverse, ScanRunner run) {
   const char* op = "pnewton.scan_diag_backward";
-  check_diag_args(op, a, x, x0);
-  check_operand(op, "grad_x", grad_x, x.sizes(), "[B, T, D] like x", a, "a");
+  check_diag_args(op, a, x, x0, "x");
+  check_operand(op, "grad_x", grad_x, x.sym_sizes(), "[B, T, D] like x", a, "a");
   auto [grad_A, grad_b, grad_x0] = scan_block_backward_impl(as_block_vector(grad_x), as_block_matrix(a),
                                                             as_block_vector(x), as_block_vector(x0), reverse,
                                                             false, run);

@@ -1,10 +1,10 @@
 """pnewton: nonlinear RNNs evaluated in parallel over time by parallel Newton methods.
 
-Importing the package loads the operator library (``torch.ops.pnewton.*``) and registers
-the fake kernels that ``torch.compile`` and ``torch.export`` use.
+Importing the package loads the operator library (``torch.ops.pnewton.*``); its meta
+kernels, which ``torch.compile`` and ``torch.export`` run on fake tensors, are C++ (they
+check every argument as the real kernels do).
 """
 from . import _library  # noqa: F401  (loads the ops first)
-from . import _fake  # noqa: F401
 from ._library import built_with_cuda
 from .lyapunov import lyapunov
 from .nn import GRU, LSTM, RNN, DiagGRU, DiagLSTM, from_torch, newton_rnn

@@ -66,33 +66,48 @@ const char* cell_name(CellKind kind) {
   return "?";
 }
 
+CellShape cell_shape(const char* op, CellKind kind, const at::Tensor& W_hh, const c10::optional<at::Tensor>& b_hh,
+                     const c10::optional<at::Tensor>& W_hr) {
+  const int64_t gates = gates_of(kind);
+  const bool projected = kind == CellKind::lstm_proj;
+  const bool diagonal = kind == CellKind::diag_gru || kind == CellKind::diag_lstm;
+  TORCH_CHECK(W_hr.has_value() == projected, op, ": W_hr (the projection) is ",
+              projected ? "required by" : "only for", " cell 'lstm_proj'");
+  CellShape shape;
+  if (projected) {
+    TORCH_CHECK(W_hh.dim() == 2 && W_hh.sym_size(0) % 4 == 0, op, ": W_hh of cell 'lstm_proj' must be [4 * hidden, ",
+                "proj_size], got shape ", W_hh.sym_sizes());
+    shape.hidden = W_hh.sym_size(0) / 4, shape.projection = W_hh.sym_size(1);
+    TORCH_CHECK(W_hr->dim() == 2 && W_hr->sym_size(0) == shape.projection && W_hr->sym_size(1) == shape.hidden, op,
+                ": W_hr must be [proj_size, hidden] = [", shape.projection, ", ", shape.hidden, "], got shape ",
+                W_hr->sym_sizes());
+  } else if (diagonal) {
+    TORCH_CHECK(W_hh.dim() == 1 && W_hh.sym_size(0) % gates == 0, op, ": W_hh of cell '", cell_name(kind),
+                "' must be a vector [", gates, " * hidden], got shape ", W_hh.sym_sizes());
+    shape.hidden = W_hh.sym_size(0) / gates;
+  } else {
+    TORCH_CHECK(W_hh.dim() == 2 && W_hh.sym_size(0) == gates * W_hh.sym_size(1), op, ": W_hh of cell '",
+                cell_name(kind), "' must be [", gates, " * hidden, hidden], got shape ", W_hh.sym_sizes());
+    shape.hidden = W_hh.sym_size(1);
+  }
+  shape.gate_size = gates * shape.hidden;
+  const bool lstm = kind == CellKind::lstm || kind == CellKind::diag_lstm;
+  shape.state_size = lstm ? 2 * shape.hidden : projected ? shape.projection + shape.hidden : shape.hidden;
+  if (b_hh.has_value()) {
+    TORCH_CHECK(b_hh->dim() == 1 && b_hh->sym_size(0) == shape.gate_size, op, ": b_hh must be [", shape.gate_size,
+                "], got shape ", b_hh->sym_sizes());
+  }
+  return shape;
+}
+
 Cell::Cell(CellKind kind, const at::Tensor& W_hh, const c10::optional<at::Tensor>& b_hh,
            const c10::optional<at::Tensor>& W_hr)
     : kind_(kind), W_(W_hh), gates_(gates_of(kind)) {
-  const char* op = "pnewton.newton_rnn";
-  TORCH_CHECK(W_hr.has_value() == is_projected(), op, ": W_hr (the projection) is ",
-              is_projected() ? "required by" : "only for", " cell 'lstm_proj'");
-  if (is_projected()) {
-    TORCH_CHECK(W_hh.dim() == 2 && W_hh.size(0) % 4 == 0, op, ": W_hh of cell 'lstm_proj' must be [4 * hidden, ",
-                "proj_size], got shape ", W_hh.sizes());
-    D_ = W_hh.size(0) / 4, P_ = W_hh.size(1);
-    TORCH_CHECK(W_hr->dim() == 2 && W_hr->size(0) == P_ && W_hr->size(1) == D_, op, ": W_hr must be [proj_size, ",
-                "hidden] = [", P_, ", ", D_, "], got shape ", W_hr->sizes());
-    W_hr_ = *W_hr;
-  } else if (diagonal_weights()) {
-    TORCH_CHECK(W_hh.dim() == 1 && W_hh.size(0) % gates_ == 0, op, ": W_hh of cell '", cell_name(kind),
-                "' must be a vector [", gates_, " * hidden], got shape ", W_hh.sizes());
-    D_ = W_hh.size(0) / gates_;
-  } else {
-    TORCH_CHECK(W_hh.dim() == 2 && W_hh.size(0) == gates_ * W_hh.size(1), op, ": W_hh of cell '", cell_name(kind),
-                "' must be [", gates_, " * hidden, hidden], got shape ", W_hh.sizes());
-    D_ = W_hh.size(1);
-  }
-  if (b_hh.has_value()) {
-    TORCH_CHECK(b_hh->dim() == 1 && b_hh->size(0) == gates_ * D_, op, ": b_hh must be [", gates_ * D_, "], got shape ",
-                b_hh->sizes());
-    b_ = *b_hh;
-  }
+  const CellShape shape = cell_shape("pnewton.newton_rnn", kind, W_hh, b_hh, W_hr);
+  D_ = shape.hidden.guard_int(__FILE__, __LINE__);
+  P_ = shape.projection.guard_int(__FILE__, __LINE__);
+  if (W_hr.has_value()) W_hr_ = *W_hr;
+  if (b_hh.has_value()) b_ = *b_hh;
 }
 
 JacobianPart Cell::structure() const {

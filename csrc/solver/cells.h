@@ -23,6 +23,15 @@ enum class CellKind { gru, lstm, rnn_tanh, rnn_relu, diag_gru, diag_lstm, lstm_p
 CellKind parse_cell(const std::string& name);
 const char* cell_name(CellKind kind);
 
+// The sizes W_hh (W_hr for lstm_proj) imply, after checking W_hh, b_hh and W_hr against the
+// cell: symbolic, so the meta kernels check and shape with it too.
+struct CellShape {
+  c10::SymInt hidden = 0, projection = 0;  // projection: lstm_proj's P, else 0
+  c10::SymInt gate_size = 0, state_size = 0;
+};
+CellShape cell_shape(const char* op, CellKind kind, const at::Tensor& W_hh, const c10::optional<at::Tensor>& b_hh,
+                     const c10::optional<at::Tensor>& W_hr);
+
 class Cell : public CellFunction {
  public:
   // Checks W_hh, b_hh (and W_hr, the projection of lstm_proj only) against the cell and

@@ -2,6 +2,7 @@
 
 #include <torch/library.h>
 
+#include "csrc/checks.h"
 #include "pnewton/scan.h"
 
 namespace pnewton {
@@ -132,26 +133,41 @@ at::Tensor apply_approximation(const at::Tensor& a, const at::Tensor& x, Jacobia
 
 namespace {
 
+constexpr const char* kOp = "pnewton.elk_step";
+
+// Checks the arguments (no data read: the meta kernel runs it); true for a diagonal a.
+bool checked_elk_args(const at::Tensor& a, const at::Tensor& r, const at::Tensor& lam) {
+  check_floating(kOp, "r", r, 3, "[B, T, S]");
+  TORCH_CHECK(r.scalar_type() == at::kFloat || r.scalar_type() == at::kDouble, kOp, ": r must be float32 or float64, got ",
+              r.scalar_type());
+  check_floating(kOp, "a", a);
+  check_like(kOp, "a", a, r, "r");
+  check_floating(kOp, "lam", lam, 1, "[B]");
+  check_like(kOp, "lam", lam, r, "r", /*same_dtype=*/false);
+  const bool diag = a.dim() == 3 && a.sym_sizes() == r.sym_sizes();
+  const bool dense = a.dim() == 4 && a.sym_sizes().slice(0, 3) == r.sym_sizes() && a.sym_size(3) == r.sym_size(2);
+  TORCH_CHECK(diag || dense, kOp, ": a must be the diagonal [B, T, S] or the dense [B, T, S, S] approximation with ",
+              "[B, T, S] = ", r.sym_sizes(), ", got shape ", a.sym_sizes());
+  check_shape(kOp, "lam", lam, {r.sym_size(0)}, "[B]");
+  return diag;
+}
+
 at::Tensor elk_step_op(const at::Tensor& a, const at::Tensor& r, const at::Tensor& lam, bool smooth) {
-  constexpr const char* op = "pnewton.elk_step";
-  TORCH_CHECK(r.dim() == 3, op, ": r must be [B, T, S], got shape ", r.sizes());
-  const auto type = r.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kDouble, op, ": r must be float32 or float64, got ", type);
-  TORCH_CHECK(a.scalar_type() == type && a.device() == r.device(), op, ": a must have r's dtype and device");
-  const int64_t B = r.size(0), T = r.size(1), S = r.size(2);
-  const bool diag = a.dim() == 3 && a.sizes() == r.sizes();
-  const bool dense = a.dim() == 4 && a.size(0) == B && a.size(1) == T && a.size(2) == S && a.size(3) == S;
-  TORCH_CHECK(diag || dense, op, ": a must be the diagonal [B, T, S] or the dense [B, T, S, S] approximation with [B, T, S] = ",
-              r.sizes(), ", got shape ", a.sizes());
-  TORCH_CHECK(lam.dim() == 1 && lam.size(0) == B, op, ": lam must be [B] = [", B, "], got shape ", lam.sizes());
-  TORCH_CHECK(lam.device() == r.device(), op, ": lam must be on r's device");
-  TORCH_CHECK(B == 0 || (lam > 0).all().item<bool>(), op, ": lam must be > 0 (lam -> 0 is the Newton step)");
+  const bool diag = checked_elk_args(a, r, lam);
+  const int64_t B = r.size(0);
+  TORCH_CHECK(B == 0 || (lam > 0).all().item<bool>(), kOp, ": lam must be > 0 (lam -> 0 is the Newton step)");
   if (B == 0) return at::zeros_like(r);
   return elk_delta(a, r, lam, diag ? JacobianPart::diagonal : JacobianPart::dense, smooth);
+}
+
+at::Tensor elk_step_meta(const at::Tensor& a, const at::Tensor& r, const at::Tensor& lam, bool /*smooth*/) {
+  checked_elk_args(a, r, lam);
+  return at::empty_like(r, at::MemoryFormat::Contiguous);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pnewton, CompositeExplicitAutograd, m) { m.impl("elk_step", &elk_step_op); }
+TORCH_LIBRARY_IMPL(pnewton, Meta, m) { m.impl("elk_step", &elk_step_meta); }
 
 }  // namespace pnewton

@@ -1,15 +1,18 @@
-// The device kernels of newton_rnn / newton_rnn_backward: argument checks and dtype
-// handling at the op boundary, then the solver. The solver is written over ATen and the
-// scan ops, so the same function serves CPU and CUDA.
+// The kernels of newton_rnn / newton_rnn_backward: the argument checks at the op boundary
+// (shared with their meta kernels, below), dtype handling, then the solver. The solver is
+// written over ATen and the scan ops, so the same function serves CPU and CUDA, and the
+// backward is differentiable when run with grad mode on (csrc/autograd: double backward).
 #include <torch/library.h>
 
-#include "csrc/solver/segments.h"
+#include "csrc/checks.h"
 #include "csrc/solver/newton.h"
+#include "csrc/solver/segments.h"
 
 namespace pnewton {
 namespace {
 
 constexpr const char* kOp = "pnewton.newton_rnn";
+constexpr const char* kBackwardOp = "pnewton.newton_rnn_backward";
 
 // fp16/bf16 are solved in fp32: Newton residuals need more precision than they carry.
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -18,42 +21,64 @@ c10::optional<at::Tensor> widen(const c10::optional<at::Tensor>& t, at::ScalarTy
   return t.has_value() ? c10::optional<at::Tensor>(t->to(type)) : c10::nullopt;
 }
 
-void check_tensor(const char* name, const at::Tensor& t, const at::Tensor& ref) {
-  const auto type = t.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16, kOp, ": ", name,
-              " must be float32, float64, float16 or bfloat16, got ", type);
-  TORCH_CHECK(type == ref.scalar_type(), kOp, ": ", name, " must have the dtype of gi (", ref.scalar_type(), "), got ",
-              type);
-  TORCH_CHECK(t.device() == ref.device(), kOp, ": ", name, " must be on the device of gi (", ref.device(), "), got ",
-              t.device());
+// Checks the cell's tensors (one dtype, one device, the shapes the cell implies) and the
+// optional per-sequence ones; returns the cell's sizes. Reads no data.
+CellShape checked_args(const char* op, c10::string_view cell, const at::Tensor& gi, const at::Tensor& W_hh,
+                       const c10::optional<at::Tensor>& b_hh, const at::Tensor& s0,
+                       const c10::optional<at::Tensor>& W_hr, const c10::optional<at::Tensor>& lengths,
+                       const c10::optional<at::Tensor>& resets, const char* state_name = "s0") {
+  check_floating(op, "gi", gi, 3, "[B, T, G]");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"W_hh", &W_hh},
+                                {"b_hh", b_hh ? &*b_hh : nullptr}, {"W_hr", W_hr ? &*W_hr : nullptr},
+                                {state_name, &s0}}) {
+    if (t == nullptr) continue;
+    check_floating(op, name, *t);
+    check_like(op, name, *t, gi, "gi");
+  }
+  const CellKind kind = parse_cell(std::string(cell));
+  const CellShape shape = cell_shape(op, kind, W_hh, b_hh, W_hr);
+  TORCH_CHECK(gi.sym_size(2) == shape.gate_size, op, ": gi must have ", shape.gate_size, " features (the gates of '",
+              cell_name(kind), "' with hidden size ", shape.hidden, "), got shape ", gi.sym_sizes());
+  check_shape(op, state_name, s0, {gi.sym_size(0), shape.state_size}, "[B, S]");
+  if (lengths.has_value()) lengths_on(op, *lengths, gi.sym_size(0), gi.device());
+  if (resets.has_value()) checked_resets(op, *resets, gi.sym_size(0), gi.sym_size(1), gi.device());
+  return shape;
 }
 
-// Checks every argument; returns the cell they describe.
-Cell checked_cell(const std::string& cell_name_, const at::Tensor& gi, const at::Tensor& W_hh,
-                  const c10::optional<at::Tensor>& b_hh, const at::Tensor& s0, const c10::optional<at::Tensor>& W_hr) {
-  TORCH_CHECK(gi.dim() == 3, kOp, ": gi must be a 3-d tensor [B, T, G], got shape ", gi.sizes());
-  check_tensor("gi", gi, gi);
-  check_tensor("W_hh", W_hh, gi);
-  if (b_hh.has_value()) check_tensor("b_hh", *b_hh, gi);
-  if (W_hr.has_value()) check_tensor("W_hr", *W_hr, gi);
-  check_tensor("s0", s0, gi);
-  const Cell cell(parse_cell(cell_name_), W_hh, b_hh, W_hr);
-  TORCH_CHECK(gi.size(2) == cell.gate_size(), kOp, ": gi must have ", cell.gate_size(), " features (the gates of '",
-              cell_name(cell.kind()), "' with hidden size ", cell.hidden(), "), got shape ", gi.sizes());
-  TORCH_CHECK(s0.dim() == 2 && s0.size(0) == gi.size(0) && s0.size(1) == cell.state_size(), kOp,
-              ": s0 must have shape [B, S] = [", gi.size(0), ", ", cell.state_size(), "], got ", s0.sizes());
-  return cell;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> newton_rnn_kernel(
-    c10::string_view cell_name_, const at::Tensor& gi, const at::Tensor& W_hh, const c10::optional<at::Tensor>& b_hh,
-    const at::Tensor& s0, c10::string_view method, int64_t max_iter, double atol, double rtol, double damping,
-    double clip, c10::string_view init, const c10::optional<at::Tensor>& init_states, bool fixed_iterations,
-    bool fallback, c10::string_view adjoint, const c10::optional<at::Tensor>& lengths,
-    const c10::optional<at::Tensor>& W_hr, const c10::optional<at::Tensor>& resets) {
-  checked_cell(std::string(cell_name_), gi, W_hh, b_hh, s0, W_hr);
+NewtonOptions checked_options(const at::Tensor& gi, const CellShape& shape, c10::string_view method,
+                              int64_t max_iter, double atol, double rtol, double damping, double clip,
+                              c10::string_view init, const c10::optional<at::Tensor>& init_states,
+                              bool fixed_iterations, bool fallback, c10::string_view adjoint) {
   NewtonOptions o = newton_options(
       solver_options(method, max_iter, atol, rtol, damping, clip, init, fixed_iterations, fallback, adjoint));
+  TORCH_CHECK(init_states.has_value() == (o.init == "states"), kOp, ": init_states ",
+              o.init == "states" ? "is required by" : "is only for", " init='states'");
+  if (init_states.has_value()) {
+    check_floating(kOp, "init_states", *init_states);
+    check_like(kOp, "init_states", *init_states, gi, "gi", /*same_dtype=*/false);
+    check_shape(kOp, "init_states", *init_states, {gi.sym_size(0), gi.sym_size(1), shape.state_size}, "[B, T, S]");
+  }
+  return o;
+}
+
+void check_backward_tensors(const at::Tensor& grad_states, const at::Tensor& gi, const at::Tensor& states,
+                            const CellShape& shape) {
+  const std::vector<c10::SymInt> expected{gi.sym_size(0), gi.sym_size(1), shape.state_size};
+  check_operand(kBackwardOp, "states", states, expected, "[B, T, S]", gi, "gi");
+  check_operand(kBackwardOp, "grad_states", grad_states, expected, "[B, T, S]", gi, "gi");
+}
+
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Outputs newton_rnn_kernel(c10::string_view cell_name_, const at::Tensor& gi, const at::Tensor& W_hh,
+                          const c10::optional<at::Tensor>& b_hh, const at::Tensor& s0, c10::string_view method,
+                          int64_t max_iter, double atol, double rtol, double damping, double clip,
+                          c10::string_view init, const c10::optional<at::Tensor>& init_states, bool fixed_iterations,
+                          bool fallback, c10::string_view adjoint, const c10::optional<at::Tensor>& lengths,
+                          const c10::optional<at::Tensor>& W_hr, const c10::optional<at::Tensor>& resets) {
+  const CellShape shape = checked_args(kOp, cell_name_, gi, W_hh, b_hh, s0, W_hr, lengths, resets);
+  NewtonOptions o = checked_options(gi, shape, method, max_iter, atol, rtol, damping, clip, init, init_states,
+                                    fixed_iterations, fallback, adjoint);
   const at::ScalarType type = compute_type(gi.scalar_type());
   const Cell cell(parse_cell(std::string(cell_name_)), W_hh.to(type), widen(b_hh, type), widen(W_hr, type));
   if (init_states.has_value()) o.init_states = init_states->to(type);
@@ -63,38 +88,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> newton_rn
   return {r.states.to(gi.scalar_type()), r.iterations, r.residual.to(gi.scalar_type()), r.converged, r.path};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> newton_rnn_backward_kernel(
-    const at::Tensor& grad_states, c10::string_view cell_name_, const at::Tensor& gi, const at::Tensor& W_hh,
-    const c10::optional<at::Tensor>& b_hh, const at::Tensor& s0, const at::Tensor& states, c10::string_view adjoint,
-    const c10::optional<at::Tensor>& lengths, const c10::optional<at::Tensor>& W_hr,
-    const c10::optional<at::Tensor>& resets) {
-  const Cell checked = checked_cell(std::string(cell_name_), gi, W_hh, b_hh, s0, W_hr);
-  const std::vector<int64_t> expected{gi.size(0), gi.size(1), checked.state_size()};
-  TORCH_CHECK(states.sizes() == at::IntArrayRef(expected) && grad_states.sizes() == at::IntArrayRef(expected), kOp,
-              "_backward: states and grad_states must be [B, T, S] = ", expected, ", got ", states.sizes(), " and ",
-              grad_states.sizes());
+Outputs newton_rnn_meta(c10::string_view cell_name_, const at::Tensor& gi, const at::Tensor& W_hh,
+                        const c10::optional<at::Tensor>& b_hh, const at::Tensor& s0, c10::string_view method,
+                        int64_t max_iter, double atol, double rtol, double damping, double clip, c10::string_view init,
+                        const c10::optional<at::Tensor>& init_states, bool fixed_iterations, bool fallback,
+                        c10::string_view adjoint, const c10::optional<at::Tensor>& lengths,
+                        const c10::optional<at::Tensor>& W_hr, const c10::optional<at::Tensor>& resets) {
+  const CellShape shape = checked_args(kOp, cell_name_, gi, W_hh, b_hh, s0, W_hr, lengths, resets);
+  checked_options(gi, shape, method, max_iter, atol, rtol, damping, clip, init, init_states, fixed_iterations,
+                  fallback, adjoint);
+  const c10::SymInt B = gi.sym_size(0);
+  return {at::empty_symint({B, gi.sym_size(1), shape.state_size}, gi.options()),
+          at::empty_symint({B}, gi.options().dtype(at::kLong)), at::empty_symint({B}, gi.options()),
+          at::empty_symint({B}, gi.options().dtype(at::kBool)), at::empty_symint({B}, gi.options().dtype(at::kLong))};
+}
+
+Outputs newton_rnn_backward_meta(const at::Tensor& grad_states, c10::string_view cell_name_, const at::Tensor& gi,
+                                 const at::Tensor& W_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& s0,
+                                 const at::Tensor& states, c10::string_view adjoint,
+                                 const c10::optional<at::Tensor>& lengths, const c10::optional<at::Tensor>& W_hr,
+                                 const c10::optional<at::Tensor>& resets) {
+  const CellShape shape = checked_args(kBackwardOp, cell_name_, gi, W_hh, b_hh, s0, W_hr, lengths, resets);
+  check_backward_tensors(grad_states, gi, states, shape);
+  parse_adjoint(std::string(adjoint));
+  return {at::empty_like(gi, at::MemoryFormat::Contiguous), at::empty_like(W_hh, at::MemoryFormat::Contiguous),
+          at::empty_symint({shape.gate_size}, gi.options()), at::empty_like(s0, at::MemoryFormat::Contiguous),
+          W_hr.has_value() ? at::empty_like(*W_hr, at::MemoryFormat::Contiguous)
+                           : at::empty_symint({0}, gi.options())};
+}
+
+at::Tensor cell_step(c10::string_view cell_name_, const at::Tensor& s, const at::Tensor& gi, const at::Tensor& W_hh,
+                     const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& W_hr) {
+  constexpr const char* op = "pnewton.cell_step";
+  check_floating(op, "gi", gi, 2, "[N, G]");
+  check_floating(op, "s", s, 2, "[N, S]");
+  TORCH_CHECK(s.sym_size(0) == gi.sym_size(0), op, ": s [N, S] and gi [N, G] must have the same N, got shapes ",
+              s.sym_sizes(), " and ", gi.sym_sizes());
+  checked_args(op, cell_name_, gi.unsqueeze(1), W_hh, b_hh, s, W_hr, c10::nullopt, c10::nullopt, "s");
+  return Cell(parse_cell(std::string(cell_name_)), W_hh, b_hh, W_hr).step(s, gi);
+}
+
+}  // namespace
+
+Outputs newton_rnn_backward_kernel(const at::Tensor& grad_states, c10::string_view cell_name_, const at::Tensor& gi,
+                                   const at::Tensor& W_hh, const c10::optional<at::Tensor>& b_hh,
+                                   const at::Tensor& s0, const at::Tensor& states, c10::string_view adjoint,
+                                   const c10::optional<at::Tensor>& lengths, const c10::optional<at::Tensor>& W_hr,
+                                   const c10::optional<at::Tensor>& resets) {
+  const CellShape shape = checked_args(kBackwardOp, cell_name_, gi, W_hh, b_hh, s0, W_hr, lengths, resets);
+  check_backward_tensors(grad_states, gi, states, shape);
   const at::ScalarType type = compute_type(gi.scalar_type());
-  const Cell cell(checked.kind(), W_hh.to(type), widen(b_hh, type), widen(W_hr, type));
+  const Cell cell(parse_cell(std::string(cell_name_)), W_hh.to(type), widen(b_hh, type), widen(W_hr, type));
   const at::Tensor L =
-      lengths.has_value() ? checked_lengths(kOp, *lengths, gi.size(0), gi.size(1), gi.device()) : at::Tensor();
+      lengths.has_value() ? checked_lengths(kBackwardOp, *lengths, gi.size(0), gi.size(1), gi.device()) : at::Tensor();
   const at::Tensor R =
-      resets.has_value() ? checked_resets(kOp, *resets, gi.size(0), gi.size(1), gi.device()) : at::Tensor();
+      resets.has_value() ? checked_resets(kBackwardOp, *resets, gi.size(0), gi.size(1), gi.device()) : at::Tensor();
   NewtonGrads g = newton_backward(cell, grad_states.to(type), gi.to(type), s0.to(type), states.to(type),
                                   parse_adjoint(std::string(adjoint)), L, R);
   const auto out = gi.scalar_type();
   return {g.gi.to(out), g.W_hh.to(out), g.b_hh.to(out), g.s0.to(out),
           g.W_hr.defined() ? g.W_hr.to(out) : gi.new_empty({0})};
 }
-
-at::Tensor cell_step(c10::string_view cell_name_, const at::Tensor& s, const at::Tensor& gi, const at::Tensor& W_hh,
-                     const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& W_hr) {
-  TORCH_CHECK(s.dim() == 2 && gi.dim() == 2 && s.size(0) == gi.size(0), "pnewton.cell_step: s must be [N, S] and gi "
-              "[N, G] with the same N, got shapes ", s.sizes(), " and ", gi.sizes());
-  checked_cell(std::string(cell_name_), gi.unsqueeze(1), W_hh, b_hh, s, W_hr);
-  return Cell(parse_cell(std::string(cell_name_)), W_hh, b_hh, W_hr).step(s, gi);
-}
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(pnewton, CompositeImplicitAutograd, m) { m.impl("cell_step", &cell_step); }
 
@@ -106,6 +160,12 @@ TORCH_LIBRARY_IMPL(pnewton, CPU, m) {
 TORCH_LIBRARY_IMPL(pnewton, CUDA, m) {
   m.impl("newton_rnn", &newton_rnn_kernel);
   m.impl("newton_rnn_backward", &newton_rnn_backward_kernel);
+}
+
+// Meta (and so torch.compile's fake tensors): the same checks, the output shapes.
+TORCH_LIBRARY_IMPL(pnewton, Meta, m) {
+  m.impl("newton_rnn", &newton_rnn_meta);
+  m.impl("newton_rnn_backward", &newton_rnn_backward_meta);
 }
 
 }  // namespace pnewton

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "csrc/checks.h"
 #include "csrc/solver/segments.h"
 #include "csrc/solver/newton.h"
 
@@ -20,6 +21,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const char* op = "pnewton.rnn_stack";
   const int64_t dirs = bidirectional ? 2 : 1, weights = has_biases ? 4 : 2;
   TORCH_CHECK(num_layers > 0, op, ": num_layers must be positive, got ", num_layers);
+  TORCH_CHECK(dropout >= 0 && dropout <= 1, op, ": dropout must be a probability in [0, 1], got ", dropout);
+  check_floating(op, "input", input, 3, "[T, B, in] ([B, T, in] if batch_first)");
+  check_floating(op, "state0", state0, 3, "[layers * dirs, B, S]");
+  check_like(op, "state0", state0, input, "input");
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_floating(op, "params", params[i]);
+    check_like(op, "params", params[i], input, "input");
+  }
   // As in torch's _VF.lstm, one more tensor per layer and direction is LSTM's projection W_hr.
   const int64_t n = static_cast<int64_t>(params.size());
   const bool projected = cell == "lstm" && n == num_layers * dirs * (weights + 1);
@@ -28,7 +37,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               has_biases ? ", b_ih, b_hh" : "", cell == "lstm" ? "[, W_hr]" : "", " per layer and direction), got ",
               n);
   const std::string solved_cell = projected ? "lstm_proj" : std::string(cell);
-  TORCH_CHECK(input.dim() == 3, op, ": input must be 3-d, got ", input.dim(), "-d");
   TORCH_CHECK(state0.dim() == 3 && state0.sym_size(0) == num_layers * dirs, op, ": state0 must be [",
               num_layers * dirs, ", B, S], got ", state0.sym_sizes());
   // Sizes stay symbolic (SymInt) where nothing needs their value, so that torch.compile and
