@@ -13,6 +13,11 @@
 namespace pnewton {
 namespace {
 
+// Adaptive λ (trust region on ½‖r‖²): the step's actual vs predicted decrease ρ. A fixed
+// λ is at most kLambdaMax too (beyond it the step is zero in any dtype).
+constexpr double kLambdaStart = 1.0, kLambdaMin = 1e-12, kLambdaMax = 1e12;
+constexpr double kShrink = 0.1, kGrow = 4.0, kAccept = 1e-4;
+
 bool is_elk(Method m) {
   return m == Method::elk || m == Method::quasi_elk || m == Method::elk_filter || m == Method::quasi_elk_filter;
 }
@@ -119,12 +124,14 @@ NewtonOptions newton_options(const SolverOptions& s) {
   NewtonOptions o;
   o.method = parse_method(s.method);
   if (is_elk(o.method)) {
-    TORCH_CHECK(s.damping >= 0 && std::isfinite(s.damping), op, ": damping (the ELK λ) must be >= 0 (0 = adaptive), got ",
-                s.damping);
+    TORCH_CHECK(s.damping >= 0 && s.damping <= kLambdaMax, op, ": damping (the ELK λ) must be in [0, ", kLambdaMax,
+                "] (0 = adaptive), got ", s.damping);
   } else {
     TORCH_CHECK(s.damping >= 0 && s.damping < 1, op, ": damping must be in [0, 1), got ", s.damping);
   }
   TORCH_CHECK(s.clip >= 0, op, ": clip must be >= 0 (0 = off), got ", s.clip);
+  TORCH_CHECK(s.init == "zeros" || s.init == "one_step" || s.init == "states", op,
+              ": init must be zeros, one_step or states, got '", s.init, "'");
   o.max_iter = s.max_iter;
   o.atol = s.atol;
   o.rtol = s.rtol;
@@ -153,14 +160,12 @@ at::Tensor sequential_states(const CellFunction& cell, const at::Tensor& gi, con
 
 namespace {
 
-// Where a solve stands: the states and their per-sequence diagnostics.
+// Where a solve stands: the states, the cell at them (F = f(s_{t−1}, u_t)), and the
+// per-sequence diagnostics. stuck: the sequence cannot converge (its solution is not
+// finite, or a trust region stays non-finite), so it takes no more steps.
 struct Progress {
-  at::Tensor s, iterations, residual, converged, path;
+  at::Tensor s, F, iterations, residual, converged, path, stuck;
 };
-
-// Adaptive λ (trust region on ½‖r‖²): the step's actual vs predicted decrease ρ.
-constexpr double kLambdaStart = 1.0, kLambdaMin = 1e-12, kLambdaMax = 1e12;
-constexpr double kShrink = 0.1, kGrow = 4.0, kAccept = 1e-4;
 
 // The auto method's per-stage budget, c·log₂T iterations, and its stall test: a stage
 // ends early once no unconverged sequence halved ½‖r‖² in the last kStallWindow
@@ -168,21 +173,39 @@ constexpr double kShrink = 0.1, kGrow = 4.0, kAccept = 1e-4;
 constexpr int64_t kStallWindow = 4;
 int64_t auto_budget(int64_t T) { return std::max<int64_t>(8, 4 * static_cast<int64_t>(std::ceil(std::log2(T + 1.0)))); }
 
+// max_s |x_{t,s}| per step of x [B, T, S], NaN propagating: [B, T].
+at::Tensor max_abs_per_step(const at::Tensor& x) {
+  return x.is_cuda() ? at::linalg_vector_norm(x, INFINITY, at::IntArrayRef{2}) : x.abs().amax(2);
+}
+
+// [B]: the first step whose entry of x [B, T] is true, T where none is.
+at::Tensor first_step(const at::Tensor& x) {
+  const int64_t T = x.size(1);
+  const at::Tensor t = at::arange(T, x.options().dtype(at::kLong)).unsqueeze(0);
+  return at::where(x, t, T).amin(1);
+}
+
 // Runs `method` for at most `budget` iterations from p.s; converged sequences keep their
 // states. On return p holds the residual at the final states.
 void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Tensor& s0, Method method,
                int64_t budget, bool stop_on_stall, double damping, const NewtonOptions& o, double atol, double rtol,
-               const at::Tensor& valid, Progress& p) {
+               const at::Tensor& padding, Progress& p) {
   const int64_t B = s0.size(0), S = s0.size(1), T = gi_flat.size(0) / std::max<int64_t>(B, 1);
   const JacobianPart part = method_part(cell, method);
   const bool newton_like = method != Method::jacobi && method != Method::picard;
   const bool elk = is_elk(method), smooth = method == Method::elk || method == Method::quasi_elk;
+  // Every method but ELK makes one more state exact per iteration (δ_t = Ã_t δ_{t−1} − r_t
+  // is causal: once δ_{t−1} = 0, δ_t = −r_t makes s_t = f(s_{t−1}, u_t)), whatever Ã is:
+  // after T iterations it has the solution, so no budget beyond T can help.
+  const bool exact_prefix = !elk;
+  if (exact_prefix) budget = std::min(budget, T);
   const bool adaptive = elk && damping == 0;
   at::Tensor lambda = at::full({B}, adaptive ? kLambdaStart : damping, s0.options());
   const std::vector<int64_t> shape = part == JacobianPart::diagonal ? std::vector<int64_t>{B, T, S}
                                      : part == JacobianPart::block2 ? std::vector<int64_t>{B, T, S / 2, 2, 2}
                                                                     : std::vector<int64_t>{B, T, S, S};
-  at::Tensor F, J, r;
+  at::Tensor J, r;
+  at::Tensor& F = p.F;
   // A reset step reads s0: its Jacobian with respect to the previous state is zero.
   const at::Tensor carried = o.resets.defined() ? carried_steps(o.resets, s0.scalar_type()) : at::Tensor();
   auto evaluate = [&](const at::Tensor& s, bool with_jacobian) {
@@ -193,31 +216,41 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
     if (carried.defined() && jacobian.defined()) jacobian = jacobian * carried.view(jacobian_mask_shape(shape));
     return std::make_tuple(e.F.view({B, T, S}), jacobian);
   };
-  // Padding (valid = 0) is no part of the system: its residual is zero, it takes no step
-  // (a step decaying through it would leave subnormal states, which slow the GEMMs tenfold),
-  // and it adds nothing to the scale.
-  auto residual_of = [&](const at::Tensor& s, const at::Tensor& F) {
-    return valid.defined() ? (s - F).mul_(valid) : s - F;
-  };
-  auto without_padding = [&](at::Tensor x) { return valid.defined() ? x.mul_(valid) : x; };
-  // Converged: every state within tolerance of the solution, judged by the error estimate
-  // max_t |δ_t| of the step just taken (the residual alone understates the error by the
-  // recurrence's memory, 1/(1 − contraction)); or, for the methods that make one more state
-  // exact per iteration, as many iterations in this stage as the sequence has steps; or an
-  // exact residual. Once converged, a sequence stays so (its states no longer move).
-  const bool exact_prefix = !elk;
+  // Padding is no part of the system: its residual is zero, it takes no step (a step
+  // decaying through it would leave subnormal states, which slow the GEMMs tenfold), and it
+  // adds nothing to the scale. Masked, not multiplied: NaN · 0 is NaN.
+  auto without_padding = [&](at::Tensor x) { return padding.defined() ? x.masked_fill_(padding, 0) : x; };
+  auto residual_of = [&](const at::Tensor& s, const at::Tensor& F) { return without_padding(s - F); };
+  // Converged: every state finite, and within tolerance of the solution, judged by the
+  // error estimate max_t |δ_t| of the step just taken (the residual alone understates the
+  // error by the recurrence's memory, 1/(1 − contraction)); or, for the methods that make one
+  // more state exact per iteration, as many iterations in this stage as the sequence has
+  // steps; or an exact residual. Once converged, a sequence stays so (its states no longer
+  // move). A finite residual s − F means finite states.
   const at::Tensor steps = o.lengths.defined() ? o.lengths : at::full({B}, T, p.iterations.options());
   const at::Tensor iterations_before = p.iterations.clone();
-  auto check = [&](const at::Tensor& step) {
-    p.residual = max_abs_per_sequence(r);
+  at::Tensor nonfinite_merit = at::zeros({B}, p.iterations.options());
+  auto check = [&](const at::Tensor& step, const at::Tensor& phi) {
+    const at::Tensor per_step = max_abs_per_step(r);
+    p.residual = per_step.amax(1);
+    const at::Tensor finite = p.residual.isfinite();
     at::Tensor done = p.residual == 0;
     if (step.defined()) {
-      const at::Tensor scale = max_abs_per_sequence(valid.defined() ? F * valid : F);
+      const at::Tensor scale = max_abs_per_sequence(padding.defined() ? F.masked_fill(padding, 0) : F);
       done = done | (step.isfinite() & (step <= atol + rtol * scale));
     }
-    if (exact_prefix) done = done | (p.iterations - iterations_before >= steps);
+    const at::Tensor iterated = p.iterations - iterations_before;
+    if (exact_prefix) {
+      done = done | (iterated >= steps);
+      // A non-finite residual inside the exact prefix is the solution's own: it cannot converge.
+      p.stuck = p.stuck | (finite.logical_not() & (first_step(per_step.isfinite().logical_not()) < iterated));
+    } else if (phi.defined()) {
+      // ELK accepts finite steps only: a merit non-finite for kStallWindow iterations stays so.
+      nonfinite_merit = at::where(phi.isfinite(), 0, nonfinite_merit + 1);
+      p.stuck = p.stuck | (nonfinite_merit >= kStallWindow);
+    }
     if (p.converged.defined()) done = done | p.converged;
-    p.converged = p.residual.isfinite() & done;
+    p.converged = finite & done;
   };
   auto merit = [](const at::Tensor& x) {
     const at::Tensor m = 0.5 * x.square().sum({1, 2});
@@ -225,23 +258,24 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
   };
   std::tie(F, J) = evaluate(p.s, budget > 0);
   r = residual_of(p.s, F);
-  check(at::Tensor());
+  check(at::Tensor(), at::Tensor());
   // ½‖r‖² per sequence, where something reads it (the stall test, the ELK step): a pass
   // over r that the plain methods skip.
   const bool track_merit = stop_on_stall || elk;
   at::Tensor phi = track_merit ? merit(r) : at::Tensor();
   std::vector<at::Tensor> history{phi};
   for (int64_t it = 0; it < budget; ++it) {
+    const at::Tensor settled = p.converged | p.stuck;
     if (!o.fixed_iterations) {
       // Tolerance mode: one host synchronisation per iteration. Fixed mode: none.
-      at::Tensor stop = p.converged.all();
+      at::Tensor stop = settled.all();
       if (stop_on_stall && it >= kStallWindow) {
         const at::Tensor halved = phi <= 0.5 * history[history.size() - 1 - kStallWindow];
-        stop = stop | (p.converged | halved.logical_not()).all();
+        stop = stop | (settled | halved.logical_not()).all();
       }
       if (stop.item<bool>()) break;
     }
-    const at::Tensor moving = at::logical_not(p.converged);
+    const at::Tensor moving = at::logical_not(settled);
     p.path = p.path | at::where(moving, method_bit(method), 0);
     at::Tensor next, predicted, step;  // step: max_t |δ_t| per sequence
     if (method == Method::jacobi) {
@@ -266,11 +300,12 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
         step = max_abs_per_sequence(negated_delta);
       }
     }
-    // Non-finite values can only appear beyond the exact prefix (after iteration i the
-    // first i states of an undamped method are exact), so resetting them keeps the
-    // ≤ T-iteration guarantee.
+    // Non-finite values beyond the exact prefix are no part of the solution (after iteration
+    // i the first i states of a causal method are exact): resetting them keeps the
+    // ≤ T-iteration guarantee. Non-finite values of the solution itself make the sequence
+    // stuck (check), and the states returned for it carry them (nonfinite_pattern).
     next = at::nan_to_num(next, 0.0, 0.0, 0.0);
-    next = at::where(p.converged.view({B, 1, 1}), p.s, next);
+    next = at::where(moving.view({B, 1, 1}), next, p.s);
     const bool more = it + 1 < budget;
     auto [F_new, J_new] = evaluate(next, more);
     const at::Tensor r_new = residual_of(next, F_new);
@@ -293,7 +328,7 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
       p.s = next, F = F_new, J = J_new, r = r_new;
       if (track_merit) phi = merit(r);
     }
-    check(step);
+    check(step, phi);
     history.push_back(phi);
   }
 }
@@ -314,6 +349,30 @@ std::vector<Method> auto_stages(const CellFunction& cell, int64_t dense_size) {
   return stages;
 }
 
+// Where the solution of a sequence is not finite, from the cell evaluated at the returned
+// states, F [B, T, S], exact up to the first non-finite step t0 of a stuck sequence: the
+// entries that are non-finite there, and everything the recurrence carries them to after
+// t0 — the same state entry (diagonal cells), the (h, c) pair (2×2 blocks) or every entry
+// (dense) — up to the next reset. This is the NaN pattern of the loop (torch.nn's) for NaN
+// inputs, without running the loop.
+at::Tensor nonfinite_pattern(const at::Tensor& F, JacobianPart structure, const at::Tensor& resets,
+                             const at::Tensor& padding) {
+  const int64_t B = F.size(0), T = F.size(1), S = F.size(2);
+  at::Tensor bad = F.isfinite().logical_not();
+  if (padding.defined()) bad.masked_fill_(padding, false);
+  at::Tensor spread = bad;
+  if (structure == JacobianPart::block2) spread = bad.view({B, T, S / 2, 2}).any(-1, true).expand({B, T, S / 2, 2});
+  if (structure == JacobianPart::dense) spread = bad.any(-1, true);
+  spread = spread.reshape({B, T, -1});
+  const at::Tensor t = at::arange(T, F.options().dtype(at::kLong)).view({1, T, 1});
+  // The last bad step up to t, and the start of t's segment.
+  const at::Tensor last = std::get<0>(at::where(spread, t, -1).cummax(1));
+  const at::Tensor last_before = at::cat({at::full_like(last.narrow(1, 0, 1), -1), last.narrow(1, 0, T - 1)}, 1);
+  const at::Tensor start = resets.defined() ? std::get<0>(at::where(resets, t.squeeze(-1), 0).cummax(1)).unsqueeze(-1)
+                                            : at::zeros({1, 1, 1}, t.options());
+  return bad | (last_before >= start);
+}
+
 }  // namespace
 
 NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0, const NewtonOptions& o) {
@@ -325,12 +384,17 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
   res.iterations = at::zeros({B}, opts.dtype(at::kLong));
   res.path = at::zeros({B}, opts.dtype(at::kLong));
   const at::Tensor& lengths = o.lengths;
-  if (T == 0 || B == 0 || o.method == Method::sequential) {
+  // The loop's states are the solution by definition, unless they are not finite: then the
+  // sequence is not converged and its residual is NaN (as the residual of NaN states is).
+  auto exact = [&](const at::Tensor& states, at::Tensor& converged, at::Tensor& residual) {
+    converged = states.isfinite().flatten(1).all(1);
+    residual = at::where(converged, 0.0, NAN).to(opts.dtype());
+  };
+  if (T == 0 || B == 0 || S == 0 || o.method == Method::sequential) {
     res.states = sequential_states(cell, gi, s0, o.resets);
     if (lengths.defined()) res.states = hold_past_lengths(res.states, s0, lengths);
     if (lengths.defined()) res.iterations.copy_(lengths); else res.iterations.fill_(T);
-    res.residual = at::zeros({B}, opts);
-    res.converged = at::ones({B}, opts.dtype(at::kBool));
+    exact(res.states, res.converged, res.residual);
     if (T > 0) res.path.fill_(method_bit(Method::sequential));
     return res;
   }
@@ -340,62 +404,72 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
     s = at::zeros({B, T, S}, opts);
   } else if (o.init == "one_step") {
     s = cell.step(s0.unsqueeze(1).expand({B, T, S}).reshape({B * T, S}), gi_flat).view({B, T, S});
-  } else {
-    TORCH_CHECK(o.init == "states", "pnewton.newton_rnn: init must be zeros, one_step or states, got '", o.init, "'");
-    const std::vector<int64_t> shape{B, T, S};
-    TORCH_CHECK(o.init_states.defined() && o.init_states.sizes() == at::IntArrayRef(shape),
-                "pnewton.newton_rnn: init_states must be a [B, T, S] = [", B, ", ", T, ", ", S, "] tensor");
+  } else {  // "states" (newton_options checked init; the op checked init_states)
+    TORCH_CHECK(o.init_states.defined(), "pnewton: init='states' needs init_states");
     s = o.init_states.to(opts).clone();
   }
 
-  const at::Tensor valid = lengths.defined() ? valid_steps(lengths, T, s.scalar_type()) : at::Tensor();
-  Progress p{s, res.iterations, at::Tensor(), at::Tensor(), res.path};
+  const at::Tensor padding = lengths.defined() ? valid_steps(lengths, T, at::kBool).logical_not() : at::Tensor();
+  Progress p{s, at::Tensor(), res.iterations, at::Tensor(), at::Tensor(), res.path,
+             at::zeros({B}, opts.dtype(at::kBool))};
   if (o.method != Method::automatic) {
     run_stage(cell, gi_flat, s0, o.method, o.max_iter < 0 ? std::min<int64_t>(T, 100) : o.max_iter, false, o.damping,
-              o, atol, rtol, valid, p);
+              o, atol, rtol, padding, p);
   } else if (o.fixed_iterations) {
     // No host synchronisation: the first stage only, for exactly max_iter iterations.
     const Method first = auto_stages(cell, B * T * S * S).front();
-    run_stage(cell, gi_flat, s0, first, o.max_iter, false, o.damping, o, atol, rtol, valid, p);
+    run_stage(cell, gi_flat, s0, first, o.max_iter, false, o.damping, o, atol, rtol, padding, p);
   } else {
     int64_t left = o.max_iter < 0 ? std::numeric_limits<int64_t>::max() : o.max_iter;
-    run_stage(cell, gi_flat, s0, o.method, 0, false, 0, o, atol, rtol, valid, p);  // the residual at the start
+    run_stage(cell, gi_flat, s0, o.method, 0, false, 0, o, atol, rtol, padding, p);  // the residual at the start
     for (const Method m : auto_stages(cell, B * T * S * S)) {
       const int64_t budget = std::min(auto_budget(T), left);
       const at::Tensor before = p.iterations.max();
       const Progress start = p;
-      run_stage(cell, gi_flat, s0, m, budget, true, is_elk(m) ? kAutoLambda : o.damping, o, atol, rtol, valid, p);
+      run_stage(cell, gi_flat, s0, m, budget, true, is_elk(m) ? kAutoLambda : o.damping, o, atol, rtol, padding, p);
       // A stage that left a sequence worse than it found it hands the next stage its start.
       {
-        const at::Tensor worse = (p.residual > start.residual) | p.residual.isfinite().logical_not();
+        const at::Tensor worse =
+            p.stuck.logical_not() & ((p.residual > start.residual) | p.residual.isfinite().logical_not());
         p.s = at::where(worse.view({B, 1, 1}), start.s, p.s);
+        p.F = at::where(worse.view({B, 1, 1}), start.F, p.F);
         p.residual = at::where(worse, start.residual, p.residual);
         p.converged = at::where(worse, start.converged, p.converged);
       }
       left -= (p.iterations.max() - before).item<int64_t>();
-      if (left <= 0 || p.converged.all().item<bool>()) break;
+      if (left <= 0 || (p.converged | p.stuck).all().item<bool>()) break;
     }
   }
-  res.states = lengths.defined() ? hold_past_lengths(p.s, s0, lengths) : p.s;
   res.iterations = p.iterations;
   res.residual = p.residual;
   res.converged = p.converged;
   res.path = p.path;
   if (o.fallback && !o.fixed_iterations && !res.converged.all().item<bool>()) {
+    res.states = lengths.defined() ? hold_past_lengths(p.s, s0, lengths) : p.s;
     const at::Tensor redo = at::logical_not(res.converged).nonzero().squeeze(1);
     const at::Tensor s0_redo = s0.index_select(0, redo);
-    at::Tensor exact = sequential_states(cell, gi.index_select(0, redo), s0_redo,
-                                         o.resets.defined() ? o.resets.index_select(0, redo) : at::Tensor());
-    if (lengths.defined()) exact = hold_past_lengths(exact, s0_redo, lengths.index_select(0, redo));
-    res.states.index_copy_(0, redo, exact);
+    at::Tensor states = sequential_states(cell, gi.index_select(0, redo), s0_redo,
+                                          o.resets.defined() ? o.resets.index_select(0, redo) : at::Tensor());
+    if (lengths.defined()) states = hold_past_lengths(states, s0_redo, lengths.index_select(0, redo));
+    res.states.index_copy_(0, redo, states);
     if (lengths.defined()) res.iterations.index_copy_(0, redo, lengths.index_select(0, redo));
     else res.iterations.index_fill_(0, redo, T);
-    res.residual.index_fill_(0, redo, 0);
-    // The loop's states are exact by definition, unless non-finite inputs made them NaN/Inf:
-    // those sequences could not converge and say so.
-    res.converged.index_copy_(0, redo, exact.isfinite().flatten(1).all(1));
+    at::Tensor converged, residual;
+    exact(states, converged, residual);
+    res.converged.index_copy_(0, redo, converged);
+    res.residual.index_copy_(0, redo, residual);
     res.path.index_copy_(0, redo, res.path.index_select(0, redo) | method_bit(Method::sequential));
+    return res;
   }
+  // No fallback: a stuck sequence returns its exact prefix and its solution's non-finite
+  // pattern (the states the iteration reset to finite values are no part of the answer).
+  // (Fixed mode computes it unconditionally: it reads nothing back to the host.)
+  at::Tensor states = p.s;
+  if (o.fixed_iterations || p.stuck.any().item<bool>()) {
+    const at::Tensor pattern = nonfinite_pattern(p.F, cell.structure(), o.resets, padding) & p.stuck.view({B, 1, 1});
+    states = states.masked_fill(pattern, NAN);
+  }
+  res.states = lengths.defined() ? hold_past_lengths(states, s0, lengths) : states;
   return res;
 }
 

@@ -84,4 +84,13 @@ NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, con
                             const at::Tensor& s0, const at::Tensor& states, Adjoint adjoint,
                             const at::Tensor& lengths = {}, const at::Tensor& resets = {});
 
+// The kernel of newton_rnn_backward (csrc/solver/newton_kernel.cpp): checks, widening,
+// newton_backward. Written over differentiable ATen and scan ops, so with grad mode on its
+// result carries a graph (the op's double backward, csrc/autograd/newton_autograd.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> newton_rnn_backward_kernel(
+    const at::Tensor& grad_states, c10::string_view cell, const at::Tensor& gi, const at::Tensor& W_hh,
+    const c10::optional<at::Tensor>& b_hh, const at::Tensor& s0, const at::Tensor& states, c10::string_view adjoint,
+    const c10::optional<at::Tensor>& lengths, const c10::optional<at::Tensor>& W_hr,
+    const c10::optional<at::Tensor>& resets);
+
 }  // namespace pnewton
