@@ -27,7 +27,13 @@ SOLVER_DEFAULTS = dict(method="auto", max_iter=None, atol=None, rtol=None, dampi
 
 
 def _limits(max_iter, atol, rtol):
-    """None (the per-dtype defaults) as the ops spell it: -1."""
+    """None (the per-dtype defaults) as the ops spell it: -1. A negative or NaN value is an
+    error here (-1 is the ops' internal spelling of None, not an option)."""
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0):
+        raise ValueError(f"pnewton: max_iter must be an integer >= 0 (or None: the default), got {max_iter!r}")
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None and not value >= 0:  # NaN fails too
+            raise ValueError(f"pnewton: {name} must be >= 0 (or None: the default), got {value!r}")
     return (-1 if max_iter is None else max_iter, -1.0 if atol is None else atol, -1.0 if rtol is None else rtol)
 
 
@@ -51,7 +57,8 @@ def newton_rnn(cell, gi, W_hh, b_hh, s0, method="auto", max_iter=None, atol=None
     padding (outside the residual and the gradients) and the states hold still there, so
     ``states[:, -1]`` is each sequence's final state. ``resets`` ``[B, T]`` (bool): several
     sequences packed end to end in a row; a true step starts a new one from ``s0``, with
-    nothing carried across in the states or the gradients.
+    nothing carried across in the states or the gradients. The states are twice
+    differentiable (the backward is itself differentiable: gradient penalties, HVPs).
     """
     states, iterations, residual, converged, path = torch.ops.pnewton.newton_rnn(
         cell, gi, W_hh, b_hh, s0, method, *_limits(max_iter, atol, rtol), damping, clip, init, init_states,
@@ -93,6 +100,8 @@ class _NewtonLayer:
     _cells = {"GRU": "gru", "LSTM": "lstm", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
     def _init_solver(self, solver_options):
+        o = {**SOLVER_DEFAULTS, **solver_options}
+        _limits(o["max_iter"], o["atol"], o["rtol"])  # the Python-side checks, at construction
         self.solver_options = dict(solver_options)
         self.last_stats = None  # the worst over the layers and directions, per sequence
         self.last_layer_stats = None  # one SolveStats per (layer, direction), in parameter order

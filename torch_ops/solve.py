@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.func import jacfwd, vmap
 
 from .scan import scan_block, scan_diag
@@ -92,11 +93,22 @@ def default_tolerance(dtype):
     return tol, tol
 
 
+def _step(f, s, u):
+    """f(s [N, D], u [N, ...]), checked to return a state like s (a step of the wrong shape
+    would otherwise broadcast into every method's arithmetic)."""
+    out = f(s, u)
+    if not isinstance(out, torch.Tensor) or out.shape != s.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"pnewton.solve: f(s [N, D], u) must return the next state [N, D] = {tuple(s.shape)}, "
+                         f"got {got}")
+    return out
+
+
 def _flat(f, s_prev, inputs):
     """f over all steps at once: s_prev [B, T, D], inputs [B, T, ...] -> [B, T, D]."""
-    B, T = s_prev.shape[:2]
-    out = f(s_prev.reshape(B * T, -1), inputs.reshape(B * T, *inputs.shape[2:]))
-    return out.reshape(B, T, -1)
+    B, T, D = s_prev.shape
+    out = _step(f, s_prev.reshape(B * T, D), inputs.reshape(B * T, *inputs.shape[2:]))
+    return out.reshape(B, T, D)
 
 
 def _shift(s0, s):
@@ -128,7 +140,7 @@ def sequential(f, s0, inputs):
     """The reference loop: s_t = f(s_{t-1}, u_t), one step at a time."""
     s, out = s0, []
     for t in range(inputs.shape[1]):
-        s = f(s, inputs[:, t])
+        s = _step(f, s, inputs[:, t])
         out.append(s)
     return torch.stack(out, 1) if out else s0.new_empty(s0.shape[0], 0, s0.shape[1])
 
@@ -158,22 +170,44 @@ def _merit(r):
     return torch.where(torch.isfinite(m), m, torch.full_like(m, float("inf")))
 
 
+def _first_step(x):
+    """[B]: the first step t where x [B, T] is true, T where none is."""
+    T = x.shape[1]
+    t = torch.arange(T, device=x.device).expand_as(x)
+    return torch.where(x, t, T).amin(1)
+
+
 def _stage(f, s0, inputs, state, method, structure, jacobian, budget, stall, atol, rtol, damping):
-    """Runs `method` for at most `budget` iterations from state["s"] (see run_stage in C++)."""
-    B = s0.shape[0]
+    """Runs `method` for at most `budget` iterations from state["s"] (see run_stage in C++:
+    the same convergence test, exact-prefix cap and stuck test)."""
+    B, T = s0.shape[0], inputs.shape[1]
     elk = method in _ELK
+    if not elk:
+        budget = min(budget, T)  # one more state exact per iteration: T iterations solve it
     adaptive = elk and damping == 0
     lam = torch.full((B,), _LAMBDA_START if adaptive else damping, dtype=s0.dtype, device=s0.device)
     diagonal = method.startswith("quasi_")
+    before = state["iterations"].clone()
+    nonfinite_merit = torch.zeros(B, dtype=torch.long, device=s0.device)
 
     def evaluate(s):
         F = _flat(f, _shift(s0, s), inputs)
         return F, s - F
 
-    def check(F, r):
-        state["residual"] = r.abs().amax(dim=(1, 2))
-        state["converged"] = torch.isfinite(state["residual"]) & (
-            state["residual"] <= atol + rtol * F.abs().amax(dim=(1, 2)))
+    def check(F, r, phi=None):
+        nonlocal nonfinite_merit
+        per_step = r.abs().amax(dim=2)
+        state["residual"] = per_step.amax(dim=1)
+        finite = torch.isfinite(state["residual"])
+        if not elk:
+            # A non-finite residual inside the exact prefix is the solution's own.
+            iterated = state["iterations"] - before
+            state["stuck"] = state["stuck"] | (~finite & (_first_step(~torch.isfinite(per_step)) < iterated))
+        elif phi is not None:
+            nonfinite_merit = torch.where(torch.isfinite(phi), 0, nonfinite_merit + 1)
+            state["stuck"] = state["stuck"] | (nonfinite_merit >= _STALL_WINDOW)
+        state["converged"] = finite & (state["residual"] <= atol + rtol * F.abs().amax(dim=(1, 2)))
+        state["F"] = F
 
     s = state["s"]
     F, r = evaluate(s)
@@ -181,14 +215,14 @@ def _stage(f, s0, inputs, state, method, structure, jacobian, budget, stall, ato
     phi = _merit(r)
     history = [phi]
     for it in range(budget):
-        converged = state["converged"]
-        stop = converged.all()
+        settled = state["converged"] | state["stuck"]
+        stop = settled.all()
         if stall and it >= _STALL_WINDOW:
             halved = phi <= 0.5 * history[-1 - _STALL_WINDOW]
-            stop = stop | (converged | ~halved).all()
+            stop = stop | (settled | ~halved).all()
         if bool(stop):
             break
-        moving = ~converged
+        moving = ~settled
         state["path"] |= torch.where(moving, _bit(method), 0)
         predicted = None
         if method == "jacobi":
@@ -207,10 +241,11 @@ def _stage(f, s0, inputs, state, method, structure, jacobian, budget, stall, ato
                     a = a * (1.0 - damping)
                 delta = scan_diag(a, -r) if a.dim() == 3 else scan_block(a.unsqueeze(2), -r.unsqueeze(2)).squeeze(2)
             step = s + delta
-        # Non-finite values can only appear beyond the exact prefix of an undamped method:
-        # resetting them keeps the guarantee that iteration i makes the first i states exact.
+        # Non-finite values beyond the exact prefix of a causal method are no part of the
+        # solution: resetting them keeps the guarantee that iteration i makes the first i
+        # states exact. Those of the solution itself make the sequence stuck (check).
         step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
-        step = torch.where(converged[:, None, None], s, step)
+        step = torch.where(moving[:, None, None], step, s)
         F_new, r_new = evaluate(step)
         state["iterations"] += moving.long()
         if adaptive:
@@ -226,7 +261,7 @@ def _stage(f, s0, inputs, state, method, structure, jacobian, budget, stall, ato
         else:
             s, F, r = step, F_new, r_new
             phi = _merit(r)
-        check(F, r)
+        check(F, r, phi)
         history.append(phi)
     state["s"] = s
 
@@ -240,7 +275,8 @@ def _newton(f, s0, inputs, method, structure, jacobian, max_iter, atol, rtol, da
     else:
         s = init.detach().clone()
     state = dict(s=s, iterations=torch.zeros(B, dtype=torch.long, device=s0.device),
-                 path=torch.zeros(B, dtype=torch.long, device=s0.device))
+                 path=torch.zeros(B, dtype=torch.long, device=s0.device),
+                 stuck=torch.zeros(B, dtype=torch.bool, device=s0.device))
     args = (structure, jacobian)
     if method != "auto":
         _stage(f, s0, inputs, state, method, *args, min(T, 100) if max_iter is None else max_iter, False, atol, rtol,
@@ -254,14 +290,29 @@ def _newton(f, s0, inputs, method, structure, jacobian, max_iter, atol, rtol, da
             _stage(f, s0, inputs, state, stage, *args, int(min(_auto_budget(T), left)), True, atol, rtol,
                    _AUTO_LAMBDA if stage in _ELK else damping)
             # A stage that left a sequence worse than it found it hands the next stage its start.
-            worse = (state["residual"] > start["residual"]) | ~torch.isfinite(state["residual"])
+            worse = ~state["stuck"] & ((state["residual"] > start["residual"]) | ~torch.isfinite(state["residual"]))
             state["s"] = torch.where(worse[:, None, None], start["s"], state["s"])
+            state["F"] = torch.where(worse[:, None, None], start["F"], state["F"])
             for key in ("residual", "converged"):
                 state[key] = torch.where(worse, start[key], state[key])
             left -= int(state["iterations"].max()) - before
-            if left <= 0 or bool(state["converged"].all()):
+            if left <= 0 or bool((state["converged"] | state["stuck"]).all()):
                 break
-    return state["s"], state["iterations"], state["residual"], state["converged"], state["path"]
+    return state
+
+
+def _nonfinite_pattern(F, structure):
+    """Where the solution is not finite, from f at the returned states (exact up to the
+    first non-finite step of a stuck sequence): the entries non-finite there and, after
+    it, what the recurrence carries them to — the same entry (structure='diag') or every
+    entry (dense). The NaN pattern of the loop for NaN inputs (csrc: nonfinite_pattern)."""
+    bad = ~torch.isfinite(F)
+    spread = bad if structure == "diag" else bad.any(-1, keepdim=True)
+    T = F.shape[1]
+    t = torch.arange(T, device=F.device).view(1, T, 1)
+    last = torch.where(spread, t, -1).cummax(1).values
+    last_before = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], 1)
+    return bad | (last_before >= 0)
 
 
 class _Adjoint(torch.autograd.Function):
@@ -273,6 +324,7 @@ class _Adjoint(torch.autograd.Function):
         return states.view_as(states)
 
     @staticmethod
+    @once_differentiable  # its Jacobian is saved without a graph: double backward would be wrong
     def backward(ctx, g):
         (jac,) = ctx.saved_tensors
         T = g.shape[1]
@@ -318,56 +370,85 @@ def solve(f, s0, inputs, method="auto", *, structure="dense", jacobian=None, max
             region on ½‖r‖² (actual vs predicted decrease).
         init: ``zeros``, ``one_step`` (every step from s0) or a ``[B, T, D]`` warm start.
         fallback: rerun unconverged sequences with the sequential loop (default True).
+            Without it, a sequence whose solution is not finite (a NaN input, say) returns
+            its exact prefix and NaN from its first non-finite step on (per entry with
+            ``structure="diag"``, every entry after that step otherwise), flagged
+            ``converged=False`` with a NaN residual, as on every path.
 
     Returns:
         ``(states [B, T, D], SolveStats)``. Gradients flow to s0, inputs and anything f
-        closes over, through the exact adjoint (never through the iterations).
+        closes over, through the exact adjoint (never through the iterations). Once:
+        differentiating the gradient (``create_graph=True``) raises, since the adjoint's
+        Jacobian is taken without a graph (``pnewton.newton_rnn`` and the layers are
+        twice differentiable).
     """
     if method not in METHODS:
         raise ValueError(f"pnewton.solve: method must be one of {METHODS}, got {method!r}")
     if structure not in STRUCTURES:
         raise ValueError(f"pnewton.solve: structure must be one of {STRUCTURES}, got {structure!r}")
-    if s0.dim() != 2:
-        raise ValueError(f"pnewton.solve: s0 must be [B, D], got shape {tuple(s0.shape)}")
+    for name, t in (("s0", s0), ("inputs", inputs)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"pnewton.solve: {name} must be a tensor, got {type(t).__name__}")
+    if not s0.is_floating_point() or s0.dim() != 2:
+        raise ValueError(f"pnewton.solve: s0 must be a floating [B, D] tensor, got {s0.dtype} of shape "
+                         f"{tuple(s0.shape)}")
     if inputs.dim() < 2 or inputs.shape[0] != s0.shape[0]:
         raise ValueError(f"pnewton.solve: inputs must be [B, T, ...] with B = {s0.shape[0]}, "
                          f"got shape {tuple(inputs.shape)}")
+    if inputs.device != s0.device:
+        raise ValueError(f"pnewton.solve: inputs must be on the device of s0 ({s0.device}), got {inputs.device}")
+    # Written so that NaN fails every test.
     if method in _ELK and not (damping >= 0 and math.isfinite(damping)):
         raise ValueError(f"pnewton.solve: damping (the ELK λ) must be >= 0 (0 = adaptive), got {damping}")
     if method not in _ELK and not 0.0 <= damping < 1.0:
         raise ValueError(f"pnewton.solve: damping must be in [0, 1), got {damping}")
-    B, T = inputs.shape[:2]
-    if max_iter is not None and max_iter < 0:
-        raise ValueError(f"pnewton.solve: max_iter must be >= 0, got {max_iter}")
+    B, T, D = inputs.shape[0], inputs.shape[1], s0.shape[1]
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0):
+        raise ValueError(f"pnewton.solve: max_iter must be an integer >= 0 (or None: the default), got {max_iter!r}")
     d_atol, d_rtol = default_tolerance(s0.dtype)
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
-    if atol < 0 or rtol < 0:
+    if not (atol >= 0 and rtol >= 0):
         raise ValueError(f"pnewton.solve: atol and rtol must be >= 0, got {atol}, {rtol}")
+    if isinstance(init, torch.Tensor):
+        if init.shape != (B, T, D) or not init.is_floating_point():
+            raise ValueError(f"pnewton.solve: init must be a floating [B, T, D] = {(B, T, D)} warm start, got "
+                             f"{init.dtype} of shape {tuple(init.shape)}")
+    elif init not in (None, "zeros", "one_step"):
+        raise ValueError(f"pnewton.solve: init must be 'zeros', 'one_step' or a [B, T, D] tensor, got {init!r}")
+
+    def exact(states):
+        # The loop's states are the solution, unless they are not finite: then not converged,
+        # residual NaN (one definition of converged on every path).
+        converged = torch.isfinite(states).flatten(1).all(1)
+        return converged, torch.where(converged, 0.0, math.nan).to(s0.dtype)
 
     with torch.no_grad():
         s0_d, inputs_d = s0.detach(), inputs.detach()
         if T == 0:
             empty = s0.new_zeros(B)
-            return s0.new_empty(B, 0, s0.shape[1]), SolveStats(empty.long(), empty, empty == 0, empty.long(), method)
-        if method == "sequential":
+            return s0.new_empty(B, 0, D), SolveStats(empty.long(), empty, empty == 0, empty.long(), method)
+        if method == "sequential" or B == 0:
             states = sequential(f, s0_d, inputs_d)
-            ones = torch.ones(B, dtype=torch.bool, device=s0.device)
-            stats = SolveStats(torch.full((B,), T, device=s0.device), torch.zeros(B, dtype=s0.dtype, device=s0.device),
-                               ones, torch.full((B,), _bit("sequential"), device=s0.device), "sequential")
+            converged, residual = exact(states)
+            stats = SolveStats(torch.full((B,), T, device=s0.device), residual, converged,
+                               torch.full((B,), _bit("sequential"), device=s0.device), method)
         else:
-            states, iterations, residual, converged, path = _newton(f, s0_d, inputs_d, method, structure, jacobian,
-                                                                    max_iter, atol, rtol, damping, init)
+            state = _newton(f, s0_d, inputs_d, method, structure, jacobian, max_iter, atol, rtol, damping, init)
+            states, iterations, residual, converged, path = (state[k] for k in
+                                                             ("s", "iterations", "residual", "converged", "path"))
             if fallback and not bool(converged.all()):
                 redo = ~converged
-                exact = sequential(f, s0_d[redo], inputs_d[redo])
-                states[redo] = exact
+                loop = sequential(f, s0_d[redo], inputs_d[redo])
+                states[redo] = loop
                 iterations = torch.where(redo, torch.full_like(iterations, T), iterations)
-                residual = torch.where(redo, torch.zeros_like(residual), residual)
-                # Exact by definition, unless non-finite inputs made the loop's states NaN/Inf.
-                converged = converged.clone()
-                converged[redo] = torch.isfinite(exact).flatten(1).all(1)
+                converged, residual = converged.clone(), residual.clone()
+                converged[redo], residual[redo] = exact(loop)
                 path = torch.where(redo, path | _bit("sequential"), path)
+            else:
+                # A stuck sequence returns its exact prefix and its solution's NaN pattern.
+                pattern = _nonfinite_pattern(state["F"], structure) & state["stuck"][:, None, None]
+                states = states.masked_fill(pattern, math.nan)
             stats = SolveStats(iterations, residual, converged, path, method)
 
     if not torch.is_grad_enabled():

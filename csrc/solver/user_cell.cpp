@@ -3,6 +3,7 @@
 // solution through the exact adjoint.
 #include <torch/autograd.h>
 
+#include "csrc/checks.h"
 #include "csrc/solver/newton.h"
 #include "pnewton/cell.h"
 
@@ -12,6 +13,8 @@ at::Tensor CellFunction::transpose_product(const at::Tensor& s, const at::Tensor
   at::AutoGradMode enable(true);
   const at::Tensor s_ = s.detach().requires_grad_(true);
   const at::Tensor F = step(s_, u.detach());
+  // A step that ignores s (F carries no graph to it) has ∂f/∂s = 0.
+  if (!F.requires_grad()) return at::zeros_like(s);
   const at::Tensor g = torch::autograd::grad({F}, {s_}, {v}, /*retain_graph=*/false, /*create_graph=*/false,
                                              /*allow_unused=*/true)[0];
   return g.defined() ? g : at::zeros_like(s);
@@ -50,6 +53,10 @@ class UserAdjoint : public torch::autograd::Function<UserAdjoint> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // The cell's Jacobians are evaluated at detached states: differentiating this backward
+    // would silently miss their dependence on the solution and the parameters.
+    TORCH_CHECK(!at::GradMode::is_enabled(), "pnewton::solve: double backward (create_graph=True) is not supported "
+                "for user cells; newton_rnn and the layers support it");
     const auto saved = ctx->get_saved_variables();
     const auto* cell = reinterpret_cast<const CellFunction*>(ctx->saved_data["cell"].toInt());
     const at::Tensor lambda = solve_adjoint(*cell, saved[0], saved[1], grads[0].contiguous(),
@@ -62,11 +69,13 @@ class UserAdjoint : public torch::autograd::Function<UserAdjoint> {
 
 std::tuple<at::Tensor, SolveStats> solve(const CellFunction& cell, const at::Tensor& s0, const at::Tensor& inputs,
                                          const SolverOptions& options) {
-  TORCH_CHECK(s0.dim() == 2 && s0.size(1) == cell.state_size(), "pnewton.solve: s0 must be [B, ", cell.state_size(),
-              "], got ", s0.sizes());
-  TORCH_CHECK(inputs.dim() >= 2 && inputs.size(0) == s0.size(0), "pnewton.solve: inputs must be [B, T, ...] with B = ",
-              s0.size(0), ", got ", inputs.sizes());
-  TORCH_CHECK(options.init != "states", "pnewton.solve: init='states' is not available here");
+  constexpr const char* op = "pnewton::solve";
+  check_floating(op, "s0", s0, 2, "[B, S]");
+  TORCH_CHECK(s0.size(1) == cell.state_size(), op, ": s0 must be [B, ", cell.state_size(), "], got ", s0.sizes());
+  TORCH_CHECK(inputs.defined() && inputs.dim() >= 2 && inputs.size(0) == s0.size(0), op,
+              ": inputs must be [B, T, ...] with B = ", s0.size(0), ", got ", inputs.sizes());
+  check_like(op, "inputs", inputs, s0, "s0", /*same_dtype=*/false);
+  TORCH_CHECK(options.init != "states", op, ": init='states' is not available here");
   const NewtonOptions o = newton_options(options);
   const Adjoint adjoint = parse_adjoint(options.adjoint);
 

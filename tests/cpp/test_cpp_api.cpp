@@ -6,6 +6,9 @@
 #include <pnewton/pnewton.h>
 
 #include <cmath>
+#include <functional>
+#include <string>
+#include <vector>
 
 #include "csrc/scan.h"
 
@@ -246,6 +249,113 @@ TEST(CppApi, UserCellSolvesToItsSequentialLoopWithExactGradients) {
     auto ref = torch::autograd::grad({(loop * g).sum()}, {W, s0, u});
     for (size_t i = 0; i < ours.size(); ++i) expect_close(ours[i], ref[i], 1e-9);
   }
+}
+
+// A step that ignores the state: ∂f/∂s = 0, so autograd finds no path from s to f.
+class InputOnlyCell : public pnewton::CellFunction {
+ public:
+  int64_t state_size() const override { return 3; }
+  torch::Tensor step(const torch::Tensor&, const torch::Tensor& u) const override { return torch::tanh(u); }
+};
+
+TEST(Reliability, UserCellThatIgnoresTheStateSolvesWithEveryMethod) {
+  const auto u = torch::randn({2, 20, 3}, torch::kDouble).requires_grad_();
+  const auto s0 = torch::zeros({2, 3}, torch::kDouble);
+  InputOnlyCell cell;
+  for (const char* method : {"deer", "quasi_deer", "auto", "elk_filter", "elk", "jacobi"}) {
+    pnewton::SolverOptions o;
+    o.method = method;
+    auto [states, stats] = pnewton::solve(cell, s0, u, o);
+    EXPECT_TRUE(stats.converged.all().item<bool>()) << method;
+    expect_close(states, torch::tanh(u), 1e-12);
+    const auto grad = torch::autograd::grad({states.sum()}, {u})[0];
+    expect_close(grad, 1 - torch::tanh(u).square(), 1e-12);
+  }
+}
+
+TEST(Reliability, EmptyBatchesGiveEmptyOutputsAsTorchNN) {
+  pnewton::nn::GRU gru(pnewton::nn::GRUOptions(3, 5).num_layers(2));
+  auto [out, h] = gru->forward(torch::randn({7, 0, 3}));
+  EXPECT_EQ(out.sizes(), (std::vector<int64_t>{7, 0, 5}));
+  EXPECT_EQ(h.sizes(), (std::vector<int64_t>{2, 0, 5}));
+  pnewton::nn::LSTM lstm(pnewton::nn::LSTMOptions(3, 4));
+  auto [out_l, hc] = lstm->forward(torch::randn({7, 0, 3}));
+  EXPECT_EQ(out_l.sizes(), (std::vector<int64_t>{7, 0, 4}));
+  EXPECT_EQ(std::get<1>(hc).sizes(), (std::vector<int64_t>{1, 0, 4}));
+  auto [states, stats] =
+      pnewton::newton_rnn("gru", torch::randn({0, 6, 15}), torch::randn({15, 5}), std::nullopt, torch::zeros({0, 5}));
+  EXPECT_EQ(states.sizes(), (std::vector<int64_t>{0, 6, 5}));
+  EXPECT_EQ(stats.converged.numel(), 0);
+  LeakyTanhCell cell(torch::randn({4, 4}), 0.3);
+  auto [user_states, user_stats] = pnewton::solve(cell, torch::zeros({0, 4}), torch::randn({0, 6, 4}));
+  EXPECT_EQ(user_states.sizes(), (std::vector<int64_t>{0, 6, 4}));
+}
+
+void expect_error_mentioning(const std::function<void()>& call, const std::string& text) {
+  try {
+    call();
+    FAIL() << "expected an error mentioning '" << text << "'";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+  }
+}
+
+TEST(Reliability, MixedDevicesAndBadOptionsRaiseNamingTheArgument) {
+  const auto meta = torch::TensorOptions().device(torch::kMeta);
+  // The meta key wins dispatch: the meta kernels must check devices as the real ones do.
+  expect_error_mentioning([&] { pnewton::scan_diag(torch::rand({2, 5, 3}, meta), torch::rand({2, 5, 3})); },
+                          "b must be on the device of a");
+  expect_error_mentioning(
+      [&] {
+        pnewton::newton_rnn("gru", torch::randn({1, 4, 15}), torch::randn({15, 5}, meta), std::nullopt,
+                            torch::zeros({1, 5}));
+      },
+      "W_hh must be on the device of gi");
+  pnewton::SolverOptions o;
+  o.method = "elk";
+  o.damping = 1e300;
+  expect_error_mentioning(
+      [&] { pnewton::newton_rnn("gru", torch::randn({1, 4, 15}), torch::randn({15, 5}), std::nullopt,
+                                torch::zeros({1, 5}), o); },
+      "damping");
+  o = {};
+  o.atol = NAN;
+  expect_error_mentioning(
+      [&] { pnewton::newton_rnn("gru", torch::randn({1, 4, 15}), torch::randn({15, 5}), std::nullopt,
+                                torch::zeros({1, 5}), o); },
+      "atol");
+}
+
+TEST(Reliability, NonFiniteSequencesAreNeverConvergedAndKeepTheLoopsNaNPattern) {
+  torch::manual_seed(5);
+  auto gi = torch::randn({2, 12, 15}, torch::kDouble);
+  gi[0][4][2] = NAN;
+  const auto W = torch::randn({15, 5}, torch::kDouble) * 0.3, s0 = torch::zeros({2, 5}, torch::kDouble);
+  pnewton::SolverOptions seq;
+  seq.method = "sequential";
+  const auto loop = std::get<0>(pnewton::newton_rnn("gru", gi, W, std::nullopt, s0, seq));
+  for (const char* method : {"sequential", "deer", "quasi_deer", "auto", "picard"}) {
+    for (const bool fallback : {true, false}) {
+      pnewton::SolverOptions o;
+      o.method = method;
+      o.fallback = fallback;
+      auto [states, stats] = pnewton::newton_rnn("gru", gi, W, std::nullopt, s0, o);
+      EXPECT_FALSE(stats.converged[0].item<bool>()) << method;
+      EXPECT_TRUE(std::isnan(stats.residual[0].item<double>())) << method;
+      EXPECT_TRUE(stats.converged[1].item<bool>()) << method;
+      EXPECT_TRUE(torch::equal(states.isnan(), loop.isnan())) << method << " fallback " << fallback;
+      EXPECT_LE(stats.iterations.max().item<int64_t>(), 12) << method;
+    }
+  }
+}
+
+TEST(Reliability, DoubleBackwardOfAUserCellSolveRaises) {
+  const auto W = torch::randn({4, 4}, torch::kDouble).mul(0.3).requires_grad_();
+  LeakyTanhCell cell(W, 0.3);
+  auto [states, stats] = pnewton::solve(cell, torch::zeros({1, 4}, torch::kDouble), torch::randn({1, 8, 4}, torch::kDouble));
+  // create_graph=True asks for a differentiable gradient: refused, not silently wrong.
+  expect_error_mentioning([&] { torch::autograd::grad({states.square().sum()}, {W}, {}, true, true); },
+                          "double backward");
 }
 
 TEST(CppApi, BadInputRaisesErrorsNamingTheArgument) {

@@ -154,8 +154,8 @@ def test_bad_input_names_the_argument():
         (lambda: run("gru", gi, W, b, s0[:, :-1], "deer"), r"s0 must have shape \[B, S\]"),
         (lambda: run("gru", gi, W.float(), b, s0, "deer"), "W_hh must have the dtype of gi"),
         (lambda: run("gru", gi[0], W, b, s0, "deer"), "gi must be a 3-d tensor"),
-        (lambda: run("gru", gi, W, b, s0, "deer", max_iter=-5), "max_iter must be >= 0"),
-        (lambda: run("gru", gi, W, b, s0, "deer", atol=-1e-3), "atol must be >= 0"),
+        (lambda: torch.ops.pnewton.newton_rnn("gru", gi, W, b, s0, "deer", -5), "max_iter must be >= 0"),
+        (lambda: torch.ops.pnewton.newton_rnn("gru", gi, W, b, s0, "deer", -1, -1e-3), "atol must be >= 0"),
         (lambda: run("gru", gi, W, b, s0, "deer", damping=1.0), r"damping must be in \[0, 1\)"),
         (lambda: run("gru", gi, W, b, s0, "deer", fixed_iterations=True), "fixed_iterations needs an explicit"),
         (lambda: run("gru", gi, W, b, s0, "deer", adjoint="magic"), "adjoint must be one of"),
@@ -164,6 +164,10 @@ def test_bad_input_names_the_argument():
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):
             call()
+    # The Python API spells the defaults None: a negative limit is a ValueError there.
+    for kwargs in (dict(max_iter=-5), dict(max_iter=-1), dict(atol=-1e-3), dict(rtol=float("nan"))):
+        with pytest.raises(ValueError, match="must be"):
+            run("gru", gi, W, b, s0, "deer", **kwargs)
 
 
 @pytest.mark.parametrize("cell,method", [("gru", "quasi_deer"), ("lstm", "block_deer"), ("lstm", "quasi_deer"),

@@ -79,9 +79,9 @@ def test_bad_input_fuzz_raises_clear_errors_never_crashes():
 def test_layer_option_fuzz():
     cases = [
         (dict(method="newton"), RuntimeError, "method must be one of"),
-        (dict(max_iter=-3), RuntimeError, "max_iter must be >= 0"),
-        (dict(atol=-1e-3), RuntimeError, "atol must be >= 0"),
-        (dict(rtol=-2.0), RuntimeError, "rtol must be >= 0"),
+        (dict(max_iter=-3), ValueError, "max_iter must be an integer >= 0"),
+        (dict(atol=-1e-3), ValueError, "atol must be >= 0"),
+        (dict(rtol=-2.0), ValueError, "rtol must be >= 0"),
         (dict(damping=1.5), RuntimeError, "damping must be in"),
         (dict(clip=-1.0), RuntimeError, "clip must be >= 0"),
         (dict(adjoint="x"), RuntimeError, "adjoint must be one of"),

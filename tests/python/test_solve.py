@@ -100,7 +100,7 @@ def test_bad_options_raise_naming_the_argument():
     s0, u = torch.zeros(2, 3), torch.zeros(2, 5, 3)
     with pytest.raises(ValueError, match="method must be one of"):
         pnewton.solve(f, s0, u, method="newton")
-    with pytest.raises(ValueError, match="max_iter must be >= 0"):
+    with pytest.raises(ValueError, match="max_iter must be an integer >= 0"):
         pnewton.solve(f, s0, u, max_iter=-1)
     with pytest.raises(ValueError, match="atol and rtol must be >= 0"):
         pnewton.solve(f, s0, u, atol=-1.0)

@@ -1,5 +1,6 @@
 #pragma once
 // Public C++ API of the Newton solver for the built-in cells (torch.ops.pnewton.newton_rnn).
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
