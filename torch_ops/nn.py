@@ -103,12 +103,32 @@ class _NewtonLayer:
         o = {**SOLVER_DEFAULTS, **solver_options}
         _limits(o["max_iter"], o["atol"], o["rtol"])  # the Python-side checks, at construction
         self.solver_options = dict(solver_options)
-        self.last_stats = None  # the worst over the layers and directions, per sequence
-        self.last_layer_stats = None  # one SolveStats per (layer, direction), in parameter order
+        # The last call's diagnostics, [layers·dirs, B] each, made into SolveStats on access
+        # (last_stats, last_layer_stats): a call pays nothing for records nobody reads.
+        self._last_raw = None
         # True: a UserWarning whenever the sequential fallback produced part of a call's
         # output (shown once per call site under Python's default warning filter). Off by
         # default: reading the flag costs a host synchronisation.
         self.warn_on_fallback = False
+
+    @property
+    def last_stats(self):
+        """The last call's diagnostics, the worst over the layers and directions, per sequence."""
+        if self._last_raw is None:
+            return None
+        iterations, residual, converged, path, method = self._last_raw
+        bits = path[0]
+        for row in path[1:]:
+            bits = bits | row
+        return SolveStats(iterations.amax(0), residual.amax(0), converged.all(0), bits, method)
+
+    @property
+    def last_layer_stats(self):
+        """One SolveStats per (layer, direction) of the last call, in parameter order."""
+        if self._last_raw is None:
+            return None
+        *stats, method = self._last_raw
+        return [SolveStats(*row, method) for row in zip(*stats)]
 
     @property
     def _cell(self):
@@ -126,7 +146,7 @@ class _NewtonLayer:
         # The last call's diagnostics are no part of the model: a pickled layer stays
         # loadable without allow-listing SolveStats.
         state = super().__getstate__()
-        state["last_stats"] = state["last_layer_stats"] = None
+        state["_last_raw"] = None
         return state
 
     def extra_repr(self):
@@ -194,9 +214,7 @@ class _NewtonLayer:
             self._cell, x, state0, weights, self.bias, self.num_layers, self.dropout, self.training,
             self.bidirectional, batch_first, o["method"], *_limits(o["max_iter"], o["atol"], o["rtol"]),
             o["damping"], o["clip"], o["init"], o["fixed_iterations"], o["fallback"], o["adjoint"], lengths)
-        self.last_layer_stats = [SolveStats(*stats, o["method"])
-                                 for stats in zip(iterations, residual, converged, path)]
-        self.last_stats = SolveStats.worst(self.last_layer_stats)
+        self._last_raw = (iterations, residual, converged, path, o["method"])
         if self.warn_on_fallback and self.last_stats.fallback:
             layers = [i for i, stats in enumerate(self.last_layer_stats) if stats.fallback]
             warnings.warn(f"pnewton.{type(self).__name__}: the sequential fallback computed "

@@ -13,8 +13,11 @@
 namespace pnewton {
 
 // The order is the bit order of NewtonResult::path (torch_ops/solve.py mirrors it).
+// fused_loop: torch's own fused RNN kernels over a layer stack (csrc/solver/fused_loop.h), a
+// path of rnn_stack only (auto's choice, or method "sequential" there).
 enum class Method {
-  deer, quasi_deer, block_deer, picard, jacobi, sequential, elk, quasi_elk, elk_filter, quasi_elk_filter, automatic
+  deer, quasi_deer, block_deer, picard, jacobi, sequential, elk, quasi_elk, elk_filter, quasi_elk_filter,
+  fused_loop, automatic
 };
 Method parse_method(const std::string& name);
 inline int64_t method_bit(Method m) { return int64_t(1) << static_cast<int>(m); }

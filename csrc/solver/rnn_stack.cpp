@@ -1,15 +1,44 @@
 #include "csrc/solver/rnn_stack.h"
 
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <string>
 #include <vector>
 
 #include "csrc/checks.h"
+#include "csrc/solver/auto_plan.h"
+#include "csrc/solver/fused_loop.h"
 #include "csrc/solver/segments.h"
 #include "csrc/solver/newton.h"
 
 namespace pnewton {
+namespace {
+
+using StackOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Whether the stack runs on fake tensors (torch.compile, export) or under functionalization:
+// then no value can be read and nothing is timed.
+bool is_traced(const at::Tensor& t) {
+  return t.is_meta() || t.key_set().has(c10::DispatchKey::Python) || t.key_set().has(c10::DispatchKey::Functionalize);
+}
+
+// The fused loop's diagnostics, per (layer, direction) [n, B]: every step computed once (the
+// length), converged where the states are finite (residual 0, else NaN). The final states
+// tell: in the dense torch.nn cells a non-finite state makes every later state non-finite
+// (W_hh mixes all channels), and each direction's final state comes after all its steps.
+StackOutputs with_loop_stats(const at::Tensor& output, const at::Tensor& final, const at::Tensor& lengths, int64_t n,
+                             bool batch_first) {
+  const int64_t B = final.size(1), T = output.size(batch_first ? 1 : 0);
+  const at::Tensor converged = final.isfinite().all(-1).all(0);
+  const auto long_options = output.options().dtype(at::kLong);
+  const at::Tensor steps = lengths.defined() ? lengths.to(long_options) : at::full({B}, T, long_options);
+  const at::Tensor residual = at::where(converged, 0.0, NAN).to(output.scalar_type());
+  return {output, final, steps.expand({n, B}).contiguous(), residual.expand({n, B}).contiguous(),
+          converged.expand({n, B}).contiguous(), at::full({n, B}, method_bit(Method::fused_loop), long_options)};
+}
+
+}  // namespace
 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack(
@@ -61,44 +90,98 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     return reverse_index.defined() ? gather_steps(x, reverse_index) : x.flip(1);
   };
 
-  // Layers exchange time-major [T, B, features] tensors, as torch.nn's do, so that a
-  // dropout mask drawn for the same seed is torch.nn's mask.
-  at::Tensor x = batch_first ? input.transpose(0, 1) : input;
-  std::vector<at::Tensor> finals, iterations, residual, converged, path;
-  for (int64_t layer = 0; layer < num_layers; ++layer) {
-    std::vector<at::Tensor> outs;
-    for (int64_t d = 0; d < dirs; ++d) {
-      const int64_t k = (layer * dirs + d) * per;
-      const at::Tensor seq = d ? reversed(x.transpose(0, 1)) : x.transpose(0, 1);
-      const at::Tensor gi = at::linear(seq, params[k], has_biases ? c10::optional<at::Tensor>(params[k + 2])
-                                                                 : c10::nullopt);  // one GEMM for all t
-      const at::Tensor s0 = state0[layer * dirs + d];
-      const std::optional<at::Tensor> W_hr =
-          projected ? std::optional<at::Tensor>(params[k + weights]) : std::nullopt;
-      auto [states, stats] =
-          newton_rnn(solved_cell, gi, params[k + 1],
-                     has_biases ? std::optional<at::Tensor>(params[k + 3]) : std::nullopt, s0, o, std::nullopt,
-                     solver_lengths, W_hr, solver_resets);
-      iterations.push_back(stats.iterations);
-      residual.push_back(stats.residual);
-      converged.push_back(stats.converged);
-      path.push_back(stats.path);
-      // States hold still past each length, so the last step is every sequence's final state.
-      finals.push_back(states.select(1, -1));
-      // The hidden part of the state (LSTM: h of the interleaved (h_i, c_i) pairs; projected
-      // LSTM: the first P of [h | c]).
-      at::Tensor h = projected ? states.narrow_symint(-1, 0, W_hr->sym_size(0))
-                     : lstm    ? states.unflatten_symint(-1, {states.sym_size(-1) / 2, 2}).select(-1, 0)
-                               : states;
-      if (d) h = reversed(h);
-      outs.push_back(h.transpose(0, 1));
+  // torch's fused kernels: method="sequential", or auto's choice (csrc/solver/auto_plan.h).
+  const Method requested = parse_method(std::string(method));
+  const bool fused_candidate = requested == Method::sequential || (requested == Method::automatic && !fixed_iterations);
+  const bool tracing = is_traced(input);
+  auto fused = [&] {
+    auto [output, final] = fused_loop(cell, input, state0, params, has_biases, num_layers, dropout, train,
+                                      bidirectional, batch_first, projected, L);
+    return with_loop_stats(output, final, L, num_layers * dirs, batch_first);
+  };
+  auto parallel = [&]() -> StackOutputs {
+    // Layers exchange time-major [T, B, features] tensors, as torch.nn's do, so that a
+    // dropout mask drawn for the same seed is torch.nn's mask.
+    at::Tensor x = batch_first ? input.transpose(0, 1) : input;
+    std::vector<at::Tensor> finals, iterations, residual, converged, path;
+    for (int64_t layer = 0; layer < num_layers; ++layer) {
+      std::vector<at::Tensor> outs;
+      for (int64_t d = 0; d < dirs; ++d) {
+        const int64_t k = (layer * dirs + d) * per;
+        const at::Tensor seq = d ? reversed(x.transpose(0, 1)) : x.transpose(0, 1);
+        const at::Tensor gi = at::linear(seq, params[k], has_biases ? c10::optional<at::Tensor>(params[k + 2])
+                                                                   : c10::nullopt);  // one GEMM for all t
+        const at::Tensor s0 = state0[layer * dirs + d];
+        const std::optional<at::Tensor> W_hr =
+            projected ? std::optional<at::Tensor>(params[k + weights]) : std::nullopt;
+        auto [states, stats] =
+            newton_rnn(solved_cell, gi, params[k + 1],
+                       has_biases ? std::optional<at::Tensor>(params[k + 3]) : std::nullopt, s0, o, std::nullopt,
+                       solver_lengths, W_hr, solver_resets);
+        iterations.push_back(stats.iterations);
+        residual.push_back(stats.residual);
+        converged.push_back(stats.converged);
+        path.push_back(stats.path);
+        // States hold still past each length, so the last step is every sequence's final state.
+        finals.push_back(states.select(1, -1));
+        // The hidden part of the state (LSTM: h of the interleaved (h_i, c_i) pairs; projected
+        // LSTM: the first P of [h | c]).
+        at::Tensor h = projected ? states.narrow_symint(-1, 0, W_hr->sym_size(0))
+                       : lstm    ? states.unflatten_symint(-1, {states.sym_size(-1) / 2, 2}).select(-1, 0)
+                                 : states;
+        if (d) h = reversed(h);
+        outs.push_back(h.transpose(0, 1));
+      }
+      x = at::cat(outs, -1);
+      if (L.defined()) x = x * padding_mask;  // torch.nn's zero padding
+      if (dropout > 0 && train && layer + 1 < num_layers) x = at::dropout(x, dropout, /*train=*/true);
     }
-    x = at::cat(outs, -1);
-    if (L.defined()) x = x * padding_mask;  // torch.nn's zero padding
-    if (dropout > 0 && train && layer + 1 < num_layers) x = at::dropout(x, dropout, /*train=*/true);
+    return StackOutputs{batch_first ? x.transpose(0, 1) : x, at::stack(finals), at::stack(iterations),
+                        at::stack(residual), at::stack(converged), at::stack(path)};
+  };
+  // A trace (torch.compile, export: fake tensors) keeps the solver's own ops: torch's fused
+  // CPU LSTM (oneDNN's mkldnn_rnn_layer) has no working fake kernel, and a trace can neither
+  // time nor read lengths. method="sequential" then runs the solver's loop.
+  if (!fused_candidate || tracing) return parallel();
+  // The fused path reads the lengths before any solve checks their values: check them here.
+  if (L.defined()) checked_lengths(op, L, input.size(batch_first ? 0 : 1), input.size(batch_first ? 1 : 0), L.device());
+  if (!fused_loop_applies(cell, input, L, R)) return parallel();
+  if (requested == Method::sequential) return fused();
+  const std::string shape_class =
+      stack_class(cell, input, state0, num_layers, bidirectional, batch_first, L.defined());
+  const StackPlan plan = stack_plan(shape_class, input.size(batch_first ? 1 : 0));
+  if (plan == StackPlan::fused_loop) return fused();
+  if (plan == StackPlan::parallel) return parallel();
+  // The first call of its class: both, timed; the faster's result, and the plan remembered.
+  // In training a call's cost is its forward and its backward (torch.nn's backward is a
+  // sequential pass too, the parallel one a scan), so both are timed, the backward by a
+  // gradient of the output that accumulates nothing (the graph is kept for the caller's).
+  // The loop must be beaten by a clear margin (timings on a shared machine are noisy).
+  std::vector<at::Tensor> differentiable;
+  if (at::GradMode::is_enabled()) {
+    for (const at::Tensor& t : params) {
+      if (t.requires_grad()) differentiable.push_back(t);
+    }
+    for (const at::Tensor* t : {&input, &state0}) {
+      if (t->requires_grad()) differentiable.push_back(*t);
+    }
   }
-  return {batch_first ? x.transpose(0, 1) : x, at::stack(finals), at::stack(iterations), at::stack(residual),
-          at::stack(converged), at::stack(path)};
+  auto timed = [&](auto&& run, double& seconds) {
+    const double start = synchronized_seconds(input);
+    StackOutputs out = run();
+    if (!differentiable.empty()) {
+      torch::autograd::grad({std::get<0>(out).sum()}, differentiable, {}, /*retain_graph=*/true,
+                            /*create_graph=*/false, /*allow_unused=*/true);
+    }
+    seconds = synchronized_seconds(input) - start;
+    return out;
+  };
+  double loop_seconds = 0, parallel_seconds = 0;
+  StackOutputs loop = timed(fused, loop_seconds);
+  StackOutputs solved = timed(parallel, parallel_seconds);
+  const bool parallel_wins = parallel_seconds < 0.9 * loop_seconds;
+  remember_plan(shape_class, parallel_wins ? StackPlan::parallel : StackPlan::fused_loop);
+  return parallel_wins ? solved : loop;
 }
 
 // Composite: autograd, torch.compile and export see its parts (newton_rnn, linear, ...).

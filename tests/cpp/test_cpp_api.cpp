@@ -358,6 +358,23 @@ TEST(Reliability, DoubleBackwardOfAUserCellSolveRaises) {
                           "double backward");
 }
 
+TEST(CppApi, SequentialMethodRunsTorchsFusedKernelsBitwise) {
+  torch::manual_seed(6);
+  pnewton::SolverOptions o;
+  o.method = "sequential";
+  pnewton::nn::LSTM ours(pnewton::nn::LSTMOptions(3, 5).num_layers(2).bidirectional(true).solver(o));
+  torch::nn::LSTM theirs(torch::nn::LSTMOptions(3, 5).num_layers(2).bidirectional(true));
+  copy_weights(ours, theirs);
+  const auto x = torch::randn({30, 2, 3});
+  auto [out, hc] = ours->forward(x);
+  auto [out_ref, hc_ref] = theirs->forward(x);
+  EXPECT_TRUE(torch::equal(out, out_ref));
+  EXPECT_TRUE(torch::equal(std::get<1>(hc), std::get<1>(hc_ref)));
+  // Bit 10 of the path: torch's fused loop (not the fallback, bit 5).
+  EXPECT_TRUE(((ours->last_stats().path & (int64_t(1) << 10)) != 0).all().item<bool>());
+  EXPECT_FALSE(ours->last_stats().sequential().any().item<bool>());
+}
+
 TEST(CppApi, BadInputRaisesErrorsNamingTheArgument) {
   pnewton::nn::GRU gru(pnewton::nn::GRUOptions(3, 5));
   try {

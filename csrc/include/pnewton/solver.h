@@ -29,9 +29,12 @@ struct SolverOptions {
 struct SolveStats {
   at::Tensor iterations, residual, converged;
   // int64 bits of the methods that moved each sequence, in the order deer, quasi_deer,
-  // block_deer, picard, jacobi, sequential, elk, quasi_elk, elk_filter, quasi_elk_filter.
+  // block_deer, picard, jacobi, sequential, elk, quasi_elk, elk_filter, quasi_elk_filter,
+  // fused_loop (torch's own fused RNN kernels over a layer stack: the modules' auto where
+  // the parallel solve does not pay, or method "sequential" there).
   at::Tensor path;
-  // Whether the sequential loop produced each sequence (its fallback, or method "sequential").
+  // Whether the solver's sequential loop produced each sequence (its fallback, or method
+  // "sequential" in newton_rnn).
   at::Tensor sequential() const { return (path & (int64_t(1) << 5)) != 0; }
   // Diagnostics stacked over solves [n, B] (e.g. a stack's layers) -> the worst per sequence.
   static SolveStats worst(const at::Tensor& iterations, const at::Tensor& residual, const at::Tensor& converged,
