@@ -3,7 +3,8 @@
 // the parallel solve. The choice is measured, not guessed: the first call of a shape class
 // runs both, returns the faster's result and remembers the winner for the class (as
 // cudnn.benchmark does); later calls run the winner alone. With grad mode on, the timing
-// includes a backward pass. Below kMinParallelSteps steps the
+// includes a backward pass. The probe holds one path's graph at a time (the loop is rerun
+// when it wins), so it needs no more memory than the larger path. Below kMinParallelSteps steps the
 // loop is taken without measuring (a parallel solve needs tens of whole-sequence passes).
 // PNEWTON_AUTO = measure (default) | parallel | fused_loop overrides the choice.
 #include <ATen/ATen.h>

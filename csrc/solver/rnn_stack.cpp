@@ -176,12 +176,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     seconds = synchronized_seconds(input) - start;
     return out;
   };
+  // One path's result (and graph) at a time, so the probe needs no more memory than the
+  // larger of the two: the loop's is dropped before the solve runs, and rerun if it wins.
   double loop_seconds = 0, parallel_seconds = 0;
-  StackOutputs loop = timed(fused, loop_seconds);
+  timed(fused, loop_seconds);
   StackOutputs solved = timed(parallel, parallel_seconds);
   const bool parallel_wins = parallel_seconds < 0.9 * loop_seconds;
   remember_plan(shape_class, parallel_wins ? StackPlan::parallel : StackPlan::fused_loop);
-  return parallel_wins ? solved : loop;
+  if (parallel_wins) return solved;
+  solved = StackOutputs();
+  return fused();
 }
 
 // Composite: autograd, torch.compile and export see its parts (newton_rnn, linear, ...).
