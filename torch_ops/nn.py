@@ -114,9 +114,10 @@ class _NewtonLayer:
     @property
     def last_stats(self):
         """The last call's diagnostics, the worst over the layers and directions, per sequence."""
-        if self._last_raw is None:
+        raw = self.__dict__.get("_last_raw")  # (absent from layers pickled before it existed)
+        if raw is None:
             return None
-        iterations, residual, converged, path, method = self._last_raw
+        iterations, residual, converged, path, method = raw
         bits = path[0]
         for row in path[1:]:
             bits = bits | row
@@ -125,9 +126,10 @@ class _NewtonLayer:
     @property
     def last_layer_stats(self):
         """One SolveStats per (layer, direction) of the last call, in parameter order."""
-        if self._last_raw is None:
+        raw = self.__dict__.get("_last_raw")
+        if raw is None:
             return None
-        *stats, method = self._last_raw
+        *stats, method = raw
         return [SolveStats(*row, method) for row in zip(*stats)]
 
     @property
