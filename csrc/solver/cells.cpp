@@ -27,7 +27,10 @@ int64_t gates_of(CellKind kind) {
   }
 }
 
-at::Tensor sigmoid_grad(const at::Tensor& y) { return y * (1 - y); }
+// 1 − x in one kernel (ATen's C++ `1 - x` is empty_like, fill_ and sub_: three passes).
+at::Tensor one_minus(const at::Tensor& x) { return at::rsub(x, 1); }
+
+at::Tensor sigmoid_grad(const at::Tensor& y) { return y * one_minus(y); }
 
 // The (h, c) pair of an interleaved LSTM state [N, 2D] as two [N, D] views.
 std::pair<at::Tensor, at::Tensor> split_lstm(const at::Tensor& s, int64_t D) {
@@ -108,6 +111,11 @@ Cell::Cell(CellKind kind, const at::Tensor& W_hh, const c10::optional<at::Tensor
   P_ = shape.projection.guard_int(__FILE__, __LINE__);
   if (W_hr.has_value()) W_hr_ = *W_hr;
   if (b_hh.has_value()) b_ = *b_hh;
+  // The diagonals of the square gate blocks of W_hh, [gates, D], contiguous once per solve
+  // (the diagonal Jacobians read them every iteration; a strided view broadcasts slowly).
+  if (!diagonal_weights() && !is_projected()) {
+    gate_diagonals_ = W_.view({gates_, D_, D_}).diagonal(0, 1, 2).contiguous();
+  }
 }
 
 JacobianPart Cell::structure() const {
@@ -143,7 +151,7 @@ at::Tensor Cell::weight_grad(const at::Tensor& grad_gh, const at::Tensor& h) con
 at::Tensor Cell::scaled_gate(const at::Tensor& c, int64_t k, bool dense) const {
   const at::Tensor w = diagonal_weights() ? W_.view({gates_, D_})[k] : W_.narrow(0, k * D_, D_);
   if (diagonal_weights()) return dense ? at::diag_embed(c * w) : c * w;
-  return dense ? c.unsqueeze(-1) * w : c * w.diagonal();
+  return dense ? c.unsqueeze(-1) * w : c * gate_diagonals_[k];
 }
 
 at::Tensor Cell::step(const at::Tensor& s, const at::Tensor& gi) const { return evaluate(s, gi, std::nullopt).F; }
@@ -182,7 +190,7 @@ std::optional<CellFunction::Evaluation> Cell::evaluate_fused(const at::Tensor& s
   const at::Tensor gh = recurrent(hidden_of(s)).contiguous();
   const at::Tensor gi_c = gi.contiguous(), s_c = s.contiguous();
   // The diagonal of each D×D gate block of W_hh, [G, D] (per-channel weights: W_hh itself).
-  const at::Tensor w = diagonal_weights() ? W_.contiguous() : W_.view({gates_, D_, D_}).diagonal(0, 1, 2).contiguous();
+  const at::Tensor w = diagonal_weights() ? W_.contiguous() : gate_diagonals_;
   Evaluation e{at::empty_like(s_c), at::Tensor()};
   FusedCellParams p;
   p.cell = is_lstm() ? FusedCell::lstm : FusedCell::gru;
@@ -221,8 +229,8 @@ Cell::Evaluation Cell::evaluate_aten(const at::Tensor& s, const at::Tensor& gi, 
     const at::Tensor c_new = f * c + i * g, tc = at::tanh(c_new);
     Evaluation e{interleave(o * tc, c_new), at::Tensor()};
     if (!part) return e;
-    const at::Tensor dc_i = g * sigmoid_grad(i), dc_f = c * sigmoid_grad(f), dc_g = i * (1 - g * g);
-    const at::Tensor dh_dc = o * (1 - tc * tc);  // ∂h'/∂c'
+    const at::Tensor dc_i = g * sigmoid_grad(i), dc_f = c * sigmoid_grad(f), dc_g = i * one_minus(g * g);
+    const at::Tensor dh_dc = o * one_minus(tc * tc);  // ∂h'/∂c'
     auto dc_dh = [&](bool full) {
       return scaled_gate(dc_i, 0, full) + scaled_gate(dc_f, 1, full) + scaled_gate(dc_g, 2, full);
     };
@@ -249,7 +257,7 @@ Cell::Evaluation Cell::evaluate_aten(const at::Tensor& s, const at::Tensor& gi, 
     const at::Tensor a = gi + recurrent(s);
     Evaluation e{kind_ == CellKind::rnn_tanh ? at::tanh(a) : at::relu(a), at::Tensor()};
     if (part) {
-      const at::Tensor d = kind_ == CellKind::rnn_tanh ? 1 - e.F.square() : (a > 0).to(a.scalar_type());
+      const at::Tensor d = kind_ == CellKind::rnn_tanh ? one_minus(e.F.square()) : (a > 0).to(a.scalar_type());
       e.J = scaled_gate(d, 0, dense);
     }
     return e;
@@ -257,9 +265,10 @@ Cell::Evaluation Cell::evaluate_aten(const at::Tensor& s, const at::Tensor& gi, 
   const auto i = gi.chunk(3, -1), g = recurrent(s).chunk(3, -1);
   const at::Tensor r = at::sigmoid(i[0] + g[0]), z = at::sigmoid(i[1] + g[1]);
   const at::Tensor n = at::tanh(i[2] + r * g[2]);
-  Evaluation e{(1 - z) * n + z * s, at::Tensor()};
+  const at::Tensor one_minus_z = one_minus(z);
+  Evaluation e{one_minus_z * n + z * s, at::Tensor()};
   if (!part) return e;
-  const at::Tensor dn = (1 - z) * (1 - n * n);  // ∂h'/∂(pre-activation of n)
+  const at::Tensor dn = one_minus_z * one_minus(n * n);  // ∂h'/∂(pre-activation of n)
   const at::Tensor J = scaled_gate(dn * r, 2, dense) + scaled_gate(dn * g[2] * sigmoid_grad(r), 0, dense) +
                        scaled_gate((s - n) * sigmoid_grad(z), 1, dense);
   e.J = dense ? J + at::diag_embed(z) : J + z;
@@ -279,8 +288,8 @@ Cell::Evaluation Cell::evaluate_projected(const at::Tensor& s, const at::Tensor&
               "use quasi_deer, deer or auto");
   // ∂m/∂(gate pre-activations) for m = o ⊙ tanh(c'), gate order (i, f, g, o), [N, 4, D];
   // then ∂h'/∂h = W_hr · ∂m/∂gates · W_hh, ∂h'/∂c = W_hr diag(o (1 − tanh² c') f), ∂c'/∂c = diag(f).
-  const at::Tensor dm_dc = o * (1 - tc * tc);
-  const at::Tensor dc_gates = at::stack({g * sigmoid_grad(i), c * sigmoid_grad(f), i * (1 - g * g)}, 1);
+  const at::Tensor dm_dc = o * one_minus(tc * tc);
+  const at::Tensor dc_gates = at::stack({g * sigmoid_grad(i), c * sigmoid_grad(f), i * one_minus(g * g)}, 1);
   const at::Tensor dm_gates = at::cat({dm_dc.unsqueeze(1) * dc_gates, (tc * sigmoid_grad(o)).unsqueeze(1)}, 1);
   const at::Tensor dc_gates4 = at::cat({dc_gates, at::zeros_like(dc_gates.narrow(1, 0, 1))}, 1);
   const at::Tensor W = W_.view({4, D_, P_});
@@ -306,8 +315,8 @@ Cell::Vjp Cell::vjp_projected(const at::Tensor& s, const at::Tensor& gi, const a
   const at::Tensor i = at::sigmoid(a[0]), f = at::sigmoid(a[1]), g = at::tanh(a[2]), o = at::sigmoid(a[3]);
   const at::Tensor tc = at::tanh(f * c + i * g);
   const at::Tensor v_m = at::matmul(v_h, W_hr_);  // the cotangent of m = o ⊙ tanh(c')
-  const at::Tensor dc = v_c + v_m * o * (1 - tc * tc);
-  const at::Tensor grad_gates = at::cat({dc * g * sigmoid_grad(i), dc * c * sigmoid_grad(f), dc * i * (1 - g * g),
+  const at::Tensor dc = v_c + v_m * o * one_minus(tc * tc);
+  const at::Tensor grad_gates = at::cat({dc * g * sigmoid_grad(i), dc * c * sigmoid_grad(f), dc * i * one_minus(g * g),
                                          v_m * tc * sigmoid_grad(o)},
                                         -1);
   return {at::cat({recurrent_vjp(grad_gates), dc * f}, 1), grad_gates, grad_gates, at::matmul(v_h.t(), o * tc)};
@@ -321,21 +330,21 @@ Cell::Vjp Cell::vjp(const at::Tensor& s, const at::Tensor& gi, const at::Tensor&
     const auto a = (gi + recurrent(h)).chunk(4, -1);
     const at::Tensor i = at::sigmoid(a[0]), f = at::sigmoid(a[1]), g = at::tanh(a[2]), o = at::sigmoid(a[3]);
     const at::Tensor tc = at::tanh(f * c + i * g);
-    const at::Tensor dc = v_c + v_h * o * (1 - tc * tc);
-    const at::Tensor grad_gates = at::cat({dc * g * sigmoid_grad(i), dc * c * sigmoid_grad(f), dc * i * (1 - g * g),
+    const at::Tensor dc = v_c + v_h * o * one_minus(tc * tc);
+    const at::Tensor grad_gates = at::cat({dc * g * sigmoid_grad(i), dc * c * sigmoid_grad(f), dc * i * one_minus(g * g),
                                            v_h * tc * sigmoid_grad(o)},
                                           -1);
     return {interleave(recurrent_vjp(grad_gates), dc * f), grad_gates, grad_gates};
   }
   if (kind_ == CellKind::rnn_tanh || kind_ == CellKind::rnn_relu) {
     const at::Tensor a = gi + recurrent(s);
-    const at::Tensor da = kind_ == CellKind::rnn_tanh ? v * (1 - at::tanh(a).square()) : v * (a > 0).to(a.scalar_type());
+    const at::Tensor da = kind_ == CellKind::rnn_tanh ? v * one_minus(at::tanh(a).square()) : v * (a > 0).to(a.scalar_type());
     return {recurrent_vjp(da), da, da};
   }
   const auto i = gi.chunk(3, -1), g = recurrent(s).chunk(3, -1);
   const at::Tensor r = at::sigmoid(i[0] + g[0]), z = at::sigmoid(i[1] + g[1]);
   const at::Tensor n = at::tanh(i[2] + r * g[2]);
-  const at::Tensor da_n = v * (1 - z) * (1 - n * n);
+  const at::Tensor da_n = v * one_minus(z) * one_minus(n * n);
   const at::Tensor da_r = da_n * g[2] * sigmoid_grad(r), da_z = v * (s - n) * sigmoid_grad(z);
   const at::Tensor grad_gh = at::cat({da_r, da_z, da_n * r}, -1);
   return {recurrent_vjp(grad_gh) + v * z, at::cat({da_r, da_z, da_n}, -1), grad_gh};

@@ -90,6 +90,7 @@ class Cell : public CellFunction {
 
   CellKind kind_;
   at::Tensor W_, b_, W_hr_;
+  at::Tensor gate_diagonals_;  // [gates, D]: the diagonals of W_hh's square gate blocks
   int64_t D_, gates_, P_ = 0;
 };
 

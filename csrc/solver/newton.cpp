@@ -604,7 +604,7 @@ NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, con
   grads.W_hr = v.W_hr;
   // s0 is read by step 0 and by every reset step.
   const at::Tensor v_s = v.s.view({B, T, S});
-  grads.s0 = resets.defined() ? v_s.select(1, 0) + (v_s * (1 - carried)).narrow(1, 1, T - 1).sum(1) : v_s.select(1, 0);
+  grads.s0 = resets.defined() ? v_s.select(1, 0) + (v_s * at::rsub(carried, 1)).narrow(1, 1, T - 1).sum(1) : v_s.select(1, 0);
   if (g_s0_held.defined()) grads.s0 = grads.s0 + g_s0_held;
   return grads;
 }
