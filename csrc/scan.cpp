@@ -121,6 +121,12 @@ at::Tensor scan_block_impl(const at::Tensor& A, const at::Tensor& b, const std::
   return run_block_scan(A, b, x0, reverse, transpose, false, run);
 }
 
+void check_diag_backward_args(const char* op, const at::Tensor& grad_x, const at::Tensor& a, const at::Tensor& x,
+                              const std::optional<at::Tensor>& x0) {
+  check_diag_args(op, a, x, x0, "x");
+  check_operand(op, "grad_x", grad_x, x.sym_sizes(), "[B, T, D] like x", a, "a");
+}
+
 void check_block_backward_args(const char* op, const at::Tensor& grad_x, const at::Tensor& A, const at::Tensor& x,
                                const std::optional<at::Tensor>& x0) {
   check_block_args(op, A, x, x0, "x");
@@ -165,9 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_diag_backward_impl(const at:
                                                                        const at::Tensor& a, const at::Tensor& x,
                                                                        const std::optional<at::Tensor>& x0,
                                                                        bool reverse, ScanRunner run) {
-  const char* op = "pnewton.scan_diag_backward";
-  check_diag_args(op, a, x, x0, "x");
-  check_operand(op, "grad_x", grad_x, x.sym_sizes(), "[B, T, D] like x", a, "a");
+  check_diag_backward_args("pnewton.scan_diag_backward", grad_x, a, x, x0);
   auto [grad_A, grad_b, grad_x0] = scan_block_backward_impl(as_block_vector(grad_x), as_block_matrix(a),
                                                             as_block_vector(x), as_block_vector(x0), reverse,
                                                             false, run);

@@ -33,6 +33,8 @@ void check_diag_args(const char* op, const at::Tensor& a, const at::Tensor& b, c
                      const char* b_name = "b");
 void check_block_args(const char* op, const at::Tensor& A, const at::Tensor& b, const std::optional<at::Tensor>& x0,
                       const char* b_name = "b");
+void check_diag_backward_args(const char* op, const at::Tensor& grad_x, const at::Tensor& a, const at::Tensor& x,
+                              const std::optional<at::Tensor>& x0);
 void check_block_backward_args(const char* op, const at::Tensor& grad_x, const at::Tensor& A, const at::Tensor& x,
                                const std::optional<at::Tensor>& x0);
 

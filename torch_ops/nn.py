@@ -117,11 +117,7 @@ class _NewtonLayer:
         raw = self.__dict__.get("_last_raw")  # (absent from layers pickled before it existed)
         if raw is None:
             return None
-        iterations, residual, converged, path, method = raw
-        bits = path[0]
-        for row in path[1:]:
-            bits = bits | row
-        return SolveStats(iterations.amax(0), residual.amax(0), converged.all(0), bits, method)
+        return SolveStats.worst_stacked(*raw)
 
     @property
     def last_layer_stats(self):

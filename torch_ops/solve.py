@@ -51,12 +51,16 @@ class SolveStats:
     @staticmethod
     def worst(records):
         """The worst per sequence over several solves (a stack's layers and directions)."""
-        path = records[0].path
-        for r in records[1:]:
-            path = path | r.path
-        return SolveStats(torch.stack([r.iterations for r in records]).amax(0),
-                          torch.stack([r.residual for r in records]).amax(0),
-                          torch.stack([r.converged for r in records]).all(0), path, records[0].requested)
+        stacked = (torch.stack([getattr(r, k) for r in records]) for k in ("iterations", "residual", "converged", "path"))
+        return SolveStats.worst_stacked(*stacked, records[0].requested)
+
+    @staticmethod
+    def worst_stacked(iterations, residual, converged, path, requested):
+        """The same from diagnostics already stacked [n, B] (as rnn_stack returns them)."""
+        bits = path[0]
+        for row in path[1:]:
+            bits = bits | row
+        return SolveStats(iterations.amax(0), residual.amax(0), converged.all(0), bits, requested)
 
     @property
     def fell_back(self):

@@ -7,8 +7,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <initializer_list>
-
+#include "csrc/autograd/needs_graph.h"
 #include "csrc/solver/newton.h"
 
 namespace pnewton {
@@ -97,14 +96,6 @@ Outputs newton_rnn_autograd(c10::string_view cell, const at::Tensor& gi, const a
 }
 
 using BackwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-bool needs_graph(std::initializer_list<const c10::optional<at::Tensor>> tensors) {
-  if (!at::GradMode::is_enabled()) return false;
-  for (const auto& t : tensors) {
-    if (t.has_value() && t->defined() && t->requires_grad()) return true;
-  }
-  return false;
-}
 
 BackwardOutputs newton_rnn_backward_autograd(const at::Tensor& grad_states, c10::string_view cell,
                                              const at::Tensor& gi, const at::Tensor& W_hh,

@@ -7,10 +7,9 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <initializer_list>
 #include <optional>
 
-#include "csrc/checks.h"
+#include "csrc/autograd/needs_graph.h"
 #include "csrc/scan.h"
 #include "pnewton/scan.h"
 
@@ -82,16 +81,6 @@ class ScanBlockFunction : public torch::autograd::Function<ScanBlockFunction> {
                                                                     const std::optional<at::Tensor>&, bool, bool);
 };
 
-// Whether a backward op's result must carry a graph: grad mode on (create_graph=True) and
-// an input that requires grad.
-bool needs_graph(std::initializer_list<const at::Tensor*> tensors) {
-  if (!at::GradMode::is_enabled()) return false;
-  for (const at::Tensor* t : tensors) {
-    if (t->defined() && t->requires_grad()) return true;
-  }
-  return false;
-}
-
 // λ_t = g_t + C_{t+1}ᵀ λ_{t+1} (reverse: C_{t−1}ᵀ λ_{t−1}) by the scan ops on shifted views.
 at::Tensor differentiable_adjoint(const at::Tensor& g, const at::Tensor& A, bool reverse, bool transpose) {
   const int64_t T = g.size(1);
@@ -110,8 +99,7 @@ using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 Grads scan_block_backward_autograd(const at::Tensor& grad_x, const at::Tensor& A, const at::Tensor& x,
                                    const std::optional<at::Tensor>& x0, bool reverse, bool transpose) {
-  const at::Tensor none;
-  if (!needs_graph({&grad_x, &A, &x, x0.has_value() ? &*x0 : &none})) {
+  if (!needs_graph({grad_x, A, x, x0})) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("pnewton::scan_block_backward", "")
                          .typed<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -125,8 +113,7 @@ Grads scan_block_backward_autograd(const at::Tensor& grad_x, const at::Tensor& A
 
 Grads scan_diag_backward_autograd(const at::Tensor& grad_x, const at::Tensor& a, const at::Tensor& x,
                                   const std::optional<at::Tensor>& x0, bool reverse) {
-  const at::Tensor none;
-  if (!needs_graph({&grad_x, &a, &x, x0.has_value() ? &*x0 : &none})) {
+  if (!needs_graph({grad_x, a, x, x0})) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("pnewton::scan_diag_backward", "")
                          .typed<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -134,8 +121,7 @@ Grads scan_diag_backward_autograd(const at::Tensor& grad_x, const at::Tensor& a,
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(grad_x, a, x, x0, reverse);
   }
-  check_diag_args("pnewton.scan_diag_backward", a, x, x0, "x");
-  check_operand("pnewton.scan_diag_backward", "grad_x", grad_x, x.sym_sizes(), "[B, T, D] like x", a, "a");
+  check_diag_backward_args("pnewton.scan_diag_backward", grad_x, a, x, x0);
   // The diagonal scan is the block scan with k = 1.
   const std::optional<at::Tensor> x0_block =
       x0.has_value() ? std::optional<at::Tensor>(x0->unsqueeze(-1)) : std::nullopt;

@@ -35,11 +35,9 @@ std::tuple<at::Tensor, at::Tensor> run(c10::string_view cell, const at::Tensor& 
 
 }  // namespace
 
-bool fused_loop_applies(c10::string_view cell, const at::Tensor& input, const at::Tensor& lengths,
-                        const at::Tensor& resets) {
+bool fused_loop_applies(c10::string_view cell, const at::Tensor& input, int64_t shortest, const at::Tensor& resets) {
   if (!(cell == "gru" || cell == "lstm" || cell == "rnn_tanh" || cell == "rnn_relu")) return false;
-  if (resets.defined() || input.sym_numel() == 0) return false;
-  return !lengths.defined() || lengths.min().item<int64_t>() > 0;
+  return !resets.defined() && input.numel() > 0 && shortest > 0;
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_loop(c10::string_view cell, const at::Tensor& input,

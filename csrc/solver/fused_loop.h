@@ -10,10 +10,9 @@
 namespace pnewton {
 
 // Whether the fused kernels can run this stack: a torch.nn cell (gru, lstm incl. its
-// projection, rnn_tanh, rnn_relu), no segment resets, every length ≥ 1 (what packing needs;
-// one host read when lengths are given).
-bool fused_loop_applies(c10::string_view cell, const at::Tensor& input, const at::Tensor& lengths,
-                        const at::Tensor& resets);
+// projection, rnn_tanh, rnn_relu), a non-empty input, no segment resets, and every length
+// ≥ 1 (what packing needs; shortest: the smallest length, T without lengths).
+bool fused_loop_applies(c10::string_view cell, const at::Tensor& input, int64_t shortest, const at::Tensor& resets);
 
 // (output, final states [layers·dirs, B, S]) in rnn_stack's layout (LSTM: (h_i, c_i)
 // interleaved, or [h | c] with a projection); lengths [B] int64 or undefined.

@@ -39,6 +39,11 @@ at::Tensor max_abs_per_sequence(const at::Tensor& x) {
   return x.is_cuda() ? at::linalg_vector_norm(x, INFINITY, at::IntArrayRef{1, 2}) : x.abs().amax({1, 2});
 }
 
+// max_s |x_{t,s}| per step of x [B, T, S], NaN propagating: [B, T].
+at::Tensor max_abs_per_step(const at::Tensor& x) {
+  return x.is_cuda() ? at::linalg_vector_norm(x, INFINITY, at::IntArrayRef{2}) : x.abs().amax(2);
+}
+
 // −δ for δ solving δ_t = Ã_t δ_{t-1} − r_t, δ_0 = 0, for Ã in the given part: the scan of
 // r itself (the recurrence is linear), which saves negating r.
 at::Tensor negated_newton_delta(const at::Tensor& a, const at::Tensor& r, JacobianPart part, int64_t D) {
@@ -172,11 +177,6 @@ struct Progress {
 // iterations (the sum, not the maximum: causal methods fix the prefix first).
 constexpr int64_t kStallWindow = 4;
 int64_t auto_budget(int64_t T) { return std::max<int64_t>(8, 4 * static_cast<int64_t>(std::ceil(std::log2(T + 1.0)))); }
-
-// max_s |x_{t,s}| per step of x [B, T, S], NaN propagating: [B, T].
-at::Tensor max_abs_per_step(const at::Tensor& x) {
-  return x.is_cuda() ? at::linalg_vector_norm(x, INFINITY, at::IntArrayRef{2}) : x.abs().amax(2);
-}
 
 // [B]: the first step whose entry of x [B, T] is true, T where none is.
 at::Tensor first_step(const at::Tensor& x) {

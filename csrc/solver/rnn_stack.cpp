@@ -143,13 +143,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // CPU LSTM (oneDNN's mkldnn_rnn_layer) has no working fake kernel, and a trace can neither
   // time nor read lengths. method="sequential" then runs the solver's loop.
   if (!fused_candidate || tracing) return parallel();
-  // The fused path reads the lengths before any solve checks their values: check them here.
-  if (L.defined()) checked_lengths(op, L, input.size(batch_first ? 0 : 1), input.size(batch_first ? 1 : 0), L.device());
-  if (!fused_loop_applies(cell, input, L, R)) return parallel();
+  // The fused path reads the lengths before any solve checks their values: check them here
+  // (one host read, which also gives the shortest length).
+  const int64_t steps = input.size(batch_first ? 1 : 0);
+  int64_t shortest = steps;
+  if (L.defined()) checked_lengths(op, L, input.size(batch_first ? 0 : 1), steps, L.device(), &shortest);
+  if (!fused_loop_applies(cell, input, shortest, R)) return parallel();
   if (requested == Method::sequential) return fused();
   const std::string shape_class =
       stack_class(cell, input, state0, num_layers, bidirectional, batch_first, L.defined());
-  const StackPlan plan = stack_plan(shape_class, input.size(batch_first ? 1 : 0));
+  const StackPlan plan = stack_plan(shape_class, steps);
   if (plan == StackPlan::fused_loop) return fused();
   if (plan == StackPlan::parallel) return parallel();
   // The first call of its class: both, timed; the faster's result, and the plan remembered.

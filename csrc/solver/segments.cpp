@@ -12,14 +12,17 @@ at::Tensor lengths_on(const char* op, const at::Tensor& lengths, const c10::SymI
   return lengths.to(device, at::kLong);
 }
 
-at::Tensor checked_lengths(const char* op, const at::Tensor& lengths, int64_t B, int64_t T, at::Device device) {
+at::Tensor checked_lengths(const char* op, const at::Tensor& lengths, int64_t B, int64_t T, at::Device device,
+                           int64_t* shortest) {
   lengths_on(op, lengths, B, device);
+  if (shortest != nullptr) *shortest = T;
   if (B > 0) {
     // One host read of two numbers: a length outside [0, T] would index past the batch.
     const auto [lo, hi] = at::aminmax(lengths.to(at::kLong));
     const int64_t min = lo.item<int64_t>(), max = hi.item<int64_t>();
     TORCH_CHECK(min >= 0 && max <= T, op, ": lengths must be in [0, T = ", T, "], got values in [", min, ", ", max,
                 "]");
+    if (shortest != nullptr) *shortest = min;
   }
   return lengths.to(device, at::kLong);
 }

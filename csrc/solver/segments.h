@@ -17,8 +17,10 @@ namespace pnewton {
 
 // Checks that lengths is a [B] integer tensor (any device) and returns it as int64 on `device`.
 at::Tensor lengths_on(const char* op, const at::Tensor& lengths, const c10::SymInt& B, at::Device device);
-// The same, and that every length is in [0, T] (one host read: the kernels' check).
-at::Tensor checked_lengths(const char* op, const at::Tensor& lengths, int64_t B, int64_t T, at::Device device);
+// The same, and that every length is in [0, T] (one host read: the kernels' check);
+// shortest, if given, receives the smallest length (T for an empty batch).
+at::Tensor checked_lengths(const char* op, const at::Tensor& lengths, int64_t B, int64_t T, at::Device device,
+                           int64_t* shortest = nullptr);
 
 // [B, T, 1] in `dtype`: 1 at steps t < L_b, 0 at padding.
 at::Tensor valid_steps(const at::Tensor& lengths, const c10::SymInt& T, at::ScalarType dtype);
