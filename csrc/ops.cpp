@@ -16,6 +16,16 @@ TORCH_LIBRARY(pnewton, m) {
       "scan_block_backward(Tensor grad_x, Tensor A, Tensor x, Tensor? x0, bool reverse, bool transpose) -> "
       "(Tensor, Tensor, Tensor)");
 
+  // The same over a time axis sharded across the ranks of the process group named `group`
+  // (torch.distributed's group.group_name): each rank passes its contiguous shard [B, T_r, ...]
+  // (T_r may differ, even be 0) and gets its shard of x; x0 enters the whole sequence (the
+  // first shard; the last when reverse). One gather per call, of size independent of T
+  // (csrc/distributed/time_shards.h). Differentiable; every rank must run the backward.
+  m.def("scan_diag_sharded(Tensor a, Tensor b, str group, Tensor? x0=None, bool reverse=False) -> Tensor");
+  m.def(
+      "scan_block_sharded(Tensor A, Tensor b, str group, Tensor? x0=None, bool reverse=False, "
+      "bool transpose=False) -> Tensor");
+
   // The ELK (Levenberg–Marquardt) step by Kalman filtering and smoothing, for the generic
   // solver: a is the diagonal [B, T, S] or the dense [B, T, S, S] Jacobian approximation,
   // r [B, T, S] the residual, lam [B] > 0 the damping; smooth=False: filter means only.
@@ -31,11 +41,17 @@ TORCH_LIBRARY(pnewton, m) {
   // projection [P, D] of cell lstm_proj (torch.nn.LSTM's proj_size; state [h | c], S = P + D).
   // resets [B, T] (bool): segments packed end to end in a row; a true step starts a new
   // segment from s0, with nothing carried across (csrc/solver/segments.h).
+  // group: sequence parallelism (csrc/distributed/time_shards.h): gi, init_states and resets
+  // are this rank's time shard, s0 enters the whole sequence, states are this rank's shard;
+  // the diagnostics are the whole sequence's, alike on every rank. reversed_ranks: shards
+  // in the reverse of rank order. The gradients of W_hh, b_hh, s0 (W_hr) are this shard's
+  // part: their sum over the group is the whole gradient.
   m.def(
       "newton_rnn(str cell, Tensor gi, Tensor W_hh, Tensor? b_hh, Tensor s0, str method=\"auto\", "
       "int max_iter=-1, float atol=-1.0, float rtol=-1.0, float damping=0.0, float clip=0.0, "
       "str init=\"zeros\", Tensor? init_states=None, bool fixed_iterations=False, bool fallback=True, "
-      "str adjoint=\"auto\", Tensor? lengths=None, Tensor? W_hr=None, Tensor? resets=None) -> (Tensor states, "
+      "str adjoint=\"auto\", Tensor? lengths=None, Tensor? W_hr=None, Tensor? resets=None, str group=\"\", "
+      "bool reversed_ranks=False) -> (Tensor states, "
       "Tensor iterations, Tensor residual, Tensor converged, Tensor path)");
   // A stack of recurrent layers (torch.nn's GRU/LSTM/RNN semantics), each layer and direction
   // one newton_rnn solve; params per (layer, direction): W_ih, W_hh[, b_ih, b_hh][, W_hr] (as
@@ -50,7 +66,7 @@ TORCH_LIBRARY(pnewton, m) {
       "float dropout, bool train, bool bidirectional, bool batch_first, str method=\"auto\", int max_iter=-1, "
       "float atol=-1.0, float rtol=-1.0, float damping=0.0, float clip=0.0, str init=\"zeros\", "
       "bool fixed_iterations=False, bool fallback=True, str adjoint=\"auto\", Tensor? lengths=None, "
-      "Tensor? resets=None) -> (Tensor output, Tensor final, Tensor iterations, Tensor residual, Tensor converged, "
+      "Tensor? resets=None, str group=\"\") -> (Tensor output, Tensor final, Tensor iterations, Tensor residual, Tensor converged, "
       "Tensor path)");
   // One step of a built-in cell, s' = f(s, gi) for rows s [N, S], gi [N, G]: the map the
   // solver iterates, for diagnostics such as pnewton.lyapunov. Composite (differentiable).
@@ -59,6 +75,7 @@ TORCH_LIBRARY(pnewton, m) {
   // returned even when b_hh is None, grad_W_hr is empty without W_hr.
   m.def(
       "newton_rnn_backward(Tensor grad_states, str cell, Tensor gi, Tensor W_hh, Tensor? b_hh, Tensor s0, "
-      "Tensor states, str adjoint=\"auto\", Tensor? lengths=None, Tensor? W_hr=None, Tensor? resets=None) -> "
+      "Tensor states, str adjoint=\"auto\", Tensor? lengths=None, Tensor? W_hr=None, Tensor? resets=None, "
+      "str group=\"\", bool reversed_ranks=False) -> "
       "(Tensor grad_gi, Tensor grad_W_hh, Tensor grad_b_hh, Tensor grad_s0, Tensor grad_W_hr)");
 }

@@ -5,6 +5,7 @@ kernels, which ``torch.compile`` and ``torch.export`` run on fake tensors, are C
 check every argument as the real kernels do).
 """
 from . import _library  # noqa: F401  (loads the ops first)
+from . import distributed
 from ._library import built_with_cuda
 from .lyapunov import lyapunov
 from .nn import GRU, LSTM, RNN, DiagGRU, DiagLSTM, from_torch, newton_rnn
@@ -12,5 +13,5 @@ from .scan import scan_block, scan_diag
 from .solve import SolveStats, solve
 
 __all__ = ["scan_diag", "scan_block", "solve", "SolveStats", "lyapunov", "newton_rnn", "GRU", "LSTM", "RNN", "DiagGRU", "DiagLSTM",
-           "from_torch", "built_with_cuda"]
+           "from_torch", "built_with_cuda", "distributed"]
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from .distributed import group_name
 from .solve import SolveStats
 
 # Solver options accepted by the layers, with their defaults (see newton_rnn in csrc/ops.cpp).
@@ -39,7 +40,7 @@ def _limits(max_iter, atol, rtol):
 
 def newton_rnn(cell, gi, W_hh, b_hh, s0, method="auto", max_iter=None, atol=None, rtol=None, damping=0.0,
                clip=0.0, init="zeros", init_states=None, fixed_iterations=False, fallback=True, adjoint="auto",
-               lengths=None, W_hr=None, resets=None):
+               lengths=None, W_hr=None, resets=None, group=None):
     """Solve a built-in cell over a sequence: ``(states [B, T, S], SolveStats)``.
 
     ``cell`` is ``gru``, ``lstm``, ``rnn_tanh``, ``rnn_relu``, ``diag_gru``, ``diag_lstm`` or
@@ -59,10 +60,14 @@ def newton_rnn(cell, gi, W_hh, b_hh, s0, method="auto", max_iter=None, atol=None
     sequences packed end to end in a row; a true step starts a new one from ``s0``, with
     nothing carried across in the states or the gradients. The states are twice
     differentiable (the backward is itself differentiable: gradient penalties, HVPs).
+    ``group`` (a ProcessGroup or 1-D DeviceMesh): sequence parallelism (:mod:`pnewton.distributed`):
+    ``gi``, ``init_states``, ``resets`` and the states are this rank's time shard, ``s0`` enters
+    the whole sequence; the diagnostics are the whole sequence's on every rank.
     """
+    name = "" if group is None else group_name(group)
     states, iterations, residual, converged, path = torch.ops.pnewton.newton_rnn(
         cell, gi, W_hh, b_hh, s0, method, *_limits(max_iter, atol, rtol), damping, clip, init, init_states,
-        fixed_iterations, fallback, adjoint, lengths, W_hr, resets)
+        fixed_iterations, fallback, adjoint, lengths, W_hr, resets, name)
     return states, SolveStats(iterations, residual, converged, path, method)
 
 
@@ -86,10 +91,11 @@ class _ContiguousGrad(torch.autograd.Function):
 
 def _pop_solver_options(layer, kwargs):
     """Takes the solver options out of a constructor's keyword arguments."""
-    unknown = set(kwargs) - set(SOLVER_DEFAULTS) - set(_TORCH_NN_ARGUMENTS)
+    known = set(SOLVER_DEFAULTS) | {"sequence_group"}
+    unknown = set(kwargs) - known - set(_TORCH_NN_ARGUMENTS)
     if unknown:
-        raise TypeError(f"pnewton.{layer}: unknown solver options {sorted(unknown)}; known: {sorted(SOLVER_DEFAULTS)}")
-    return {name: kwargs.pop(name) for name in list(kwargs) if name in SOLVER_DEFAULTS}
+        raise TypeError(f"pnewton.{layer}: unknown solver options {sorted(unknown)}; known: {sorted(known)}")
+    return {name: kwargs.pop(name) for name in list(kwargs) if name in known}
 
 
 class _NewtonLayer:
@@ -100,6 +106,9 @@ class _NewtonLayer:
     _cells = {"GRU": "gru", "LSTM": "lstm", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
     def _init_solver(self, solver_options):
+        # Sequence parallelism (pnewton.distributed): the group whose ranks hold consecutive
+        # time shards of every input; None: one process. Settable later, not saved.
+        self.sequence_group = solver_options.pop("sequence_group", None)
         o = {**SOLVER_DEFAULTS, **solver_options}
         _limits(o["max_iter"], o["atol"], o["rtol"])  # the Python-side checks, at construction
         self.solver_options = dict(solver_options)
@@ -128,6 +137,10 @@ class _NewtonLayer:
         *stats, method = raw
         return [SolveStats(*row, method) for row in zip(*stats)]
 
+    def _sequence_group_name(self):
+        group = self.__dict__.get("sequence_group")
+        return "" if group is None else group_name(group)
+
     @property
     def _cell(self):
         return self._cells[self.mode]
@@ -145,6 +158,7 @@ class _NewtonLayer:
         # loadable without allow-listing SolveStats.
         state = super().__getstate__()
         state["_last_raw"] = None
+        state["sequence_group"] = None  # a process group belongs to the running processes
         return state
 
     def extra_repr(self):
@@ -211,7 +225,8 @@ class _NewtonLayer:
         out, final, iterations, residual, converged, path = torch.ops.pnewton.rnn_stack(
             self._cell, x, state0, weights, self.bias, self.num_layers, self.dropout, self.training,
             self.bidirectional, batch_first, o["method"], *_limits(o["max_iter"], o["atol"], o["rtol"]),
-            o["damping"], o["clip"], o["init"], o["fixed_iterations"], o["fallback"], o["adjoint"], lengths)
+            o["damping"], o["clip"], o["init"], o["fixed_iterations"], o["fallback"], o["adjoint"], lengths, None,
+            self._sequence_group_name())
         self._last_raw = (iterations, residual, converged, path, o["method"])
         if self.warn_on_fallback and self.last_stats.fallback:
             layers = [i for i, stats in enumerate(self.last_layer_stats) if stats.fallback]

@@ -20,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     int64_t num_layers, double dropout, bool train, bool bidirectional, bool batch_first, c10::string_view method,
     int64_t max_iter, double atol, double rtol, double damping, double clip, c10::string_view init,
     bool fixed_iterations, bool fallback, c10::string_view adjoint, const c10::optional<at::Tensor>& lengths,
-    const c10::optional<at::Tensor>& resets) {
+    const c10::optional<at::Tensor>& resets, c10::string_view group) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
   const bool lstm = cell == "lstm" || cell == "diag_lstm";
   const at::ScalarType type =
@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   for (const at::Tensor& p : params) cast_params.push_back(cast(p));
   return rnn_stack(cell, cast(input), cast(state0), cast_params, has_biases, num_layers, dropout, train, bidirectional,
                    batch_first, method, max_iter, atol, rtol, damping, clip, init, fixed_iterations, fallback, adjoint,
-                   lengths, resets);
+                   lengths, resets, group);
 }
 
 }  // namespace

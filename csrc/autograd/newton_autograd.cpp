@@ -20,11 +20,11 @@ using ForwardSig = Outputs(c10::string_view, const at::Tensor&, const at::Tensor
                            const at::Tensor&, c10::string_view, int64_t, double, double, double, double,
                            c10::string_view, const c10::optional<at::Tensor>&, bool, bool, c10::string_view,
                            const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-                           const c10::optional<at::Tensor>&);
+                           const c10::optional<at::Tensor>&, c10::string_view, bool);
 using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, c10::string_view, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
     const at::Tensor&, const at::Tensor&, c10::string_view, const c10::optional<at::Tensor>&,
-    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&);
+    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, c10::string_view, bool);
 
 c10::optional<at::Tensor> optional(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
@@ -38,17 +38,19 @@ class NewtonRNNFunction : public torch::autograd::Function<NewtonRNNFunction> {
                                std::string init, const c10::optional<at::Tensor>& init_states,
                                bool fixed_iterations, bool fallback, std::string adjoint,
                                const c10::optional<at::Tensor>& lengths, const c10::optional<at::Tensor>& W_hr,
-                               const c10::optional<at::Tensor>& resets) {
+                               const c10::optional<at::Tensor>& resets, std::string group, bool reversed_ranks) {
     static auto op =
         c10::Dispatcher::singleton().findSchemaOrThrow("pnewton::newton_rnn", "").typed<ForwardSig>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [states, iterations, residual, converged, path] =
         op.call(cell, gi, W_hh, b_hh, s0, method, max_iter, atol, rtol, damping, clip, init, init_states,
-                fixed_iterations, fallback, adjoint, lengths, W_hr, resets);
+                fixed_iterations, fallback, adjoint, lengths, W_hr, resets, group, reversed_ranks);
     ctx->save_for_backward({gi, W_hh, b_hh.value_or(at::Tensor()), s0, states, lengths.value_or(at::Tensor()),
                             W_hr.value_or(at::Tensor()), resets.value_or(at::Tensor())});
     ctx->saved_data["cell"] = cell;
     ctx->saved_data["adjoint"] = adjoint;
+    ctx->saved_data["group"] = group;
+    ctx->saved_data["reversed_ranks"] = reversed_ranks;
     // Without the fallback a sequence may be returned unconverged (tolerance mode synchronises
     // anyway; fixed_iterations is documented instead, to stay free of host reads).
     if (!fallback && !fixed_iterations) ctx->saved_data["converged"] = converged;
@@ -72,8 +74,9 @@ class NewtonRNNFunction : public torch::autograd::Function<NewtonRNNFunction> {
     }
     auto [grad_gi, grad_W, grad_b, grad_s0, grad_W_hr] =
         op.call(grad, ctx->saved_data["cell"].toStringRef(), saved[0], saved[1], optional(b_hh), saved[3], saved[4],
-                ctx->saved_data["adjoint"].toStringRef(), optional(lengths), optional(W_hr), optional(resets));
-    variable_list grads(19);  // one per forward argument after ctx
+                ctx->saved_data["adjoint"].toStringRef(), optional(lengths), optional(W_hr), optional(resets),
+                ctx->saved_data["group"].toStringRef(), ctx->saved_data["reversed_ranks"].toBool());
+    variable_list grads(21);  // one per forward argument after ctx
     grads[1] = grad_gi;
     grads[2] = grad_W;
     grads[3] = b_hh.defined() ? grad_b : at::Tensor();
@@ -88,10 +91,12 @@ Outputs newton_rnn_autograd(c10::string_view cell, const at::Tensor& gi, const a
                             int64_t max_iter, double atol, double rtol, double damping, double clip,
                             c10::string_view init, const c10::optional<at::Tensor>& init_states, bool fixed_iterations,
                             bool fallback, c10::string_view adjoint, const c10::optional<at::Tensor>& lengths,
-                            const c10::optional<at::Tensor>& W_hr, const c10::optional<at::Tensor>& resets) {
+                            const c10::optional<at::Tensor>& W_hr, const c10::optional<at::Tensor>& resets,
+                            c10::string_view group, bool reversed_ranks) {
   auto out = NewtonRNNFunction::apply(std::string(cell), gi, W_hh, b_hh, s0, std::string(method), max_iter, atol,
                                       rtol, damping, clip, std::string(init), init_states, fixed_iterations, fallback,
-                                      std::string(adjoint), lengths, W_hr, resets);
+                                      std::string(adjoint), lengths, W_hr, resets, std::string(group),
+                                      reversed_ranks);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
@@ -103,14 +108,17 @@ BackwardOutputs newton_rnn_backward_autograd(const at::Tensor& grad_states, c10:
                                              const at::Tensor& states, c10::string_view adjoint,
                                              const c10::optional<at::Tensor>& lengths,
                                              const c10::optional<at::Tensor>& W_hr,
-                                             const c10::optional<at::Tensor>& resets) {
+                                             const c10::optional<at::Tensor>& resets, c10::string_view group,
+                                             bool reversed_ranks) {
   if (needs_graph({grad_states, gi, W_hh, b_hh, s0, states, W_hr})) {
-    return newton_rnn_backward_kernel(grad_states, cell, gi, W_hh, b_hh, s0, states, adjoint, lengths, W_hr, resets);
+    return newton_rnn_backward_kernel(grad_states, cell, gi, W_hh, b_hh, s0, states, adjoint, lengths, W_hr, resets,
+                                      group, reversed_ranks);
   }
   static auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("pnewton::newton_rnn_backward", "").typed<BackwardSig>();
   at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(grad_states, cell, gi, W_hh, b_hh, s0, states, adjoint, lengths, W_hr, resets);
+  return op.call(grad_states, cell, gi, W_hh, b_hh, s0, states, adjoint, lengths, W_hr, resets, group,
+                 reversed_ranks);
 }
 
 class ElkStepFunction : public torch::autograd::Function<ElkStepFunction> {

@@ -36,6 +36,7 @@ at::Tensor clip_jacobian(const at::Tensor& a, JacobianPart part, double clip) {
 // max_t |x_t| per sequence of x [B, T, S], NaN propagating: one reduction kernel on CUDA;
 // abs then amax on the CPU, where ATen's ∞-norm is 2.5× slower ([16, 4096, 64] float32).
 at::Tensor max_abs_per_sequence(const at::Tensor& x) {
+  if (x.size(1) == 0) return at::zeros({x.size(0)}, x.options());  // an empty time shard
   return x.is_cuda() ? at::linalg_vector_norm(x, INFINITY, at::IntArrayRef{1, 2}) : x.abs().amax({1, 2});
 }
 
@@ -44,16 +45,40 @@ at::Tensor max_abs_per_step(const at::Tensor& x) {
   return x.is_cuda() ? at::linalg_vector_norm(x, INFINITY, at::IntArrayRef{2}) : x.abs().amax(2);
 }
 
+// max over t of x [B, T] per sequence (0 for an empty time shard).
+at::Tensor max_over_time(const at::Tensor& x) {
+  return x.size(1) == 0 ? at::zeros({x.size(0)}, x.options()) : x.amax(1);
+}
+
+// The scans of the solver, over the whole sequence: the sharded scans with time shards.
+at::Tensor diag_scan(TimeShards* shards, const at::Tensor& a, const at::Tensor& b,
+                     const std::optional<at::Tensor>& x0 = std::nullopt, bool reverse = false) {
+  return shards ? sharded_scan_diag(*shards, a, b, x0, reverse) : scan_diag(a, b, x0, reverse);
+}
+at::Tensor block_scan(TimeShards* shards, const at::Tensor& A, const at::Tensor& b, bool reverse = false,
+                      bool transpose = false) {
+  return shards ? sharded_scan_block(*shards, A, b, std::nullopt, reverse, transpose)
+                : scan_block(A, b, std::nullopt, reverse, transpose);
+}
+
 // −δ for δ solving δ_t = Ã_t δ_{t-1} − r_t, δ_0 = 0, for Ã in the given part: the scan of
 // r itself (the recurrence is linear), which saves negating r.
-at::Tensor negated_newton_delta(const at::Tensor& a, const at::Tensor& r, JacobianPart part, int64_t D) {
+at::Tensor negated_newton_delta(const at::Tensor& a, const at::Tensor& r, JacobianPart part, int64_t D,
+                                TimeShards* shards) {
   const int64_t B = r.size(0), T = r.size(1);
   switch (part) {
-    case JacobianPart::diagonal: return scan_diag(a, r);
-    case JacobianPart::block2: return scan_block(a, r.view({B, T, D, 2})).view({B, T, 2 * D});
-    case JacobianPart::dense: return scan_block(a.unsqueeze(2), r.unsqueeze(2)).squeeze(2);
+    case JacobianPart::diagonal: return diag_scan(shards, a, r);
+    case JacobianPart::block2: return block_scan(shards, a, r.view({B, T, D, 2})).view({B, T, 2 * D});
+    case JacobianPart::dense: return block_scan(shards, a.unsqueeze(2), r.unsqueeze(2)).squeeze(2);
   }
   return r;
+}
+
+// The state entering this time shard: the previous shard's last state of s [B, T, S] (one
+// gather), s0 for the first shard or in one process.
+at::Tensor entering_state(TimeShards* shards, const at::Tensor& s0, const at::Tensor& s) {
+  if (shards == nullptr) return at::Tensor();
+  return shards->neighbour(s.size(1) > 0 ? s.select(1, -1) : s0, s0, /*earlier=*/true);
 }
 
 // [B, T, 1, ...]: a per-step mask broadcast over a Jacobian part of `shape` [B, T, ...].
@@ -151,12 +176,12 @@ NewtonOptions newton_options(const SolverOptions& s) {
 double default_tolerance(at::ScalarType dtype) { return dtype == at::kDouble ? 1e-12 : 3e-7; }
 
 at::Tensor sequential_states(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0,
-                             const at::Tensor& resets) {
+                             const at::Tensor& resets, const at::Tensor& entering) {
   const int64_t T = gi.size(1);
   at::Tensor out = at::empty({gi.size(0), T, s0.size(1)}, s0.options());
-  at::Tensor s = s0;
+  at::Tensor s = entering.defined() ? entering : s0;
   for (int64_t t = 0; t < T; ++t) {
-    if (resets.defined() && t > 0) s = at::where(resets.select(1, t).unsqueeze(1), s0, s);
+    if (resets.defined() && (t > 0 || entering.defined())) s = at::where(resets.select(1, t).unsqueeze(1), s0, s);
     s = cell.step(s, gi.select(1, t));
     out.select(1, t).copy_(s);
   }
@@ -164,6 +189,28 @@ at::Tensor sequential_states(const CellFunction& cell, const at::Tensor& gi, con
 }
 
 namespace {
+
+// The loop over time shards: each rank runs its shard from the state the previous one
+// handed on (one broadcast per rank, of B·S numbers), in time order.
+at::Tensor pipelined_states(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0,
+                            const at::Tensor& resets, TimeShards& shards) {
+  at::Tensor enter = s0, states;
+  for (int64_t q = 0; q < shards.count(); ++q) {
+    at::Tensor last = enter;
+    if (q == shards.position()) {
+      states = sequential_states(cell, gi, s0, resets, enter);
+      if (states.size(1) > 0) last = states.select(1, -1);
+    }
+    enter = shards.broadcast(last, q);
+  }
+  return states;
+}
+
+// The loop's states over the whole sequence.
+at::Tensor loop_states(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0, const at::Tensor& resets,
+                       TimeShards* shards) {
+  return shards ? pipelined_states(cell, gi, s0, resets, *shards) : sequential_states(cell, gi, s0, resets);
+}
 
 // Where a solve stands: the states, the cell at them (F = f(s_{t−1}, u_t)), and the
 // per-sequence diagnostics. stuck: the sequence cannot converge (its solution is not
@@ -181,6 +228,7 @@ int64_t auto_budget(int64_t T) { return std::max<int64_t>(8, 4 * static_cast<int
 // [B]: the first step whose entry of x [B, T] is true, T where none is.
 at::Tensor first_step(const at::Tensor& x) {
   const int64_t T = x.size(1);
+  if (T == 0) return at::zeros({x.size(0)}, x.options().dtype(at::kLong));  // an empty time shard
   const at::Tensor t = at::arange(T, x.options().dtype(at::kLong)).unsqueeze(0);
   return at::where(x, t, T).amin(1);
 }
@@ -191,6 +239,9 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
                int64_t budget, bool stop_on_stall, double damping, const NewtonOptions& o, double atol, double rtol,
                const at::Tensor& padding, Progress& p) {
   const int64_t B = s0.size(0), S = s0.size(1), T = gi_flat.size(0) / std::max<int64_t>(B, 1);
+  TimeShards* shards = o.shards.get();
+  // The whole sequence's length, and where this shard starts in it.
+  const int64_t steps_all = shards ? shards->total() : T, offset = shards ? shards->offset() : 0;
   const JacobianPart part = method_part(cell, method);
   const bool newton_like = method != Method::jacobi && method != Method::picard;
   const bool elk = is_elk(method), smooth = method == Method::elk || method == Method::quasi_elk;
@@ -198,7 +249,7 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
   // is causal: once δ_{t−1} = 0, δ_t = −r_t makes s_t = f(s_{t−1}, u_t)), whatever Ã is:
   // after T iterations it has the solution, so no budget beyond T can help.
   const bool exact_prefix = !elk;
-  if (exact_prefix) budget = std::min(budget, T);
+  if (exact_prefix) budget = std::min(budget, steps_all);
   const bool adaptive = elk && damping == 0;
   at::Tensor lambda = at::full({B}, adaptive ? kLambdaStart : damping, s0.options());
   const std::vector<int64_t> shape = part == JacobianPart::diagonal ? std::vector<int64_t>{B, T, S}
@@ -209,7 +260,8 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
   // A reset step reads s0: its Jacobian with respect to the previous state is zero.
   const at::Tensor carried = o.resets.defined() ? carried_steps(o.resets, s0.scalar_type()) : at::Tensor();
   auto evaluate = [&](const at::Tensor& s, bool with_jacobian) {
-    CellFunction::Evaluation e = cell.evaluate(flat(previous_steps(s0, s, o.resets)), gi_flat,
+    const at::Tensor prev = previous_steps(s0, s, o.resets, entering_state(shards, s0, s));
+    CellFunction::Evaluation e = cell.evaluate(flat(prev), gi_flat,
                                                newton_like && with_jacobian ? std::optional<JacobianPart>(part)
                                                                             : std::nullopt);
     at::Tensor jacobian = e.J.defined() ? e.J.view(shape) : e.J;
@@ -227,23 +279,38 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
   // more state exact per iteration, as many iterations in this stage as the sequence has
   // steps; or an exact residual. Once converged, a sequence stays so (its states no longer
   // move). A finite residual s − F means finite states.
-  const at::Tensor steps = o.lengths.defined() ? o.lengths : at::full({B}, T, p.iterations.options());
+  const at::Tensor steps = o.lengths.defined() ? o.lengths : at::full({B}, steps_all, p.iterations.options());
   const at::Tensor iterations_before = p.iterations.clone();
   at::Tensor nonfinite_merit = at::zeros({B}, p.iterations.options());
-  auto check = [&](const at::Tensor& step, const at::Tensor& phi) {
+  auto check = [&](at::Tensor step, const at::Tensor& phi) {
     const at::Tensor per_step = max_abs_per_step(r);
-    p.residual = per_step.amax(1);
+    p.residual = max_over_time(per_step);
+    at::Tensor scale = step.defined() ? max_abs_per_sequence(padding.defined() ? F.masked_fill(padding, 0) : F)
+                                      : at::Tensor();
+    // The first step (of the whole sequence) whose residual is not finite; steps_all if none.
+    at::Tensor first_bad;
+    if (exact_prefix) {
+      first_bad = first_step(per_step.isfinite().logical_not());
+      first_bad = at::where(first_bad == T, steps_all, first_bad + offset);
+    }
+    if (shards) {
+      // The iteration's one reduction over the ranks: every per-sequence number at once.
+      std::vector<at::Tensor> parts{p.residual};
+      if (step.defined()) parts.insert(parts.end(), {step.to(r.scalar_type()), scale});
+      if (exact_prefix) parts.push_back(-first_bad.to(at::kDouble).to(r.scalar_type()));
+      const at::Tensor all = shards->max(at::stack(parts).to(at::kDouble));
+      p.residual = all[0].to(r.scalar_type());
+      if (step.defined()) step = all[1].to(r.scalar_type()), scale = all[2].to(r.scalar_type());
+      if (exact_prefix) first_bad = (-all[parts.size() - 1]).to(at::kLong);
+    }
     const at::Tensor finite = p.residual.isfinite();
     at::Tensor done = p.residual == 0;
-    if (step.defined()) {
-      const at::Tensor scale = max_abs_per_sequence(padding.defined() ? F.masked_fill(padding, 0) : F);
-      done = done | (step.isfinite() & (step <= atol + rtol * scale));
-    }
+    if (step.defined()) done = done | (step.isfinite() & (step <= atol + rtol * scale));
     const at::Tensor iterated = p.iterations - iterations_before;
     if (exact_prefix) {
       done = done | (iterated >= steps);
       // A non-finite residual inside the exact prefix is the solution's own: it cannot converge.
-      p.stuck = p.stuck | (finite.logical_not() & (first_step(per_step.isfinite().logical_not()) < iterated));
+      p.stuck = p.stuck | (finite.logical_not() & (first_bad < iterated));
     } else if (phi.defined()) {
       // ELK accepts finite steps only: a merit non-finite for kStallWindow iterations stays so.
       nonfinite_merit = at::where(phi.isfinite(), 0, nonfinite_merit + 1);
@@ -252,8 +319,9 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
     if (p.converged.defined()) done = done | p.converged;
     p.converged = finite & done;
   };
-  auto merit = [](const at::Tensor& x) {
-    const at::Tensor m = 0.5 * x.square().sum({1, 2});
+  auto merit = [&](const at::Tensor& x) {
+    at::Tensor m = 0.5 * x.square().sum({1, 2});
+    if (shards) m = shards->sum(m);
     return at::where(m.isfinite(), m, at::full_like(m, INFINITY));
   };
   std::tie(F, J) = evaluate(p.s, budget > 0);
@@ -282,7 +350,7 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
       next = F;
       step = p.residual;
     } else if (method == Method::picard) {
-      const at::Tensor sum = without_padding(r.cumsum(1));
+      const at::Tensor sum = without_padding(shards ? diag_scan(shards, at::ones_like(r), r) : r.cumsum(1));
       next = p.s - sum;
       step = max_abs_per_sequence(sum);
     } else {
@@ -295,7 +363,7 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
         next = p.s + delta;
         step = max_abs_per_sequence(delta);
       } else {
-        const at::Tensor negated_delta = without_padding(negated_newton_delta(a, r, part, S / 2));
+        const at::Tensor negated_delta = without_padding(negated_newton_delta(a, r, part, S / 2, shards));
         next = p.s - negated_delta;
         step = max_abs_per_sequence(negated_delta);
       }
@@ -341,11 +409,18 @@ constexpr double kAutoLambda = 0.1;
 // The dense Jacobian (B·T·S² numbers) is affordable while it stays under this budget,
 // the same one the adjoint uses.
 constexpr int64_t kDenseBudget = int64_t(1) << 24;
-std::vector<Method> auto_stages(const CellFunction& cell, int64_t dense_size) {
-  if (cell.structure() != JacobianPart::dense) return {Method::deer, Method::elk_filter};
-  std::vector<Method> stages{cell.has_blocks() ? Method::block_deer : Method::quasi_deer};
-  if (dense_size <= kDenseBudget) stages.push_back(Method::deer);
-  stages.push_back(Method::quasi_elk_filter);
+// Time shards have no ELK stage (its filter does not compose over shards): the fallback
+// follows the Newton stages.
+std::vector<Method> auto_stages(const CellFunction& cell, int64_t dense_size, bool sharded) {
+  std::vector<Method> stages;
+  if (cell.structure() != JacobianPart::dense) {
+    stages = {Method::deer, Method::elk_filter};
+  } else {
+    stages = {cell.has_blocks() ? Method::block_deer : Method::quasi_deer};
+    if (dense_size <= kDenseBudget) stages.push_back(Method::deer);
+    stages.push_back(Method::quasi_elk_filter);
+  }
+  if (sharded) stages.pop_back();
   return stages;
 }
 
@@ -377,6 +452,9 @@ at::Tensor nonfinite_pattern(const at::Tensor& F, JacobianPart structure, const 
 
 NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0, const NewtonOptions& o) {
   const int64_t B = gi.size(0), T = gi.size(1), S = s0.size(1);
+  TimeShards* shards = o.shards.get();
+  const int64_t steps_all = shards ? shards->total() : T;  // the whole sequence's length
+  TORCH_INTERNAL_ASSERT(!shards || (!is_elk(o.method) && !o.lengths.defined()));  // solver_shards checked
   const auto opts = s0.options();
   const double atol = o.atol < 0 ? default_tolerance(s0.scalar_type()) : o.atol;
   const double rtol = o.rtol < 0 ? default_tolerance(s0.scalar_type()) : o.rtol;
@@ -388,14 +466,15 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
   // sequence is not converged and its residual is NaN (as the residual of NaN states is).
   auto exact = [&](const at::Tensor& states, at::Tensor& converged, at::Tensor& residual) {
     converged = states.isfinite().flatten(1).all(1);
+    if (shards) converged = shards->max(converged.logical_not().to(at::kFloat)) == 0;
     residual = at::where(converged, 0.0, NAN).to(opts.dtype());
   };
-  if (T == 0 || B == 0 || S == 0 || o.method == Method::sequential) {
-    res.states = sequential_states(cell, gi, s0, o.resets);
+  if (steps_all == 0 || B == 0 || S == 0 || o.method == Method::sequential) {
+    res.states = loop_states(cell, gi, s0, o.resets, shards);
     if (lengths.defined()) res.states = hold_past_lengths(res.states, s0, lengths);
-    if (lengths.defined()) res.iterations.copy_(lengths); else res.iterations.fill_(T);
+    if (lengths.defined()) res.iterations.copy_(lengths); else res.iterations.fill_(steps_all);
     exact(res.states, res.converged, res.residual);
-    if (T > 0) res.path.fill_(method_bit(Method::sequential));
+    if (steps_all > 0) res.path.fill_(method_bit(Method::sequential));
     return res;
   }
   const at::Tensor gi_flat = flat(gi);
@@ -413,17 +492,18 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
   Progress p{s, at::Tensor(), res.iterations, at::Tensor(), at::Tensor(), res.path,
              at::zeros({B}, opts.dtype(at::kBool))};
   if (o.method != Method::automatic) {
-    run_stage(cell, gi_flat, s0, o.method, o.max_iter < 0 ? std::min<int64_t>(T, 100) : o.max_iter, false, o.damping,
+    run_stage(cell, gi_flat, s0, o.method, o.max_iter < 0 ? std::min<int64_t>(steps_all, 100) : o.max_iter, false,
+              o.damping,
               o, atol, rtol, padding, p);
   } else if (o.fixed_iterations) {
     // No host synchronisation: the first stage only, for exactly max_iter iterations.
-    const Method first = auto_stages(cell, B * T * S * S).front();
+    const Method first = auto_stages(cell, B * steps_all * S * S, shards != nullptr).front();
     run_stage(cell, gi_flat, s0, first, o.max_iter, false, o.damping, o, atol, rtol, padding, p);
   } else {
     int64_t left = o.max_iter < 0 ? std::numeric_limits<int64_t>::max() : o.max_iter;
     run_stage(cell, gi_flat, s0, o.method, 0, false, 0, o, atol, rtol, padding, p);  // the residual at the start
-    for (const Method m : auto_stages(cell, B * T * S * S)) {
-      const int64_t budget = std::min(auto_budget(T), left);
+    for (const Method m : auto_stages(cell, B * steps_all * S * S, shards != nullptr)) {
+      const int64_t budget = std::min(auto_budget(steps_all), left);
       const at::Tensor before = p.iterations.max();
       const Progress start = p;
       run_stage(cell, gi_flat, s0, m, budget, true, is_elk(m) ? kAutoLambda : o.damping, o, atol, rtol, padding, p);
@@ -448,12 +528,12 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
     res.states = lengths.defined() ? hold_past_lengths(p.s, s0, lengths) : p.s;
     const at::Tensor redo = at::logical_not(res.converged).nonzero().squeeze(1);
     const at::Tensor s0_redo = s0.index_select(0, redo);
-    at::Tensor states = sequential_states(cell, gi.index_select(0, redo), s0_redo,
-                                          o.resets.defined() ? o.resets.index_select(0, redo) : at::Tensor());
+    at::Tensor states = loop_states(cell, gi.index_select(0, redo), s0_redo,
+                                    o.resets.defined() ? o.resets.index_select(0, redo) : at::Tensor(), shards);
     if (lengths.defined()) states = hold_past_lengths(states, s0_redo, lengths.index_select(0, redo));
     res.states.index_copy_(0, redo, states);
     if (lengths.defined()) res.iterations.index_copy_(0, redo, lengths.index_select(0, redo));
-    else res.iterations.index_fill_(0, redo, T);
+    else res.iterations.index_fill_(0, redo, steps_all);
     at::Tensor converged, residual;
     exact(states, converged, residual);
     res.converged.index_copy_(0, redo, converged);
@@ -476,9 +556,10 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
 namespace {
 
 // λ by one transposed reverse scan over the true Jacobian A_{t+1} = A[:, 1:] (a view:
-// no shifted copy), entering from λ_{T-1} = g_{T-1}.
+// no shifted copy), entering from λ_{T-1} = g_{T-1}. Time shards: the same scan sharded,
+// with A_{t+1} of this shard's last step the next shard's first (one gather).
 at::Tensor adjoint_by_scan(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
-                           const at::Tensor& g, JacobianPart part, const at::Tensor& carried) {
+                           const at::Tensor& g, JacobianPart part, const at::Tensor& carried, TimeShards* shards) {
   const int64_t B = g.size(0), T = g.size(1), S = g.size(2), D = S / 2;
   at::Tensor head;
   at::Tensor J = cell.jacobian(s_prev, gi_flat, part);
@@ -486,6 +567,22 @@ at::Tensor adjoint_by_scan(const CellFunction& cell, const at::Tensor& s_prev, c
     std::vector<int64_t> mask(J.dim(), 1);
     mask[0] = B * T;
     J = J * carried.reshape(mask);
+  }
+  if (shards) {
+    const std::vector<int64_t> step_shape = part == JacobianPart::diagonal ? std::vector<int64_t>{B, 1, S}
+                                            : part == JacobianPart::block2 ? std::vector<int64_t>{B, 1, D, 2, 2}
+                                                                           : std::vector<int64_t>{B, 1, 1, S, S};
+    std::vector<int64_t> shape = step_shape;
+    shape[1] = T;
+    const at::Tensor A = J.view(shape);
+    const at::Tensor none = at::zeros(step_shape, g.options());
+    const at::Tensor next = shards->neighbour(T > 0 ? A.narrow(1, 0, 1) : none, none, /*earlier=*/false);
+    const at::Tensor shifted = T > 0 ? at::cat({A.narrow(1, 1, T - 1), next}, 1) : A;
+    if (part == JacobianPart::diagonal) return diag_scan(shards, shifted, g, std::nullopt, /*reverse=*/true);
+    if (part == JacobianPart::block2) {
+      return block_scan(shards, shifted, g.view({B, T, D, 2}), true, /*transpose=*/true).view({B, T, S});
+    }
+    return block_scan(shards, shifted, g.unsqueeze(2), true, true).squeeze(2);
   }
   const at::Tensor g_head = g.narrow(1, 0, T - 1), g_last = g.select(1, T - 1);
   if (part == JacobianPart::diagonal) {
@@ -557,15 +654,17 @@ at::Tensor adjoint_iterative(const CellFunction& cell, const at::Tensor& s_prev,
 }  // namespace
 
 at::Tensor solve_adjoint(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& u_flat,
-                         const at::Tensor& g, Adjoint adjoint, const at::Tensor& carried) {
+                         const at::Tensor& g, Adjoint adjoint, const at::Tensor& carried, TimeShards* shards) {
   const int64_t B = g.size(0), T = g.size(1), S = g.size(2);
+  // Time shards: the scan (the iterative and sequential adjoints are one process's).
+  if (shards) return adjoint_by_scan(cell, s_prev, u_flat, g, cell.structure(), carried, shards);
   if (adjoint == Adjoint::automatic) {
     // The dense Jacobian costs B·T·S² numbers: form it only while that stays small.
     adjoint = cell.structure() != JacobianPart::dense || B * T * S * S <= kDenseBudget ? Adjoint::scan
                                                                                              : Adjoint::iterative;
   }
   switch (adjoint) {
-    case Adjoint::scan: return adjoint_by_scan(cell, s_prev, u_flat, g, cell.structure(), carried);
+    case Adjoint::scan: return adjoint_by_scan(cell, s_prev, u_flat, g, cell.structure(), carried, nullptr);
     case Adjoint::iterative: return adjoint_iterative(cell, s_prev, u_flat, g, carried);
     default: return adjoint_sequential(cell, s_prev, u_flat, g, carried);
   }
@@ -577,10 +676,10 @@ at::Tensor previous_states(const at::Tensor& s0, const at::Tensor& states, const
 
 NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, const at::Tensor& gi,
                             const at::Tensor& s0, const at::Tensor& states, Adjoint adjoint,
-                            const at::Tensor& lengths, const at::Tensor& resets) {
+                            const at::Tensor& lengths, const at::Tensor& resets, TimeShards* shards) {
   const int64_t B = gi.size(0), T = gi.size(1), S = s0.size(1);
   NewtonGrads grads;
-  if (T == 0 || B == 0) {
+  if ((shards ? shards->total() : T) == 0 || B == 0) {
     grads.gi = at::zeros_like(gi);
     grads.W_hh = at::zeros_like(cell.weight());
     grads.b_hh = at::zeros({cell.gate_size()}, gi.options());
@@ -588,23 +687,31 @@ NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, con
     if (cell.is_projected()) grads.W_hr = at::zeros_like(cell.projection());
     return grads;
   }
-  const at::Tensor s_prev = previous_states(s0, states, resets);
+  const at::Tensor s_prev = flat(previous_steps(s0, states, resets, entering_state(shards, s0, states)));
   const at::Tensor gi_flat = flat(gi);
   const at::Tensor carried = resets.defined() ? carried_steps(resets, s0.scalar_type()) : at::Tensor();
   // Held states copy the last valid one: their cotangents belong to it (padding's own
   // cotangents are then zero, and so is its adjoint: λ_t = 0 for t ≥ L).
   at::Tensor g = grad_states, g_s0_held;
   if (lengths.defined()) std::tie(g, g_s0_held) = route_held_gradient(grad_states, lengths);
-  const at::Tensor lambda = solve_adjoint(cell, s_prev, gi_flat, g.contiguous(), adjoint, carried);
+  const at::Tensor lambda = solve_adjoint(cell, s_prev, gi_flat, g.contiguous(), adjoint, carried, shards);
   // Everything else is parallel over t: one VJP of the cell at the solution.
   const Cell::Vjp v = cell.vjp(s_prev, gi_flat, flat(lambda));
-  grads.gi = v.gi.view({B, T, -1});
+  grads.gi = v.gi.view({B, T, gi.size(2)});
   grads.W_hh = cell.weight_grad(v.gh, cell.hidden_of(s_prev));
   grads.b_hh = v.gh.sum(0);
   grads.W_hr = v.W_hr;
-  // s0 is read by step 0 and by every reset step.
+  // s0 is read by step 0 and by every reset step. (A later time shard's step 0 reads the
+  // previous shard's last state, whose cotangent λ already carries.)
   const at::Tensor v_s = v.s.view({B, T, S});
-  grads.s0 = resets.defined() ? v_s.select(1, 0) + (v_s * at::rsub(carried, 1)).narrow(1, 1, T - 1).sum(1) : v_s.select(1, 0);
+  const bool starts = !shards || (T > 0 && shards->offset() == 0);
+  if (resets.defined()) {
+    at::Tensor reads = at::rsub(carried, 1);
+    if (starts) reads.select(1, 0).fill_(1);
+    grads.s0 = (v_s * reads).sum(1);
+  } else {
+    grads.s0 = starts ? v_s.select(1, 0) : at::zeros_like(s0);
+  }
   if (g_s0_held.defined()) grads.s0 = grads.s0 + g_s0_held;
   return grads;
 }

@@ -7,6 +7,7 @@
 
 #include <string>
 
+#include "csrc/distributed/time_shards.h"
 #include "csrc/solver/cells.h"
 #include "pnewton/solver.h"
 
@@ -34,6 +35,12 @@ struct NewtonOptions {
   bool fallback = true;           // rerun unconverged sequences sequentially
   at::Tensor lengths;             // [B] int64 on the states' device, or undefined (all T steps)
   at::Tensor resets;              // [B, T] bool: segment heads that read s0 (csrc/solver/segments.h)
+  // Sequence parallelism: gi, init_states, resets and the states are this rank's time shard
+  // (csrc/distributed/time_shards.h), agreed on by every rank; null: one process. The solver
+  // is the same: the cell reads the state entering the shard from the previous one, the
+  // Newton step is the sharded scan, and every per-sequence decision is reduced over the
+  // ranks, so that all of them take the same iterations.
+  SharedShards shards;
 };
 
 struct NewtonResult {
@@ -59,8 +66,9 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
                           const NewtonOptions& options);
 
 // The states by the step-by-step loop.
+// entering: the state entering a time shard (then step 0 reads it unless it is a reset).
 at::Tensor sequential_states(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0,
-                             const at::Tensor& resets = {});
+                             const at::Tensor& resets = {}, const at::Tensor& entering = {});
 
 enum class Adjoint { automatic, scan, iterative, sequential };
 Adjoint parse_adjoint(const std::string& name);
@@ -77,15 +85,20 @@ struct NewtonGrads {
 // λ_t = g_t + A_{t+1}ᵀ λ_{t+1} for the true Jacobian A_t = ∂f/∂s at (s_prev_t, u_t):
 // s_prev and u_flat are flattened [B·T, ...] rows, g is [B, T, S].
 // carried [B, T, 1] (or undefined): 0 where a reset step's Jacobian is zero.
+// shards: the sharded adjoint scan over this rank's time shard (adjoint is then always scan).
 at::Tensor solve_adjoint(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& u_flat,
-                         const at::Tensor& g, Adjoint adjoint, const at::Tensor& carried = {});
+                         const at::Tensor& g, Adjoint adjoint, const at::Tensor& carried = {},
+                         TimeShards* shards = nullptr);
 // [s0, s_1, ..., s_{T-1}] flattened to [B·T, S]: the state each step reads (s0 at resets).
 at::Tensor previous_states(const at::Tensor& s0, const at::Tensor& states, const at::Tensor& resets = {});
 
 // lengths, resets: as NewtonOptions' (states then hold past each length).
+// shards: as NewtonOptions' (the adjoint is then the sharded reverse scan; W_hh, b_hh, s0,
+// W_hr get this shard's part of their gradient).
 NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, const at::Tensor& gi,
                             const at::Tensor& s0, const at::Tensor& states, Adjoint adjoint,
-                            const at::Tensor& lengths = {}, const at::Tensor& resets = {});
+                            const at::Tensor& lengths = {}, const at::Tensor& resets = {},
+                            TimeShards* shards = nullptr);
 
 // The kernel of newton_rnn_backward (csrc/solver/newton_kernel.cpp): checks, widening,
 // newton_backward. Written over differentiable ATen and scan ops, so with grad mode on its
@@ -94,6 +107,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> newton_rn
     const at::Tensor& grad_states, c10::string_view cell, const at::Tensor& gi, const at::Tensor& W_hh,
     const c10::optional<at::Tensor>& b_hh, const at::Tensor& s0, const at::Tensor& states, c10::string_view adjoint,
     const c10::optional<at::Tensor>& lengths, const c10::optional<at::Tensor>& W_hr,
-    const c10::optional<at::Tensor>& resets);
+    const c10::optional<at::Tensor>& resets, c10::string_view group, bool reversed_ranks);
+
+// The time shards of `group` ("": null), after every rank agreed on the call's sizes and
+// options (TimeShards::agree): the solver ops' one entry to sequence parallelism.
+SharedShards solver_shards(const char* op, c10::string_view group, bool reversed_ranks, const at::Tensor& gi,
+                           const at::Tensor& s0, std::vector<int64_t> options);
 
 }  // namespace pnewton

@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     int64_t num_layers, double dropout, bool train, bool bidirectional, bool batch_first, c10::string_view method,
     int64_t max_iter, double atol, double rtol, double damping, double clip, c10::string_view init,
     bool fixed_iterations, bool fallback, c10::string_view adjoint, const c10::optional<at::Tensor>& lengths,
-    const c10::optional<at::Tensor>& resets) {
+    const c10::optional<at::Tensor>& resets, c10::string_view group) {
   const char* op = "pnewton.rnn_stack";
   const int64_t dirs = bidirectional ? 2 : 1, weights = has_biases ? 4 : 2;
   TORCH_CHECK(num_layers > 0, op, ": num_layers must be positive, got ", num_layers);
@@ -71,11 +71,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // Sizes stay symbolic (SymInt) where nothing needs their value, so that torch.compile and
   // export trace one graph for every T and B.
   const c10::SymInt T = input.sym_size(batch_first ? 1 : 0);
-  // torch.nn's own wording for an empty sequence.
-  TORCH_SYM_CHECK(T.sym_gt(0), "Expected sequence length to be larger than 0 in RNN");
+  // Sequence parallelism: input, resets and output are this rank's time shard; every rank
+  // agrees on the rest first (csrc/distributed/time_shards.h).
+  std::optional<TimeShards> shards;
+  if (!group.empty()) {
+    TORCH_CHECK(!lengths.has_value(), op, ": lengths (packed sequences) are not supported over time shards (a ",
+                "process group); segments (resets) are");
+    TORCH_CHECK(!(resets.has_value() && bidirectional), op, ": a bidirectional stack over time shards (a process ",
+                "group) takes no resets: its reverse direction would read segments across shards");
+    shards.emplace(std::string(group), false);
+    shards->agree(op, {input.size(0), input.size(1), input.size(2), state0.size(1), state0.size(2),
+                       static_cast<int64_t>(input.scalar_type()), num_layers, dirs, static_cast<int64_t>(params.size()),
+                       resets.has_value()},
+                  batch_first ? 1 : 0);
+  }
+  // torch.nn's own wording for an empty sequence (a time shard may be empty, the sequence not).
+  if (shards) {
+    TORCH_CHECK(shards->total() > 0, "Expected sequence length to be larger than 0 in RNN");
+  } else {
+    TORCH_SYM_CHECK(T.sym_gt(0), "Expected sequence length to be larger than 0 in RNN");
+  }
   const bool lstm = cell == "lstm" || cell == "diag_lstm";
-  const SolverOptions o =
+  SolverOptions o =
       solver_options(method, max_iter, atol, rtol, damping, clip, init, fixed_iterations, fallback, adjoint);
+  o.group = std::string(group);
   // The reverse direction reads each sequence (each segment) backwards from its own end.
   // (The lengths' values are checked by newton_rnn, which sees them first.)
   const c10::SymInt B = input.sym_size(batch_first ? 0 : 1);
@@ -112,18 +131,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const at::Tensor gi = at::linear(seq, params[k], has_biases ? c10::optional<at::Tensor>(params[k + 2])
                                                                    : c10::nullopt);  // one GEMM for all t
         const at::Tensor s0 = state0[layer * dirs + d];
+        // The reverse direction over time shards: every rank flips its own, in reversed rank order.
+        SolverOptions od = o;
+        od.reversed_ranks = d == 1;
         const std::optional<at::Tensor> W_hr =
             projected ? std::optional<at::Tensor>(params[k + weights]) : std::nullopt;
         auto [states, stats] =
             newton_rnn(solved_cell, gi, params[k + 1],
-                       has_biases ? std::optional<at::Tensor>(params[k + 3]) : std::nullopt, s0, o, std::nullopt,
+                       has_biases ? std::optional<at::Tensor>(params[k + 3]) : std::nullopt, s0, od, std::nullopt,
                        solver_lengths, W_hr, solver_resets);
         iterations.push_back(stats.iterations);
         residual.push_back(stats.residual);
         converged.push_back(stats.converged);
         path.push_back(stats.path);
         // States hold still past each length, so the last step is every sequence's final state.
-        finals.push_back(states.select(1, -1));
+        // Over time shards: the last shard's, gathered, so that every rank has the final states.
+        if (shards) {
+          const TimeShards direction = d ? shards->flipped() : *shards;
+          // (An empty shard hands on zeros in the states' graph, so that every rank's backward
+          // meets this gather after the same nodes: its collectives run in one order everywhere.)
+          finals.push_back(direction.from_last(states.size(1) > 0 ? states.select(1, -1) : states.sum(1)));
+        } else {
+          finals.push_back(states.select(1, -1));
+        }
         // The hidden part of the state (LSTM: h of the interleaved (h_i, c_i) pairs; projected
         // LSTM: the first P of [h | c]).
         at::Tensor h = projected ? states.narrow_symint(-1, 0, W_hr->sym_size(0))
@@ -142,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // A trace (torch.compile, export: fake tensors) keeps the solver's own ops: torch's fused
   // CPU LSTM (oneDNN's mkldnn_rnn_layer) has no working fake kernel, and a trace can neither
   // time nor read lengths. method="sequential" then runs the solver's loop.
-  if (!fused_candidate || tracing) return parallel();
+  if (!fused_candidate || tracing || shards) return parallel();
   // The fused path reads the lengths before any solve checks their values: check them here
   // (one host read, which also gives the shortest length).
   const int64_t steps = input.size(batch_first ? 1 : 0);

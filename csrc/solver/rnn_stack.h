@@ -14,6 +14,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     int64_t num_layers, double dropout, bool train, bool bidirectional, bool batch_first, c10::string_view method,
     int64_t max_iter, double atol, double rtol, double damping, double clip, c10::string_view init,
     bool fixed_iterations, bool fallback, c10::string_view adjoint,
-    const c10::optional<at::Tensor>& lengths = c10::nullopt, const c10::optional<at::Tensor>& resets = c10::nullopt);
+    const c10::optional<at::Tensor>& lengths = c10::nullopt, const c10::optional<at::Tensor>& resets = c10::nullopt,
+    c10::string_view group = "");
 
 }  // namespace pnewton

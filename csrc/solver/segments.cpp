@@ -73,8 +73,11 @@ at::Tensor carried_steps(const at::Tensor& resets, at::ScalarType dtype) {
   return resets.logical_not().unsqueeze(-1).to(dtype);
 }
 
-at::Tensor previous_steps(const at::Tensor& s0, const at::Tensor& s, const at::Tensor& resets) {
-  const at::Tensor prev = at::cat({s0.unsqueeze(1), s.narrow_symint(1, 0, s.sym_size(1) - 1)}, 1);
+at::Tensor previous_steps(const at::Tensor& s0, const at::Tensor& s, const at::Tensor& resets,
+                          const at::Tensor& entering) {
+  if (entering.defined() && s.size(1) == 0) return s;  // an empty time shard
+  const at::Tensor& first = entering.defined() ? entering : s0;
+  const at::Tensor prev = at::cat({first.unsqueeze(1), s.narrow_symint(1, 0, s.sym_size(1) - 1)}, 1);
   return resets.defined() ? at::where(resets.unsqueeze(-1), s0.unsqueeze(1), prev) : prev;
 }
 

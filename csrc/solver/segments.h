@@ -45,7 +45,10 @@ at::Tensor checked_resets(const char* op, const at::Tensor& resets, const c10::S
 at::Tensor carried_steps(const at::Tensor& resets, at::ScalarType dtype);
 
 // The state each step reads, [s0, s_1, ..., s_{T−1}] as [B, T, S], with s0 at the reset steps.
-at::Tensor previous_steps(const at::Tensor& s0, const at::Tensor& s, const at::Tensor& resets);
+// entering (a time shard's, csrc/distributed/time_shards.h): what step 0 reads instead of s0,
+// unless it is a reset step.
+at::Tensor previous_steps(const at::Tensor& s0, const at::Tensor& s, const at::Tensor& resets,
+                          const at::Tensor& entering = {});
 
 // [B, T] int64: the time index that reverses every segment of a row within itself and leaves
 // padding in place (an involution). Segments start at step 0 and at each reset (resets may be

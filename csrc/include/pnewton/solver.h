@@ -23,6 +23,11 @@ struct SolverOptions {
   bool fixed_iterations = false;
   bool fallback = true;
   std::string adjoint = "auto";  // auto | scan | iterative | sequential
+  // Sequence parallelism (README "Long sequences across devices"): the name of a registered
+  // torch.distributed process group whose ranks hold consecutive time shards of the batch,
+  // this rank's in the call; "" is one process. reversed_ranks: rank P−1 holds the start.
+  std::string group;
+  bool reversed_ranks = false;
 };
 
 // Per-sequence diagnostics of one solve ([B] each).
@@ -61,11 +66,11 @@ inline std::tuple<at::Tensor, SolveStats> newton_rnn(const std::string& cell, co
       c10::string_view, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
       c10::string_view, int64_t, double, double, double, double, c10::string_view, const std::optional<at::Tensor>&,
       bool, bool, c10::string_view, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-      const std::optional<at::Tensor>&);
+      const std::optional<at::Tensor>&, c10::string_view, bool);
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("pnewton::newton_rnn", "").typed<Sig>();
   auto [states, iterations, residual, converged, path] =
       op.call(cell, gi, W_hh, b_hh, s0, o.method, o.max_iter, o.atol, o.rtol, o.damping, o.clip, o.init, init_states,
-              o.fixed_iterations, o.fallback, o.adjoint, lengths, W_hr, resets);
+              o.fixed_iterations, o.fallback, o.adjoint, lengths, W_hr, resets, o.group, o.reversed_ranks);
   return {states, SolveStats{iterations, residual, converged, path}};
 }
 

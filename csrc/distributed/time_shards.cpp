@@ -1,0 +1,176 @@
+#include "csrc/distributed/time_shards.h"
+
+#include <torch/autograd.h>
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <numeric>
+#include <sstream>
+
+
+namespace pnewton {
+
+TimeShards::TimeShards(const std::string& group, bool reversed) : group_(group), reversed_(reversed) {
+  const auto pg = c10d::resolve_process_group(group);
+  count_ = pg->getSize();
+  position_ = reversed ? count_ - 1 - pg->getRank() : pg->getRank();
+}
+
+namespace {
+
+// Every rank's x (same shape) in rank order, [P, ...].
+at::Tensor all_gather(c10d::ProcessGroup& pg, const at::Tensor& x) {
+  const at::Tensor in = x.contiguous();
+  std::vector<at::Tensor> inputs{in};
+  std::vector<std::vector<at::Tensor>> outputs(1);
+  for (int64_t r = 0; r < pg.getSize(); ++r) outputs[0].push_back(at::empty_like(in));
+  pg.allgather(outputs, inputs)->wait();
+  return at::stack(outputs[0]);
+}
+
+at::Tensor all_reduce(c10d::ProcessGroup& pg, const at::Tensor& x, c10d::ReduceOp::RedOpType op) {
+  std::vector<at::Tensor> tensors{x.contiguous().clone()};
+  c10d::AllreduceOptions options;
+  options.reduceOp = c10d::ReduceOp(op);
+  pg.allreduce(tensors, options)->wait();
+  return tensors[0];
+}
+
+// The gather with its adjoint: row q of the result is rank q's x, so the cotangent of this
+// rank's x is the sum over ranks of their cotangents of its row (one all-reduce). It keeps
+// the group's name, not the TimeShards: a backward may run after the solve has returned.
+class GatherFunction : public torch::autograd::Function<GatherFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, std::string group,
+                            bool reversed) {
+    const auto pg = c10d::resolve_process_group(group);
+    ctx->saved_data["group"] = group;
+    ctx->saved_data["reversed"] = reversed;
+    at::Tensor rows = all_gather(*pg, x);
+    return reversed ? rows.flip(0) : rows;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto pg = c10d::resolve_process_group(ctx->saved_data["group"].toStringRef());
+    const bool reversed = ctx->saved_data["reversed"].toBool();
+    const at::Tensor total = all_reduce(*pg, grads[0], c10d::ReduceOp::SUM);
+    const int64_t position = reversed ? pg->getSize() - 1 - pg->getRank() : pg->getRank();
+    return {total.select(0, position), at::Tensor(), at::Tensor()};
+  }
+};
+
+// x, with `rows` (a gather's result) made part of its graph: the gather's backward is a
+// collective, so it must run on every rank whether or not this rank reads the rows.
+class TieFunction : public torch::autograd::Function<TieFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& rows) {
+    ctx->saved_data["rows"] = rows.sizes().vec();
+    ctx->saved_data["options"] = rows.scalar_type();
+    return x.view_as(x);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto sizes = ctx->saved_data["rows"].toIntVector();
+    const auto type = ctx->saved_data["options"].toScalarType();
+    return {grads[0], at::zeros(sizes, grads[0].options().dtype(type))};
+  }
+};
+
+}  // namespace
+
+at::Tensor tie(const at::Tensor& x, const at::Tensor& rows) {
+  return rows.requires_grad() ? TieFunction::apply(x, rows) : x;
+}
+
+std::vector<int64_t> TimeShards::agree(const char* op, const std::vector<int64_t>& descriptor, size_t time_index) {
+  // The descriptor's own length first: ranks calling with different ranks of tensors differ there.
+  constexpr int64_t kMax = 16;
+  TORCH_CHECK(static_cast<int64_t>(descriptor.size()) < kMax, op, ": too many sizes to agree on");
+  at::Tensor mine = at::full({kMax}, -1, at::kLong);
+  mine[0] = static_cast<int64_t>(descriptor.size());
+  for (size_t i = 0; i < descriptor.size(); ++i) mine[i + 1] = descriptor[i];
+  const auto pg = c10d::resolve_process_group(group_);
+  at::Tensor all = all_gather(*pg, pg->getBackendType() == c10d::ProcessGroup::BackendType::NCCL
+                                        ? mine.to(at::kCUDA)
+                                        : mine)
+                       .cpu();
+  if (reversed_) all = all.flip(0);
+  lengths_.assign(count_, 0);
+  bool same = true;
+  for (int64_t q = 0; q < count_; ++q) {
+    for (int64_t i = 0; i < kMax; ++i) {
+      if (i != static_cast<int64_t>(time_index) + 1 && all[q][i].item<int64_t>() != all[0][i].item<int64_t>()) {
+        same = false;
+      }
+    }
+    lengths_[q] = all[q][time_index + 1].item<int64_t>();
+  }
+  if (!same) {
+    std::ostringstream ranks;
+    for (int64_t q = 0; q < count_; ++q) {
+      ranks << (q ? "; " : "") << "rank " << rank_of(q) << ": [";
+      const int64_t n = all[q][0].item<int64_t>();
+      for (int64_t i = 1; i <= n; ++i) ranks << (i > 1 ? ", " : "") << all[q][i].item<int64_t>();
+      ranks << "]";
+    }
+    TORCH_CHECK(false, op, ": the shards of group '", group_, "' disagree: every rank must pass the same sizes, ",
+                "dtype and options but the length of its own time shard (size ", time_index, "); got ", ranks.str());
+  }
+  return lengths_;
+}
+
+int64_t TimeShards::offset() const {
+  return std::accumulate(lengths_.begin(), lengths_.begin() + position_, int64_t(0));
+}
+
+int64_t TimeShards::total() const { return std::accumulate(lengths_.begin(), lengths_.end(), int64_t(0)); }
+
+at::Tensor TimeShards::gather(const at::Tensor& x) const {
+  return GatherFunction::apply(x, group_, reversed_);
+}
+
+at::Tensor TimeShards::neighbour(const at::Tensor& x, const at::Tensor& otherwise, bool earlier) const {
+  const at::Tensor rows = gather(x);
+  int64_t from = -1;
+  if (earlier) {
+    for (int64_t q = position_ - 1; q >= 0 && from < 0; --q) if (lengths_[q] > 0) from = q;
+  } else {
+    for (int64_t q = position_ + 1; q < count_ && from < 0; ++q) if (lengths_[q] > 0) from = q;
+  }
+  return from < 0 ? otherwise : rows.select(0, from);
+}
+
+TimeShards TimeShards::flipped() const {
+  TimeShards other = *this;
+  other.reversed_ = !reversed_;
+  other.position_ = count_ - 1 - position_;
+  other.lengths_.assign(lengths_.rbegin(), lengths_.rend());
+  return other;
+}
+
+at::Tensor TimeShards::from_last(const at::Tensor& x) const {
+  const at::Tensor rows = gather(x);
+  int64_t last = count_ - 1;
+  while (last > 0 && lengths_[last] == 0) --last;
+  return rows.select(0, last);
+}
+
+at::Tensor TimeShards::max(const at::Tensor& x) const {
+  // Backends' max drops NaN: a NaN anywhere is carried as a flag beside the values.
+  const at::Tensor nan = x.isnan();
+  const at::Tensor packed = at::stack({x.masked_fill(nan, -INFINITY), nan.to(x.scalar_type())});
+  const at::Tensor reduced = all_reduce(*c10d::resolve_process_group(group_), packed, c10d::ReduceOp::MAX);
+  return reduced[0].masked_fill(reduced[1] > 0, NAN);
+}
+
+at::Tensor TimeShards::sum(const at::Tensor& x) const { return all_reduce(*c10d::resolve_process_group(group_), x, c10d::ReduceOp::SUM); }
+
+at::Tensor TimeShards::broadcast(const at::Tensor& x, int64_t from) const {
+  std::vector<at::Tensor> tensors{x.contiguous().clone()};
+  c10d::BroadcastOptions options;
+  options.rootRank = rank_of(from);
+  c10d::resolve_process_group(group_)->broadcast(tensors, options)->wait();
+  return tensors[0];
+}
+
+}  // namespace pnewton

@@ -1,0 +1,33 @@
+"""Sequence parallelism over gloo (pnewton.distributed): 2 and 4 processes on localhost,
+each case compared with the single-process solve (tests/python/distributed_cases.py)."""
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import distributed_cases
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda p: f"{p}ranks")
+def ranks(request, tmp_path_factory):
+    """Every case's outcome on every rank of one spawned group."""
+    world = request.param
+    out = tmp_path_factory.mktemp(f"ranks{world}")
+    mp.spawn(distributed_cases.run, (world, free_port(), str(out)), nprocs=world, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.mark.parametrize("case", sorted(distributed_cases.CASES))
+def test_sharded_solve_matches_one_process(ranks, case):
+    failures = [f"rank {r}:\n{res[case]}" for r, res in enumerate(ranks) if res[case] != "ok"]
+    assert not failures, "\n".join(failures)
