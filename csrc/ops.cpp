@@ -25,6 +25,9 @@ TORCH_LIBRARY(pnewton, m) {
   m.def(
       "scan_block_sharded(Tensor A, Tensor b, str group, Tensor? x0=None, bool reverse=False, "
       "bool transpose=False) -> Tensor");
+  // [collectives, bytes of their results] this process ran over time shards since the last
+  // reset (benchmarks/bench_distributed.py).
+  m.def("shard_traffic(bool reset=False) -> int[]");
 
   // The ELK (Levenberg–Marquardt) step by Kalman filtering and smoothing, for the generic
   // solver: a is the diagonal [B, T, S] or the dense [B, T, S, S] Jacobian approximation,

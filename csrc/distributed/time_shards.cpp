@@ -4,6 +4,9 @@
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
+#include <torch/library.h>
+
+#include <atomic>
 #include <numeric>
 #include <sstream>
 
@@ -18,9 +21,18 @@ TimeShards::TimeShards(const std::string& group, bool reversed) : group_(group),
 
 namespace {
 
+// What this process exchanged (benchmarks/bench_distributed.py): collectives, and the
+// bytes of their results on this rank.
+std::atomic<int64_t> collectives{0}, exchanged_bytes{0};
+void record(int64_t bytes) {
+  collectives += 1;
+  exchanged_bytes += bytes;
+}
+
 // Every rank's x (same shape) in rank order, [P, ...].
 at::Tensor all_gather(c10d::ProcessGroup& pg, const at::Tensor& x) {
   const at::Tensor in = x.contiguous();
+  record(static_cast<int64_t>(in.nbytes()) * pg.getSize());
   std::vector<at::Tensor> inputs{in};
   std::vector<std::vector<at::Tensor>> outputs(1);
   for (int64_t r = 0; r < pg.getSize(); ++r) outputs[0].push_back(at::empty_like(in));
@@ -30,6 +42,7 @@ at::Tensor all_gather(c10d::ProcessGroup& pg, const at::Tensor& x) {
 
 at::Tensor all_reduce(c10d::ProcessGroup& pg, const at::Tensor& x, c10d::ReduceOp::RedOpType op) {
   std::vector<at::Tensor> tensors{x.contiguous().clone()};
+  record(static_cast<int64_t>(tensors[0].nbytes()));
   c10d::AllreduceOptions options;
   options.reduceOp = c10d::ReduceOp(op);
   pg.allreduce(tensors, options)->wait();
@@ -167,10 +180,23 @@ at::Tensor TimeShards::sum(const at::Tensor& x) const { return all_reduce(*c10d:
 
 at::Tensor TimeShards::broadcast(const at::Tensor& x, int64_t from) const {
   std::vector<at::Tensor> tensors{x.contiguous().clone()};
+  record(static_cast<int64_t>(tensors[0].nbytes()));
   c10d::BroadcastOptions options;
   options.rootRank = rank_of(from);
   c10d::resolve_process_group(group_)->broadcast(tensors, options)->wait();
   return tensors[0];
 }
+
+namespace {
+
+std::vector<int64_t> shard_traffic(bool reset) {
+  std::vector<int64_t> counts{collectives.load(), exchanged_bytes.load()};
+  if (reset) collectives = 0, exchanged_bytes = 0;
+  return counts;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pnewton, CatchAll, m) { m.impl("shard_traffic", &shard_traffic); }
 
 }  // namespace pnewton

@@ -555,9 +555,23 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
 
 namespace {
 
+// x_{t+1} for every step of x [B, T, ...] (shifted one step back in time), zero after the
+// sequence's end: the next shard's first step after this shard's last (one gather).
+at::Tensor next_steps(const at::Tensor& x, TimeShards* shards) {
+  const int64_t T = x.size(1);
+  at::Tensor after = at::zeros_like(x.narrow(1, 0, std::min<int64_t>(T, 1)));
+  if (shards) {
+    std::vector<int64_t> one(x.sizes().begin(), x.sizes().end());
+    one[1] = 1;
+    const at::Tensor none = at::zeros(one, x.options());
+    after = shards->neighbour(T > 0 ? x.narrow(1, 0, 1) : none, none, /*earlier=*/false);
+  }
+  return T > 0 ? at::cat({x.narrow(1, 1, T - 1), after}, 1) : x;
+}
+
 // λ by one transposed reverse scan over the true Jacobian A_{t+1} = A[:, 1:] (a view:
-// no shifted copy), entering from λ_{T-1} = g_{T-1}. Time shards: the same scan sharded,
-// with A_{t+1} of this shard's last step the next shard's first (one gather).
+// no shifted copy), entering from λ_{T-1} = g_{T-1}. Time shards: the scan sharded over
+// A_{t+1} shifted (next_steps).
 at::Tensor adjoint_by_scan(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
                            const at::Tensor& g, JacobianPart part, const at::Tensor& carried, TimeShards* shards) {
   const int64_t B = g.size(0), T = g.size(1), S = g.size(2), D = S / 2;
@@ -569,20 +583,15 @@ at::Tensor adjoint_by_scan(const CellFunction& cell, const at::Tensor& s_prev, c
     J = J * carried.reshape(mask);
   }
   if (shards) {
-    const std::vector<int64_t> step_shape = part == JacobianPart::diagonal ? std::vector<int64_t>{B, 1, S}
-                                            : part == JacobianPart::block2 ? std::vector<int64_t>{B, 1, D, 2, 2}
-                                                                           : std::vector<int64_t>{B, 1, 1, S, S};
-    std::vector<int64_t> shape = step_shape;
-    shape[1] = T;
-    const at::Tensor A = J.view(shape);
-    const at::Tensor none = at::zeros(step_shape, g.options());
-    const at::Tensor next = shards->neighbour(T > 0 ? A.narrow(1, 0, 1) : none, none, /*earlier=*/false);
-    const at::Tensor shifted = T > 0 ? at::cat({A.narrow(1, 1, T - 1), next}, 1) : A;
-    if (part == JacobianPart::diagonal) return diag_scan(shards, shifted, g, std::nullopt, /*reverse=*/true);
+    const at::Tensor A = next_steps(part == JacobianPart::diagonal ? J.view({B, T, S})
+                                    : part == JacobianPart::block2 ? J.view({B, T, D, 2, 2})
+                                                                   : J.view({B, T, 1, S, S}),
+                                    shards);
+    if (part == JacobianPart::diagonal) return diag_scan(shards, A, g, std::nullopt, /*reverse=*/true);
     if (part == JacobianPart::block2) {
-      return block_scan(shards, shifted, g.view({B, T, D, 2}), true, /*transpose=*/true).view({B, T, S});
+      return block_scan(shards, A, g.view({B, T, D, 2}), true, /*transpose=*/true).view({B, T, S});
     }
-    return block_scan(shards, shifted, g.unsqueeze(2), true, true).squeeze(2);
+    return block_scan(shards, A, g.unsqueeze(2), true, true).squeeze(2);
   }
   const at::Tensor g_head = g.narrow(1, 0, T - 1), g_last = g.select(1, T - 1);
   if (part == JacobianPart::diagonal) {
@@ -601,25 +610,41 @@ at::Tensor adjoint_by_scan(const CellFunction& cell, const at::Tensor& s_prev, c
 
 // w_t = A_{t+1}ᵀ λ_{t+1} (zero at the last step), matrix-free through the cell's VJP.
 at::Tensor next_step_transpose_product(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
-                                       const at::Tensor& lambda, const at::Tensor& carried) {
+                                       const at::Tensor& lambda, const at::Tensor& carried, TimeShards* shards) {
   const int64_t B = lambda.size(0), T = lambda.size(1), S = lambda.size(2);
   at::Tensor u = cell.transpose_product(s_prev, gi_flat, flat(lambda)).view({B, T, S});
   if (carried.defined()) u = u * carried;
-  return at::cat({u.narrow(1, 1, T - 1), at::zeros_like(u.narrow(1, 0, 1))}, 1);
+  return next_steps(u, shards);
 }
 
-at::Tensor adjoint_sequential(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
-                              const at::Tensor& g, const at::Tensor& carried) {
+// The reverse sweep of one shard, entered by A_{t+1}ᵀ λ_{t+1} from the step after it
+// (`from_after`, zero at the sequence's end); returns λ and what it hands to the step before.
+std::tuple<at::Tensor, at::Tensor> reverse_sweep(const CellFunction& cell, const at::Tensor& s_prev,
+                                                 const at::Tensor& gi_flat, const at::Tensor& g,
+                                                 const at::Tensor& carried, at::Tensor carry) {
   const int64_t B = g.size(0), T = g.size(1), S = g.size(2);
   const at::Tensor sp = s_prev.view({B, T, S}), gv = gi_flat.unflatten(0, {B, T});
   at::Tensor lambda = at::empty_like(g);
-  at::Tensor l = g.select(1, T - 1);
-  lambda.select(1, T - 1).copy_(l);
-  for (int64_t t = T - 2; t >= 0; --t) {
-    at::Tensor carry = cell.transpose_product(sp.select(1, t + 1), gv.select(1, t + 1), l);
-    if (carried.defined()) carry = carry * carried.select(1, t + 1);
-    l = g.select(1, t) + carry;
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const at::Tensor l = g.select(1, t) + carry;
     lambda.select(1, t).copy_(l);
+    carry = cell.transpose_product(sp.select(1, t), gv.select(1, t), l);
+    if (carried.defined()) carry = carry * carried.select(1, t);
+  }
+  return {lambda, carry};
+}
+
+// The sequential adjoint; over time shards a pipeline from the last shard to the first
+// (one broadcast of B·S numbers per shard).
+at::Tensor adjoint_sequential(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
+                              const at::Tensor& g, const at::Tensor& carried, TimeShards* shards) {
+  at::Tensor carry = at::zeros({g.size(0), g.size(2)}, g.options());
+  if (!shards) return std::get<0>(reverse_sweep(cell, s_prev, gi_flat, g, carried, carry));
+  at::Tensor lambda;
+  for (int64_t q = shards->count() - 1; q >= 0; --q) {
+    at::Tensor out = carry;
+    if (q == shards->position()) std::tie(lambda, out) = reverse_sweep(cell, s_prev, gi_flat, g, carried, carry);
+    carry = shards->broadcast(out, q);
   }
   return lambda;
 }
@@ -627,46 +652,55 @@ at::Tensor adjoint_sequential(const CellFunction& cell, const at::Tensor& s_prev
 // λ without forming A: a splitting iteration whose inner solve is the diagonal reverse
 // scan. Like any undamped scheme it makes the last i adjoints exact after i sweeps.
 at::Tensor adjoint_iterative(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
-                             const at::Tensor& g, const at::Tensor& carried) {
+                             const at::Tensor& g, const at::Tensor& carried, TimeShards* shards) {
   const int64_t B = g.size(0), T = g.size(1), S = g.size(2);
   const double tol = default_tolerance(g.scalar_type());
   at::Tensor diag = cell.jacobian(s_prev, gi_flat, JacobianPart::diagonal).view({B, T, S});
   if (carried.defined()) diag = diag * carried;
+  const at::Tensor diag_next = shards ? next_steps(diag, shards) : at::Tensor();
   auto diag_solve = [&](const at::Tensor& rhs) {
+    if (shards) return diag_scan(shards, diag_next, rhs, std::nullopt, /*reverse=*/true);
     const at::Tensor head = scan_diag(diag.narrow(1, 1, T - 1), rhs.narrow(1, 0, T - 1), rhs.select(1, T - 1), true);
     return at::cat({head, rhs.narrow(1, T - 1, 1)}, 1);
   };
+  // max |x| over the whole sequence (every shard's, reduced).
+  auto max_abs = [&](const at::Tensor& x) {
+    at::Tensor m = x.numel() ? x.abs().max() : at::zeros({}, x.options());
+    return (shards ? shards->max(m) : m).item<double>();
+  };
   at::Tensor lambda = diag_solve(g);
-  const int64_t budget = std::min<int64_t>(T, 100);
+  const int64_t budget = std::min<int64_t>(shards ? shards->total() : T, 100);
   for (int64_t it = 0; it < budget; ++it) {
-    const at::Tensor w = next_step_transpose_product(cell, s_prev, gi_flat, lambda, carried);
-    const double err = (lambda - g - w).abs().max().item<double>();
-    const double scale = lambda.abs().max().item<double>();
+    const at::Tensor w = next_step_transpose_product(cell, s_prev, gi_flat, lambda, carried, shards);
+    const double err = max_abs(lambda - g - w);
+    const double scale = max_abs(lambda);
     if (std::isfinite(err) && err <= tol * (1 + scale)) return lambda;
     // The off-diagonal part of A_{t+1}ᵀ λ_{t+1} moves to the right-hand side.
     const at::Tensor dl = diag * lambda;
-    const at::Tensor dl_next = at::cat({dl.narrow(1, 1, T - 1), at::zeros_like(dl.narrow(1, 0, 1))}, 1);
-    lambda = diag_solve(g + w - dl_next);
+    lambda = diag_solve(g + w - next_steps(dl, shards));
   }
-  return adjoint_sequential(cell, s_prev, gi_flat, g, carried);
+  return adjoint_sequential(cell, s_prev, gi_flat, g, carried, shards);
 }
 
 }  // namespace
 
 at::Tensor solve_adjoint(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& u_flat,
                          const at::Tensor& g, Adjoint adjoint, const at::Tensor& carried, TimeShards* shards) {
-  const int64_t B = g.size(0), T = g.size(1), S = g.size(2);
-  // Time shards: the scan (the iterative and sequential adjoints are one process's).
-  if (shards) return adjoint_by_scan(cell, s_prev, u_flat, g, cell.structure(), carried, shards);
+  const int64_t B = g.size(0), S = g.size(2);
   if (adjoint == Adjoint::automatic) {
-    // The dense Jacobian costs B·T·S² numbers: form it only while that stays small.
+    // The dense Jacobian costs B·T·S² numbers (per shard: the longest one decides, alike on
+    // every rank): form it only while that stays small.
+    int64_t T = g.size(1);
+    if (shards) {
+      for (int64_t q = 0; q < shards->count(); ++q) T = std::max(T, shards->length(q));
+    }
     adjoint = cell.structure() != JacobianPart::dense || B * T * S * S <= kDenseBudget ? Adjoint::scan
                                                                                              : Adjoint::iterative;
   }
   switch (adjoint) {
-    case Adjoint::scan: return adjoint_by_scan(cell, s_prev, u_flat, g, cell.structure(), carried, nullptr);
-    case Adjoint::iterative: return adjoint_iterative(cell, s_prev, u_flat, g, carried);
-    default: return adjoint_sequential(cell, s_prev, u_flat, g, carried);
+    case Adjoint::scan: return adjoint_by_scan(cell, s_prev, u_flat, g, cell.structure(), carried, shards);
+    case Adjoint::iterative: return adjoint_iterative(cell, s_prev, u_flat, g, carried, shards);
+    default: return adjoint_sequential(cell, s_prev, u_flat, g, carried, shards);
   }
 }
 

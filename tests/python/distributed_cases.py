@@ -114,6 +114,14 @@ def case_newton_methods(rank, world, group):
         _solve_both(rank, world, group, cell, method)
 
 
+def case_adjoints(rank, world, group):
+    # The matrix-free iterative adjoint (sharded diagonal scans, halo products) and the
+    # pipelined reverse sweep, beside the scan adjoint of case_newton_methods.
+    for adjoint in ("iterative", "sequential"):
+        _solve_both(rank, world, group, "gru", "quasi_deer", adjoint=adjoint)
+        _solve_both(rank, world, group, "lstm", "block_deer", adjoint=adjoint, resets=True)
+
+
 def case_resets(rank, world, group):
     _solve_both(rank, world, group, "gru", "quasi_deer", resets=True)
     _solve_both(rank, world, group, "lstm", "auto", resets=True)
