@@ -108,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> solve_stack(RNNStack& stack, const torch::nn:
       rnn_stack(o.cell, input, state0, stack_parameters(module, o), o.bias, o.num_layers, o.dropout, training,
                 o.bidirectional, batch_first, s.method, s.max_iter, s.atol, s.rtol, s.damping, s.clip, s.init,
                 s.fixed_iterations, s.fallback, s.adjoint,
-                lengths.defined() ? c10::optional<at::Tensor>(lengths) : c10::nullopt);
+                lengths.defined() ? c10::optional<at::Tensor>(lengths) : c10::nullopt, c10::nullopt, s.group);
   stack.last_stats = SolveStats::worst(iterations, residual, converged, path);
   stack.last_layer_stats.clear();
   for (int64_t i = 0; i < iterations.size(0); ++i) {

@@ -101,6 +101,24 @@ else
   echo "compute-sanitizer not found"
 fi
 
+stage "sequence parallelism on NCCL (world size 1: the collectives' CUDA path, not a multi-GPU run)"
+timeout 120 $PY -c "
+import os, torch, torch.distributed as dist, pnewton
+os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29533')
+dist.init_process_group('nccl', rank=0, world_size=1, device_id=torch.device('cuda', 0))
+torch.manual_seed(0)
+gi, W = torch.randn(4, 4096, 192, device='cuda', dtype=torch.float64), torch.randn(192, 64, device='cuda', dtype=torch.float64) / 16
+s0 = torch.zeros(4, 64, device='cuda', dtype=torch.float64)
+ref, rs = pnewton.newton_rnn('gru', gi, W, None, s0, method='quasi_deer')
+out, st = pnewton.newton_rnn('gru', gi, W, None, s0, method='quasi_deer', group=dist.group.WORLD)
+err = (out - ref).abs().max().item()
+assert err < 1e-10 and torch.equal(st.iterations, rs.iterations), err
+x = pnewton.distributed.scan_diag(torch.rand(2, 999, 8, device='cuda'), torch.randn(2, 999, 8, device='cuda'))
+print('nccl sharded solve ok: max error', err, 'iterations', int(st.iterations.max()))
+dist.destroy_process_group()
+" >"$OUT/nccl.txt" 2>&1 || status=1
+tail -3 "$OUT/nccl.txt"
+
 # ---- benchmarks -------------------------------------------------------------------------
 stage "benchmarks ($MODE)"
 $PY benchmarks/bench_scan.py --device cuda --B 16 --T 65536 --D 256 --repeats 10 2>&1 | tee "$OUT/bench_scan.txt"
@@ -126,6 +144,7 @@ timeout 90 $PY benchmarks/profile_layer.py --device cuda --B 16 --D 64 --T 65536
 echo
 stage "summary (${gpu:-no GPU}, library from $libdir)"
 printf '%-14s %s\n' "pytest cuda" "$(tail -1 "$OUT/pytest_cuda.txt")"
+printf '%-14s %s\n' "nccl" "$(tail -1 "$OUT/nccl.txt")"
 sed 's/^/gtest          /' "$OUT/cpp_tests.txt" 2>/dev/null
 grep -h 'ERROR SUMMARY' "$OUT/memcheck.txt" 2>/dev/null | sed 's/^/sanitizer      /'
 cat "$OUT/bench_scan.txt"

@@ -1,6 +1,6 @@
 #pragma once
 // A sequence whose time axis is split across the ranks of a torch.distributed process group
-// (DESIGN §"Long sequences across devices"): rank r holds the contiguous shard [B, T_r, ...].
+// (README "Long sequences across devices"): rank r holds the contiguous shard [B, T_r, ...].
 // Everything the solver and the scans exchange goes through this class, on c10d collectives
 // (gloo, NCCL, whatever backend the group has), in amounts that do not depend on T:
 //   - agree: once per op call, every rank's shapes, checked alike on every rank;

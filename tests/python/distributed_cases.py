@@ -140,7 +140,8 @@ def case_layers(rank, world, group):
     T = 41
     lo, hi = cuts(T, world)[rank:rank + 2]
     for cls, kwargs in ((pnewton.GRU, dict(num_layers=2)), (pnewton.LSTM, dict(num_layers=2, bidirectional=True)),
-                        (pnewton.GRU, dict(bidirectional=True, batch_first=True))):
+                        (pnewton.GRU, dict(bidirectional=True, batch_first=True)),
+                        (pnewton.LSTM, dict(proj_size=3)), (pnewton.RNN, dict(nonlinearity="relu", num_layers=2))):
         ref = cls(5, 7, dtype=torch.float64, **kwargs)
         mine = cls(5, 7, dtype=torch.float64, sequence_group=group, **kwargs)
         mine.load_state_dict(ref.state_dict())
