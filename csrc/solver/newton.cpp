@@ -617,17 +617,18 @@ at::Tensor next_step_transpose_product(const CellFunction& cell, const at::Tenso
   return next_steps(u, shards);
 }
 
-// The reverse sweep of one shard, entered by A_{t+1}ᵀ λ_{t+1} from the step after it
-// (`from_after`, zero at the sequence's end); returns λ and what it hands to the step before.
+// The reverse sweep of one shard, entered by `carry` = A_{t+1}ᵀ λ_{t+1} from the step after
+// it (zero at the sequence's end); returns λ and, if hand_on, what it hands to the step before.
 std::tuple<at::Tensor, at::Tensor> reverse_sweep(const CellFunction& cell, const at::Tensor& s_prev,
                                                  const at::Tensor& gi_flat, const at::Tensor& g,
-                                                 const at::Tensor& carried, at::Tensor carry) {
+                                                 const at::Tensor& carried, at::Tensor carry, bool hand_on) {
   const int64_t B = g.size(0), T = g.size(1), S = g.size(2);
   const at::Tensor sp = s_prev.view({B, T, S}), gv = gi_flat.unflatten(0, {B, T});
   at::Tensor lambda = at::empty_like(g);
   for (int64_t t = T - 1; t >= 0; --t) {
     const at::Tensor l = g.select(1, t) + carry;
     lambda.select(1, t).copy_(l);
+    if (t == 0 && !hand_on) break;
     carry = cell.transpose_product(sp.select(1, t), gv.select(1, t), l);
     if (carried.defined()) carry = carry * carried.select(1, t);
   }
@@ -639,11 +640,11 @@ std::tuple<at::Tensor, at::Tensor> reverse_sweep(const CellFunction& cell, const
 at::Tensor adjoint_sequential(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
                               const at::Tensor& g, const at::Tensor& carried, TimeShards* shards) {
   at::Tensor carry = at::zeros({g.size(0), g.size(2)}, g.options());
-  if (!shards) return std::get<0>(reverse_sweep(cell, s_prev, gi_flat, g, carried, carry));
+  if (!shards) return std::get<0>(reverse_sweep(cell, s_prev, gi_flat, g, carried, carry, false));
   at::Tensor lambda;
   for (int64_t q = shards->count() - 1; q >= 0; --q) {
     at::Tensor out = carry;
-    if (q == shards->position()) std::tie(lambda, out) = reverse_sweep(cell, s_prev, gi_flat, g, carried, carry);
+    if (q == shards->position()) std::tie(lambda, out) = reverse_sweep(cell, s_prev, gi_flat, g, carried, carry, true);
     carry = shards->broadcast(out, q);
   }
   return lambda;
