@@ -112,7 +112,7 @@ at::Tensor scan_diag_sharded(const at::Tensor& a, const at::Tensor& b, c10::stri
   constexpr const char* op = "pnewton.scan_diag_sharded";
   check_diag_args(op, a, b, x0);
   TimeShards shards(std::string(group), false);
-  shards.agree(op, descriptor(b, x0, reverse, false), 1);
+  shards.agree(op, descriptor(b, x0, reverse, false), 1, b);
   return sharded_scan_diag(shards, a, b, x0, reverse);
 }
 
@@ -121,7 +121,7 @@ at::Tensor scan_block_sharded(const at::Tensor& A, const at::Tensor& b, c10::str
   constexpr const char* op = "pnewton.scan_block_sharded";
   check_block_args(op, A, b, x0);
   TimeShards shards(std::string(group), false);
-  shards.agree(op, descriptor(b, x0, reverse, transpose), 1);
+  shards.agree(op, descriptor(b, x0, reverse, transpose), 1, b);
   return sharded_scan_block(shards, A, b, x0, reverse, transpose);
 }
 

@@ -95,7 +95,8 @@ at::Tensor tie(const at::Tensor& x, const at::Tensor& rows) {
   return rows.requires_grad() ? TieFunction::apply(x, rows) : x;
 }
 
-std::vector<int64_t> TimeShards::agree(const char* op, const std::vector<int64_t>& descriptor, size_t time_index) {
+std::vector<int64_t> TimeShards::agree(const char* op, const std::vector<int64_t>& descriptor, size_t time_index,
+                                       const at::Tensor& like) {
   // The descriptor's own length first: ranks calling with different ranks of tensors differ there.
   constexpr int64_t kMax = 16;
   TORCH_CHECK(static_cast<int64_t>(descriptor.size()) < kMax, op, ": too many sizes to agree on");
@@ -103,10 +104,10 @@ std::vector<int64_t> TimeShards::agree(const char* op, const std::vector<int64_t
   mine[0] = static_cast<int64_t>(descriptor.size());
   for (size_t i = 0; i < descriptor.size(); ++i) mine[i + 1] = descriptor[i];
   const auto pg = c10d::resolve_process_group(group_);
-  at::Tensor all = all_gather(*pg, pg->getBackendType() == c10d::ProcessGroup::BackendType::NCCL
-                                        ? mine.to(at::kCUDA)
-                                        : mine)
-                       .cpu();
+  const bool nccl = pg->getBackendType() == c10d::ProcessGroup::BackendType::NCCL;
+  TORCH_CHECK(!nccl || like.is_cuda(), op, ": group '", group_, "' is an NCCL group, which moves CUDA tensors only; ",
+              "got tensors on ", like.device(), " (use a gloo group for CPU tensors)");
+  at::Tensor all = all_gather(*pg, mine.to(like.device())).cpu();
   if (reversed_) all = all.flip(0);
   lengths_.assign(count_, 0);
   bool same = true;

@@ -28,8 +28,10 @@ class TimeShards {
 
   // Exchanges `descriptor` (every rank must pass the same sizes but the time one, at index
   // time_index) and raises the same error on every rank where they differ. Returns each
-  // rank's T in time order; remembers them for offset(), total() and the halo.
-  std::vector<int64_t> agree(const char* op, const std::vector<int64_t>& descriptor, size_t time_index);
+  // rank's T in time order; remembers them for offset(), total() and the halo. `like`: a
+  // tensor of the call, whose device the group's backend must be able to move (NCCL: CUDA).
+  std::vector<int64_t> agree(const char* op, const std::vector<int64_t>& descriptor, size_t time_index,
+                             const at::Tensor& like);
   int64_t length(int64_t position) const { return lengths_.at(position); }
   int64_t offset() const;  // the global index of this shard's first step
   int64_t total() const;   // the whole sequence's length

@@ -159,7 +159,7 @@ SharedShards solver_shards(const char* op, c10::string_view group, bool reversed
   std::vector<int64_t> descriptor{gi.size(0), gi.size(1), gi.size(2), s0.size(1),
                                   static_cast<int64_t>(gi.scalar_type())};
   descriptor.insert(descriptor.end(), options.begin(), options.end());
-  shards->agree(op, descriptor, /*time_index=*/1);
+  shards->agree(op, descriptor, /*time_index=*/1, gi);
   return shards;
 }
 

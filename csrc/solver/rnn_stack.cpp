@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     shards->agree(op, {input.size(0), input.size(1), input.size(2), state0.size(1), state0.size(2),
                        static_cast<int64_t>(input.scalar_type()), num_layers, dirs, static_cast<int64_t>(params.size()),
                        resets.has_value()},
-                  batch_first ? 1 : 0);
+                  batch_first ? 1 : 0, input);
   }
   // torch.nn's own wording for an empty sequence (a time shard may be empty, the sequence not).
   if (shards) {

@@ -220,6 +220,32 @@ def case_ddp_mesh(rank, world, group):
         close(q.grad, p.grad, f"DDP grad {name}", tol=1e-9)
 
 
+def case_fsdp2_mesh(rank, world, group):
+    """FSDP2 (fully_shard) over all ranks, the sequence over the mesh's "sp" dimension."""
+    if world != 4:
+        return
+    import pnewton
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "sp"))
+    dp = mesh["dp"].get_local_rank()
+    torch.manual_seed(6)
+    T = 30
+    ref = pnewton.GRU(4, 6, dtype=torch.float64, batch_first=True)
+    x = torch.randn(4, T, 4, dtype=torch.float64)
+    out, _ = ref(x)
+    out.square().mean().backward()
+    model = pnewton.GRU(4, 6, dtype=torch.float64, batch_first=True, sequence_group=mesh["sp"])
+    model.load_state_dict(ref.state_dict())
+    # The parameters sharded over all 4 ranks; the gradients reduce-scattered (averaged) over them.
+    fully_shard(model, mesh=mesh._flatten("dp_sp"))
+    lo, hi = pnewton.distributed.shard_bounds(T, mesh["sp"])
+    out_s, _ = model(x[2 * dp:2 * dp + 2, lo:hi])
+    (out_s.square().sum() / (2 * T * 6) * 2).backward()
+    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+        close(q.grad.full_tensor(), p.grad, f"FSDP2 grad {name}", tol=1e-9)
+
+
 CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
