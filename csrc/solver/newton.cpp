@@ -431,20 +431,36 @@ std::vector<Method> auto_stages(const CellFunction& cell, int64_t dense_size, bo
 // (dense) — up to the next reset. This is the NaN pattern of the loop (torch.nn's) for NaN
 // inputs, without running the loop.
 at::Tensor nonfinite_pattern(const at::Tensor& F, JacobianPart structure, const at::Tensor& resets,
-                             const at::Tensor& padding) {
+                             const at::Tensor& padding, TimeShards* shards) {
   const int64_t B = F.size(0), T = F.size(1), S = F.size(2);
   at::Tensor bad = F.isfinite().logical_not();
   if (padding.defined()) bad.masked_fill_(padding, false);
   at::Tensor spread = bad;
   if (structure == JacobianPart::block2) spread = bad.view({B, T, S / 2, 2}).any(-1, true).expand({B, T, S / 2, 2});
   if (structure == JacobianPart::dense) spread = bad.any(-1, true);
-  spread = spread.reshape({B, T, -1});
-  const at::Tensor t = at::arange(T, F.options().dtype(at::kLong)).view({1, T, 1});
-  // The last bad step up to t, and the start of t's segment.
-  const at::Tensor last = std::get<0>(at::where(spread, t, -1).cummax(1));
-  const at::Tensor last_before = at::cat({at::full_like(last.narrow(1, 0, 1), -1), last.narrow(1, 0, T - 1)}, 1);
-  const at::Tensor start = resets.defined() ? std::get<0>(at::where(resets, t.squeeze(-1), 0).cummax(1)).unsqueeze(-1)
-                                            : at::zeros({1, 1, 1}, t.options());
+  spread = spread.reshape({B, T, structure == JacobianPart::dense ? 1 : S});
+  // Global step indices (time shards: this shard's offset added); -1: none.
+  const int64_t offset = shards ? shards->offset() : 0;
+  const at::Tensor t = at::arange(offset, offset + T, F.options().dtype(at::kLong)).view({1, T, 1});
+  // The last bad step up to t, and the start of t's segment (the latest reset; 0 before any).
+  at::Tensor last = std::get<0>(at::where(spread, t, -1).cummax(1));
+  at::Tensor start = resets.defined() ? std::get<0>(at::where(resets, t.squeeze(-1), -1).cummax(1)).unsqueeze(-1)
+                                      : at::full({B, T, 1}, -1, t.options());
+  // Time shards: what the earlier shards carry in (their last bad step, their latest reset:
+  // one gather, the rare stuck case only).
+  at::Tensor last_in = at::full({B, last.size(2)}, -1, t.options()), start_in = at::full({B, 1}, -1, t.options());
+  if (shards) {
+    const at::Tensor ends = at::cat({T > 0 ? last.select(1, T - 1) : last_in, T > 0 ? start.select(1, T - 1) : start_in}, 1);
+    const at::Tensor rows = shards->gather(ends);
+    for (int64_t q = 0; q < shards->position(); ++q) {
+      last_in = at::maximum(last_in, rows[q].narrow(1, 0, last_in.size(1)));
+      start_in = at::maximum(start_in, rows[q].narrow(1, last_in.size(1), 1));
+    }
+  }
+  last = at::maximum(last, last_in.unsqueeze(1));
+  start = at::maximum(at::maximum(start, start_in.unsqueeze(1)), at::zeros({1}, t.options()));
+  const at::Tensor last_before =
+      T > 0 ? at::cat({last_in.unsqueeze(1), last.narrow(1, 0, T - 1)}, 1) : last;
   return bad | (last_before >= start);
 }
 
@@ -546,7 +562,8 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
   // (Fixed mode computes it unconditionally: it reads nothing back to the host.)
   at::Tensor states = p.s;
   if (o.fixed_iterations || p.stuck.any().item<bool>()) {
-    const at::Tensor pattern = nonfinite_pattern(p.F, cell.structure(), o.resets, padding) & p.stuck.view({B, 1, 1});
+    const at::Tensor pattern =
+        nonfinite_pattern(p.F, cell.structure(), o.resets, padding, shards) & p.stuck.view({B, 1, 1});
     states = states.masked_fill(pattern, NAN);
   }
   res.states = lengths.defined() ? hold_past_lengths(states, s0, lengths) : states;

@@ -167,6 +167,30 @@ def case_layers(rank, world, group):
             close(summed(q.grad, p), p.grad, f"{cls.__name__} grad {name}")
 
 
+def case_nan_inputs(rank, world, group):
+    # A NaN input in one shard: the loop's NaN pattern, in every later shard too, with and
+    # without the fallback; the sequence is not converged, its residual NaN, on every rank.
+    import pnewton
+    for cell, resets in (("gru", False), ("diag_gru", False), ("diag_gru", True)):
+        gi, W, b, s0 = _cell_problem(cell)
+        B, T = gi.shape[:2]
+        lo, hi = cuts(T, world)[rank:rank + 2]
+        gi[1, 5, 2] = float("nan")
+        R = None
+        if resets:
+            R = torch.zeros(B, T, dtype=torch.bool)
+            R[1, 30] = True  # a new segment after the NaN: finite again
+        for fallback in (True, False):
+            full, stats = pnewton.newton_rnn(cell, gi, W, b, s0, method="quasi_deer", fallback=fallback, resets=R)
+            mine, mine_stats = pnewton.newton_rnn(cell, gi[:, lo:hi], W, b, s0, method="quasi_deer", fallback=fallback,
+                                                  resets=None if R is None else R[:, lo:hi], group=group)
+            what = f"{cell} resets={resets} fallback={fallback}"
+            assert torch.equal(mine.isnan(), full[:, lo:hi].isnan()), what
+            close(mine.nan_to_num(), full[:, lo:hi].nan_to_num(), what)
+            assert torch.equal(mine_stats.converged, stats.converged), what
+            assert mine_stats.residual[1].isnan() and not bool(mine_stats.converged[1]), what
+
+
 def case_mismatch(rank, world, group):
     import pnewton
     gi, W, b, s0 = _cell_problem("gru")
