@@ -20,13 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pnewton
-
-
-def make_batch(B, T, gen):
-    bits = torch.randint(0, 2, (B, T, 1), generator=gen).float() * 2 - 1
-    noisy = bits + 0.5 * torch.randn(B, T, 1, generator=gen)
-    target = pnewton.scan_diag(torch.full((B, T, 1), 0.95), 0.05 * bits)
-    return noisy, target
+from train_gru import make_batch  # the task of examples/train_gru.py (this folder is on sys.path)
 
 
 class Model(nn.Module):

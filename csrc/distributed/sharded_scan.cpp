@@ -40,7 +40,8 @@ at::Tensor sharded_scan_block(TimeShards& shards, const at::Tensor& A, const at:
   if (T > 0) {
     local = scan_block(A, b, std::nullopt, reverse, transpose);
     xi = local.select(1, reverse ? 0 : T - 1);
-    phi = composed_transition(transpose ? A.transpose(-1, -2) : A, reverse);
+    const at::Tensor M = A.to(type);  // fp16/bf16: composed in fp32 (a product of T_r steps)
+    phi = composed_transition(transpose ? M.transpose(-1, -2) : M, reverse);
   } else {
     // The identity map; sums over the empty shard (exact zeros) keep it in the inputs' graph,
     // so that this rank's output is differentiable like every other rank's.
@@ -74,7 +75,7 @@ at::Tensor sharded_scan_diag(TimeShards& shards, const at::Tensor& a, const at::
   if (T > 0) {
     local = scan_diag(a, b, std::nullopt, reverse);
     xi = local.select(1, reverse ? 0 : T - 1);
-    phi = a.prod(1);
+    phi = a.to(type).prod(1);  // fp16/bf16: in fp32 (a product of T_r steps)
   } else {
     xi = b.sum(1);  // the identity map, in the inputs' graph (as for the block scan)
     phi = a.sum(1) + 1;

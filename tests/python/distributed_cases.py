@@ -67,6 +67,19 @@ def case_scans(rank, world, group):
             close(mine[1].grad, full[1].grad[:, lo:hi], "scan_block grad b")
 
 
+def case_scans_low_precision(rank, world, group):
+    # bf16 storage, fp32 accumulation and fold: as close to the one-process scan as bf16 rounds.
+    import pnewton
+    torch.manual_seed(2)
+    B, T, D = 2, 37, 5
+    lo, hi = cuts(T, world)[rank:rank + 2]
+    a, b = torch.rand(B, T, D) * 0.4 + 0.6, torch.randn(B, T, D)
+    full = pnewton.scan_diag(a.bfloat16(), b.bfloat16()).float()
+    mine = pnewton.distributed.scan_diag(a[:, lo:hi].bfloat16(), b[:, lo:hi].bfloat16(), group=group)
+    assert mine.dtype == torch.bfloat16
+    close(mine.float(), full[:, lo:hi], "bf16 scan_diag", tol=3e-2)
+
+
 def _cell_problem(cell, B=3, T=41, H=6, scale=0.5, seed=1):
     torch.manual_seed(seed)
     gates = {"gru": 3, "lstm": 4, "rnn_tanh": 1, "diag_gru": 3}[cell]
