@@ -81,6 +81,31 @@ at::Tensor entering_state(TimeShards* shards, const at::Tensor& s0, const at::Te
   return shards->neighbour(s.size(1) > 0 ? s.select(1, -1) : s0, s0, /*earlier=*/true);
 }
 
+// The lengths of this time shard's part of each sequence: clamp(L − offset, 0, T).
+at::Tensor shard_lengths(const at::Tensor& lengths, int64_t T, TimeShards* shards) {
+  return shards ? (lengths - shards->offset()).clamp(0, T) : lengths;
+}
+
+// states [B, T, S] held still past each length (hold_past_lengths). Over time shards the
+// state held may be an earlier shard's last valid one (one gather of each shard's).
+at::Tensor held_states(const at::Tensor& states, const at::Tensor& s0, const at::Tensor& lengths, TimeShards* shards) {
+  if (!shards) return hold_past_lengths(states, s0, lengths);
+  const int64_t T = states.size(1);
+  const at::Tensor local = shard_lengths(lengths, T, shards);
+  const at::Tensor last =
+      T > 0 ? gather_steps(states, (local - 1).clamp_min(0).unsqueeze(1)).squeeze(1) : at::zeros_like(s0);
+  const at::Tensor rows = shards->gather(last);
+  at::Tensor held = s0;
+  int64_t start = 0;
+  for (int64_t q = 0; q < shards->position(); ++q) {
+    const int64_t length = shards->length(q);
+    const at::Tensor owns = (lengths > start) & (lengths <= start + length);  // step L − 1 is shard q's
+    held = at::where(owns.unsqueeze(1), rows[q], held);
+    start += length;
+  }
+  return hold_past_lengths(states, held, local);
+}
+
 // [B, T, 1, ...]: a per-step mask broadcast over a Jacobian part of `shape` [B, T, ...].
 std::vector<int64_t> jacobian_mask_shape(const std::vector<int64_t>& shape) {
   std::vector<int64_t> mask(shape.size(), 1);
@@ -470,7 +495,7 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
   const int64_t B = gi.size(0), T = gi.size(1), S = s0.size(1);
   TimeShards* shards = o.shards.get();
   const int64_t steps_all = shards ? shards->total() : T;  // the whole sequence's length
-  TORCH_INTERNAL_ASSERT(!shards || (!is_elk(o.method) && !o.lengths.defined()));  // solver_shards checked
+  TORCH_INTERNAL_ASSERT(!shards || !is_elk(o.method));  // checked by the op
   const auto opts = s0.options();
   const double atol = o.atol < 0 ? default_tolerance(s0.scalar_type()) : o.atol;
   const double rtol = o.rtol < 0 ? default_tolerance(s0.scalar_type()) : o.rtol;
@@ -487,7 +512,7 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
   };
   if (steps_all == 0 || B == 0 || S == 0 || o.method == Method::sequential) {
     res.states = loop_states(cell, gi, s0, o.resets, shards);
-    if (lengths.defined()) res.states = hold_past_lengths(res.states, s0, lengths);
+    if (lengths.defined()) res.states = held_states(res.states, s0, lengths, shards);
     if (lengths.defined()) res.iterations.copy_(lengths); else res.iterations.fill_(steps_all);
     exact(res.states, res.converged, res.residual);
     if (steps_all > 0) res.path.fill_(method_bit(Method::sequential));
@@ -504,7 +529,8 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
     s = o.init_states.to(opts).clone();
   }
 
-  const at::Tensor padding = lengths.defined() ? valid_steps(lengths, T, at::kBool).logical_not() : at::Tensor();
+  const at::Tensor padding =
+      lengths.defined() ? valid_steps(shard_lengths(lengths, T, shards), T, at::kBool).logical_not() : at::Tensor();
   Progress p{s, at::Tensor(), res.iterations, at::Tensor(), at::Tensor(), res.path,
              at::zeros({B}, opts.dtype(at::kBool))};
   if (o.method != Method::automatic) {
@@ -541,12 +567,12 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
   res.converged = p.converged;
   res.path = p.path;
   if (o.fallback && !o.fixed_iterations && !res.converged.all().item<bool>()) {
-    res.states = lengths.defined() ? hold_past_lengths(p.s, s0, lengths) : p.s;
+    res.states = lengths.defined() ? held_states(p.s, s0, lengths, shards) : p.s;
     const at::Tensor redo = at::logical_not(res.converged).nonzero().squeeze(1);
     const at::Tensor s0_redo = s0.index_select(0, redo);
     at::Tensor states = loop_states(cell, gi.index_select(0, redo), s0_redo,
                                     o.resets.defined() ? o.resets.index_select(0, redo) : at::Tensor(), shards);
-    if (lengths.defined()) states = hold_past_lengths(states, s0_redo, lengths.index_select(0, redo));
+    if (lengths.defined()) states = held_states(states, s0_redo, lengths.index_select(0, redo), shards);
     res.states.index_copy_(0, redo, states);
     if (lengths.defined()) res.iterations.index_copy_(0, redo, lengths.index_select(0, redo));
     else res.iterations.index_fill_(0, redo, steps_all);
@@ -566,7 +592,7 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
         nonfinite_pattern(p.F, cell.structure(), o.resets, padding, shards) & p.stuck.view({B, 1, 1});
     states = states.masked_fill(pattern, NAN);
   }
-  res.states = lengths.defined() ? hold_past_lengths(states, s0, lengths) : states;
+  res.states = lengths.defined() ? held_states(states, s0, lengths, shards) : states;
   return res;
 }
 
@@ -745,7 +771,21 @@ NewtonGrads newton_backward(const Cell& cell, const at::Tensor& grad_states, con
   // Held states copy the last valid one: their cotangents belong to it (padding's own
   // cotangents are then zero, and so is its adjoint: λ_t = 0 for t ≥ L).
   at::Tensor g = grad_states, g_s0_held;
-  if (lengths.defined()) std::tie(g, g_s0_held) = route_held_gradient(grad_states, lengths);
+  if (lengths.defined()) {
+    std::tie(g, g_s0_held) = route_held_gradient(grad_states, shard_lengths(lengths, T, shards));
+    if (shards) {
+      // What this shard's held steps copied came from s0 (L = 0) or from step L − 1 of the
+      // shard that holds it, which takes every shard's part (one all-reduce).
+      const int64_t offset = shards->offset();
+      const at::Tensor total = shards->sum(g_s0_held);
+      const at::Tensor owns = (lengths > offset) & (lengths <= offset + T);
+      if (T > 0) {
+        const at::Tensor step = (lengths - 1 - offset).clamp(0, T - 1).view({B, 1, 1}).expand({B, 1, S});
+        g = g.scatter_add(1, step, at::where(owns.unsqueeze(1), total, 0).unsqueeze(1));
+      }
+      g_s0_held = at::where((lengths == 0).unsqueeze(1), g_s0_held, 0);
+    }
+  }
   const at::Tensor lambda = solve_adjoint(cell, s_prev, gi_flat, g.contiguous(), adjoint, carried, shards);
   // Everything else is parallel over t: one VJP of the cell at the solution.
   const Cell::Vjp v = cell.vjp(s_prev, gi_flat, flat(lambda));

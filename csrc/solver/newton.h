@@ -109,9 +109,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> newton_rn
     const c10::optional<at::Tensor>& lengths, const c10::optional<at::Tensor>& W_hr,
     const c10::optional<at::Tensor>& resets, c10::string_view group, bool reversed_ranks);
 
-// The time shards of `group` ("": null), after every rank agreed on the call's sizes and
-// options (TimeShards::agree): the solver ops' one entry to sequence parallelism.
+// The time shards of `group` ("": null), after every rank agreed on the call's sizes,
+// options and lengths (TimeShards::agree): the solver ops' one entry to sequence parallelism.
 SharedShards solver_shards(const char* op, c10::string_view group, bool reversed_ranks, const at::Tensor& gi,
-                           const at::Tensor& s0, std::vector<int64_t> options);
+                           const at::Tensor& s0, std::vector<int64_t> options,
+                           const c10::optional<at::Tensor>& lengths);
 
 }  // namespace pnewton

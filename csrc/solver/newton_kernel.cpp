@@ -71,15 +71,12 @@ void check_backward_tensors(const at::Tensor& grad_states, const at::Tensor& gi,
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // What sequence parallelism supports, checked on every rank alike (before any collective).
-void check_sharded(const char* op, c10::string_view group, c10::string_view method,
-                   const c10::optional<at::Tensor>& lengths) {
+void check_sharded(const char* op, c10::string_view group, c10::string_view method) {
   if (group.empty()) return;
   const Method m = parse_method(std::string(method));
   TORCH_CHECK(m != Method::elk && m != Method::quasi_elk && m != Method::elk_filter && m != Method::quasi_elk_filter,
               op, ": method '", method, "' does not run over time shards (a process group): its filter does not ",
               "compose across shards; use deer, quasi_deer, block_deer, picard, jacobi, sequential or auto");
-  TORCH_CHECK(!lengths.has_value(), op, ": lengths are not supported over time shards (a process group); ",
-              "segments (resets) are");
 }
 
 Outputs newton_rnn_kernel(c10::string_view cell_name_, const at::Tensor& gi, const at::Tensor& W_hh,
@@ -92,15 +89,18 @@ Outputs newton_rnn_kernel(c10::string_view cell_name_, const at::Tensor& gi, con
   const CellShape shape = checked_args(kOp, cell_name_, gi, W_hh, b_hh, s0, W_hr, lengths, resets);
   NewtonOptions o = checked_options(gi, shape, method, max_iter, atol, rtol, damping, clip, init, init_states,
                                     fixed_iterations, fallback, adjoint);
-  check_sharded(kOp, group, method, lengths);
+  check_sharded(kOp, group, method);
   o.shards = solver_shards(kOp, group, reversed_ranks, gi, s0,
                            {static_cast<int64_t>(o.method), o.max_iter, o.fixed_iterations, o.fallback,
                             init_states.has_value(), resets.has_value(), W_hr.has_value(),
-                            static_cast<int64_t>(parse_cell(std::string(cell_name_)))});
+                            static_cast<int64_t>(parse_cell(std::string(cell_name_)))},
+                           lengths);
   const at::ScalarType type = compute_type(gi.scalar_type());
   const Cell cell(parse_cell(std::string(cell_name_)), W_hh.to(type), widen(b_hh, type), widen(W_hr, type));
   if (init_states.has_value()) o.init_states = init_states->to(type);
-  if (lengths.has_value()) o.lengths = checked_lengths(kOp, *lengths, gi.size(0), gi.size(1), gi.device());
+  // Lengths count the whole sequence's steps (over time shards too).
+  const int64_t steps = o.shards ? o.shards->total() : gi.size(1);
+  if (lengths.has_value()) o.lengths = checked_lengths(kOp, *lengths, gi.size(0), steps, gi.device());
   if (resets.has_value()) o.resets = checked_resets(kOp, *resets, gi.size(0), gi.size(1), gi.device());
   NewtonResult r = newton_solve(cell, gi.to(type), s0.to(type), o);
   return {r.states.to(gi.scalar_type()), r.iterations, r.residual.to(gi.scalar_type()), r.converged, r.path};
@@ -116,7 +116,7 @@ Outputs newton_rnn_meta(c10::string_view cell_name_, const at::Tensor& gi, const
   const CellShape shape = checked_args(kOp, cell_name_, gi, W_hh, b_hh, s0, W_hr, lengths, resets);
   checked_options(gi, shape, method, max_iter, atol, rtol, damping, clip, init, init_states, fixed_iterations,
                   fallback, adjoint);
-  check_sharded(kOp, group, method, lengths);
+  check_sharded(kOp, group, method);
   const c10::SymInt B = gi.sym_size(0);
   return {at::empty_symint({B, gi.sym_size(1), shape.state_size}, gi.options()),
           at::empty_symint({B}, gi.options().dtype(at::kLong)), at::empty_symint({B}, gi.options()),
@@ -132,7 +132,7 @@ Outputs newton_rnn_backward_meta(const at::Tensor& grad_states, c10::string_view
   const CellShape shape = checked_args(kBackwardOp, cell_name_, gi, W_hh, b_hh, s0, W_hr, lengths, resets);
   check_backward_tensors(grad_states, gi, states, shape);
   parse_adjoint(std::string(adjoint));
-  check_sharded(kBackwardOp, group, "auto", lengths);
+  check_sharded(kBackwardOp, group, "auto");
   return {at::empty_like(gi, at::MemoryFormat::Contiguous), at::empty_like(W_hh, at::MemoryFormat::Contiguous),
           at::empty_symint({shape.gate_size}, gi.options()), at::empty_like(s0, at::MemoryFormat::Contiguous),
           W_hr.has_value() ? at::empty_like(*W_hr, at::MemoryFormat::Contiguous)
@@ -153,12 +153,16 @@ at::Tensor cell_step(c10::string_view cell_name_, const at::Tensor& s, const at:
 }  // namespace
 
 SharedShards solver_shards(const char* op, c10::string_view group, bool reversed_ranks, const at::Tensor& gi,
-                           const at::Tensor& s0, std::vector<int64_t> options) {
+                           const at::Tensor& s0, std::vector<int64_t> options,
+                           const c10::optional<at::Tensor>& lengths) {
   if (group.empty()) return nullptr;
   auto shards = std::make_shared<TimeShards>(std::string(group), reversed_ranks);
   std::vector<int64_t> descriptor{gi.size(0), gi.size(1), gi.size(2), s0.size(1),
                                   static_cast<int64_t>(gi.scalar_type())};
   descriptor.insert(descriptor.end(), options.begin(), options.end());
+  // The lengths count the whole sequence: every rank passes the same (their sum and largest).
+  descriptor.push_back(lengths.has_value() ? lengths->sum().item<int64_t>() : -1);
+  descriptor.push_back(lengths.has_value() && lengths->numel() ? lengths->max().item<int64_t>() : -1);
   shards->agree(op, descriptor, /*time_index=*/1, gi);
   return shards;
 }
@@ -171,14 +175,17 @@ Outputs newton_rnn_backward_kernel(const at::Tensor& grad_states, c10::string_vi
                                    bool reversed_ranks) {
   const CellShape shape = checked_args(kBackwardOp, cell_name_, gi, W_hh, b_hh, s0, W_hr, lengths, resets);
   check_backward_tensors(grad_states, gi, states, shape);
-  check_sharded(kBackwardOp, group, "auto", lengths);
+  check_sharded(kBackwardOp, group, "auto");
   const SharedShards shards =
       solver_shards(kBackwardOp, group, reversed_ranks, gi, s0,
-                    {resets.has_value(), W_hr.has_value(), static_cast<int64_t>(parse_cell(std::string(cell_name_)))});
+                    {resets.has_value(), W_hr.has_value(), static_cast<int64_t>(parse_cell(std::string(cell_name_)))},
+                    lengths);
   const at::ScalarType type = compute_type(gi.scalar_type());
   const Cell cell(parse_cell(std::string(cell_name_)), W_hh.to(type), widen(b_hh, type), widen(W_hr, type));
   const at::Tensor L =
-      lengths.has_value() ? checked_lengths(kBackwardOp, *lengths, gi.size(0), gi.size(1), gi.device()) : at::Tensor();
+      lengths.has_value()
+          ? checked_lengths(kBackwardOp, *lengths, gi.size(0), shards ? shards->total() : gi.size(1), gi.device())
+          : at::Tensor();
   const at::Tensor R =
       resets.has_value() ? checked_resets(kBackwardOp, *resets, gi.size(0), gi.size(1), gi.device()) : at::Tensor();
   NewtonGrads g = newton_backward(cell, grad_states.to(type), gi.to(type), s0.to(type), states.to(type),

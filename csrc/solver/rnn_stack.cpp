@@ -75,8 +75,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // agrees on the rest first (csrc/distributed/time_shards.h).
   std::optional<TimeShards> shards;
   if (!group.empty()) {
-    TORCH_CHECK(!lengths.has_value(), op, ": lengths (packed sequences) are not supported over time shards (a ",
-                "process group); segments (resets) are");
+    TORCH_CHECK(!lengths.has_value(), op, ": lengths (packed sequences) are not supported by a stack over time ",
+                "shards (a process group); segments (resets) are, and pnewton.newton_rnn takes lengths");
     TORCH_CHECK(!(resets.has_value() && bidirectional), op, ": a bidirectional stack over time shards (a process ",
                 "group) takes no resets: its reverse direction would read segments across shards");
     shards.emplace(std::string(group), false);

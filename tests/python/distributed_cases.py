@@ -135,6 +135,16 @@ def case_adjoints(rank, world, group):
         _solve_both(rank, world, group, "lstm", "block_deer", adjoint=adjoint, resets=True)
 
 
+def case_lengths(rank, world, group):
+    # Lengths of the whole sequence: ending at a shard boundary, inside a shard, at 0 and at T;
+    # the states held past them come from the shard that holds the last valid step.
+    for cell, method, lengths in (("gru", "quasi_deer", [41, 10, 17]), ("lstm", "auto", [0, 25, 41]),
+                                  ("diag_gru", "deer", [23, 5, 41])):
+        for adjoint in ("scan", "sequential"):
+            _solve_both(rank, world, group, cell, method, lengths=torch.tensor(lengths), adjoint=adjoint)
+    _solve_both(rank, world, group, "rnn_tanh", "quasi_deer", scale=6.0, max_iter=3, lengths=torch.tensor([41, 12, 30]))
+
+
 def case_resets(rank, world, group):
     _solve_both(rank, world, group, "gru", "quasi_deer", resets=True)
     _solve_both(rank, world, group, "lstm", "auto", resets=True)
@@ -221,13 +231,19 @@ def case_mismatch(rank, world, group):
     else:
         raise AssertionError("mismatched scans did not raise")
     # Unsupported options are refused alike on every rank, before any collective.
-    for kwargs in (dict(method="elk"), dict(lengths=torch.full((3,), 2))):
-        try:
-            pnewton.newton_rnn("gru", gi[:, :5], W, b, s0, group=group, **kwargs)
-        except RuntimeError as e:
-            assert "time shards" in str(e), str(e)
-        else:
-            raise AssertionError(f"{kwargs} did not raise")
+    try:
+        pnewton.newton_rnn("gru", gi[:, :5], W, b, s0, group=group, method="elk")
+    except RuntimeError as e:
+        assert "time shards" in str(e), str(e)
+    else:
+        raise AssertionError("elk did not raise")
+    # Lengths are the whole sequence's: every rank must pass the same.
+    try:
+        pnewton.newton_rnn("gru", gi[:, :5], W, b, s0, group=group, lengths=torch.tensor([3, 2, 1 + (rank == 1)]))
+    except RuntimeError as e:
+        assert "disagree" in str(e), str(e)
+    else:
+        raise AssertionError("different lengths did not raise")
 
 
 def case_ddp_mesh(rank, world, group):
