@@ -3,13 +3,11 @@
 #include <torch/autograd.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
-
 #include <torch/library.h>
 
 #include <atomic>
 #include <numeric>
 #include <sstream>
-
 
 namespace pnewton {
 
@@ -98,7 +96,7 @@ at::Tensor tie(const at::Tensor& x, const at::Tensor& rows) {
 std::vector<int64_t> TimeShards::agree(const char* op, const std::vector<int64_t>& descriptor, size_t time_index,
                                        const at::Tensor& like) {
   // The descriptor's own length first: ranks calling with different ranks of tensors differ there.
-  constexpr int64_t kMax = 16;
+  constexpr int64_t kMax = 24;
   TORCH_CHECK(static_cast<int64_t>(descriptor.size()) < kMax, op, ": too many sizes to agree on");
   at::Tensor mine = at::full({kMax}, -1, at::kLong);
   mine[0] = static_cast<int64_t>(descriptor.size());
@@ -107,24 +105,22 @@ std::vector<int64_t> TimeShards::agree(const char* op, const std::vector<int64_t
   const bool nccl = pg->getBackendType() == c10d::ProcessGroup::BackendType::NCCL;
   TORCH_CHECK(!nccl || like.is_cuda(), op, ": group '", group_, "' is an NCCL group, which moves CUDA tensors only; ",
               "got tensors on ", like.device(), " (use a gloo group for CPU tensors)");
-  at::Tensor all = all_gather(*pg, mine.to(like.device())).cpu();
-  if (reversed_) all = all.flip(0);
+  at::Tensor gathered = all_gather(*pg, mine.to(like.device())).cpu();
+  if (reversed_) gathered = gathered.flip(0).contiguous();
+  const auto all = gathered.accessor<int64_t, 2>();
   lengths_.assign(count_, 0);
   bool same = true;
   for (int64_t q = 0; q < count_; ++q) {
     for (int64_t i = 0; i < kMax; ++i) {
-      if (i != static_cast<int64_t>(time_index) + 1 && all[q][i].item<int64_t>() != all[0][i].item<int64_t>()) {
-        same = false;
-      }
+      if (i != static_cast<int64_t>(time_index) + 1 && all[q][i] != all[0][i]) same = false;
     }
-    lengths_[q] = all[q][time_index + 1].item<int64_t>();
+    lengths_[q] = all[q][time_index + 1];
   }
   if (!same) {
     std::ostringstream ranks;
     for (int64_t q = 0; q < count_; ++q) {
       ranks << (q ? "; " : "") << "rank " << rank_of(q) << ": [";
-      const int64_t n = all[q][0].item<int64_t>();
-      for (int64_t i = 1; i <= n; ++i) ranks << (i > 1 ? ", " : "") << all[q][i].item<int64_t>();
+      for (int64_t i = 1; i <= all[q][0]; ++i) ranks << (i > 1 ? ", " : "") << all[q][i];
       ranks << "]";
     }
     TORCH_CHECK(false, op, ": the shards of group '", group_, "' disagree: every rank must pass the same sizes, ",
