@@ -3,14 +3,42 @@
 #include <torch/library.h>
 
 #include "csrc/checks.h"
+#include "csrc/distributed/time_shards.h"
 #include "pnewton/scan.h"
 
 namespace pnewton {
 namespace {
 
-// [0, x_1, ..., x_{T−1}]: what step t reads from the step before it.
-at::Tensor previous(const at::Tensor& x) {
-  return at::cat({at::zeros_like(x.narrow(1, 0, 1)), x.narrow(1, 0, x.size(1) - 1)}, 1);
+// [0, x_1, ..., x_{T−1}]: what step t reads from the step before it. Time shards: the
+// first step reads the previous shard's last (one gather; 0 at the sequence's start).
+at::Tensor previous(const at::Tensor& x, TimeShards* shards = nullptr) {
+  const int64_t T = x.size(1);
+  at::Tensor before = at::zeros_like(x.narrow(1, 0, std::min<int64_t>(T, 1)));
+  if (shards) {
+    std::vector<int64_t> one(x.sizes().begin(), x.sizes().end());
+    one[1] = 1;
+    const at::Tensor none = at::zeros(one, x.options());
+    before = shards->neighbour(T > 0 ? x.narrow(1, T - 1, 1) : none, none, /*earlier=*/true);
+  }
+  return T > 0 ? at::cat({before, x.narrow(1, 0, T - 1)}, 1) : x;
+}
+
+// x_{t+1} for every step (shifted back), `fill` after the sequence's end; time shards: the
+// next shard's first step after this shard's last (one gather).
+at::Tensor next(const at::Tensor& x, double fill, TimeShards* shards) {
+  const int64_t T = x.size(1);
+  std::vector<int64_t> one(x.sizes().begin(), x.sizes().end());
+  one[1] = 1;
+  const at::Tensor none = at::full(one, fill, x.options());
+  const at::Tensor after = shards ? shards->neighbour(T > 0 ? x.narrow(1, 0, 1) : none, none, /*earlier=*/false) : none;
+  return T > 0 ? at::cat({x.narrow(1, 1, T - 1), after}, 1) : x;
+}
+
+// The element (a, c, j) of Särkkä & García-Fernández for an earlier i followed by a later j.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> combine(const at::Tensor& ai, const at::Tensor& ci, const at::Tensor& ji,
+                                                       const at::Tensor& aj, const at::Tensor& cj, const at::Tensor& jj) {
+  const at::Tensor w = 1.0 / (1.0 + ci * jj);
+  return {aj * ai * w, aj * aj * ci * w + cj, ai * ai * jj * w + ji};
 }
 
 // Per-channel (scalar) Kalman covariances P_t [B, T, S] for transitions a [B, T, S].
@@ -18,33 +46,61 @@ at::Tensor previous(const at::Tensor& x) {
 // earlier element i with a later j:
 //   a = a_j a_i / (1 + c_i j_j),  c = a_j² c_i / (1 + c_i j_j) + c_j,  j = a_i² j_j / (1 + c_i j_j) + j_i.
 // Every denominator is ≥ 1 and c ≤ 1/λ: no overflow, unlike a scan of 2×2 Möbius matrices.
-at::Tensor scalar_covariances(const at::Tensor& f, const at::Tensor& lam) {
-  const int64_t T = f.size(1);
+// Time shards: the same scan per shard, one gather of every shard's total element, the
+// fold of the earlier ones, combined with each local prefix.
+at::Tensor scalar_covariances(const at::Tensor& f, const at::Tensor& lam, TimeShards* shards) {
+  const int64_t B = f.size(0), T = f.size(1), S = f.size(2);
   const at::Tensor inv = 1.0 / (1.0 + lam);  // [B, 1, 1]
   at::Tensor a = f * inv, c = inv.expand_as(f).contiguous(), j = lam * inv * f * f;
-  a.narrow(1, 0, 1).zero_();  // the first step starts from the exactly known δ_0 = 0
-  j.narrow(1, 0, 1).zero_();
+  if (T > 0 && (!shards || shards->offset() == 0)) {
+    a.narrow(1, 0, 1).zero_();  // the first step starts from the exactly known δ_0 = 0
+    j.narrow(1, 0, 1).zero_();
+  }
   for (int64_t d = 1; d < T; d *= 2) {
     const int64_t n = T - d;
-    const at::Tensor ai = a.narrow(1, 0, n), ci = c.narrow(1, 0, n), ji = j.narrow(1, 0, n);
-    const at::Tensor aj = a.narrow(1, d, n), cj = c.narrow(1, d, n), jj = j.narrow(1, d, n);
-    const at::Tensor w = 1.0 / (1.0 + ci * jj);
-    at::Tensor a2 = aj * ai * w, c2 = aj * aj * ci * w + cj, j2 = ai * ai * jj * w + ji;
+    auto [a2, c2, j2] = combine(a.narrow(1, 0, n), c.narrow(1, 0, n), j.narrow(1, 0, n), a.narrow(1, d, n),
+                                c.narrow(1, d, n), j.narrow(1, d, n));
     a = at::cat({a.narrow(1, 0, d), a2}, 1);
     c = at::cat({c.narrow(1, 0, d), c2}, 1);
     j = at::cat({j.narrow(1, 0, d), j2}, 1);
   }
-  return c;
+  if (!shards) return c;
+  const at::Tensor none = at::zeros({3, B, S}, f.options());
+  const at::Tensor totals = shards->gather(T > 0 ? at::stack({a.select(1, T - 1), c.select(1, T - 1), j.select(1, T - 1)})
+                                                 : none);
+  at::Tensor ea, ec, ej;  // the earlier shards' element (none before the first)
+  for (int64_t q = 0; q < shards->position(); ++q) {
+    if (shards->length(q) == 0) continue;
+    const at::Tensor t = totals[q];
+    if (!ea.defined()) {
+      ea = t[0], ec = t[1], ej = t[2];
+    } else {
+      std::tie(ea, ec, ej) = combine(ea, ec, ej, t[0], t[1], t[2]);
+    }
+  }
+  if (!ea.defined() || T == 0) return c;
+  return std::get<1>(combine(ea.unsqueeze(1), ec.unsqueeze(1), ej.unsqueeze(1), a, c, j));
 }
 
-at::Tensor scalar_step(const at::Tensor& f, const at::Tensor& r, const at::Tensor& lambda, bool smooth) {
+at::Tensor scalar_step(const at::Tensor& f, const at::Tensor& r, const at::Tensor& lambda, bool smooth,
+                       TimeShards* shards) {
   const int64_t B = f.size(0), T = f.size(1);
   const at::Tensor lam = lambda.to(f.scalar_type()).view({B, 1, 1});
-  const at::Tensor P = scalar_covariances(f, lam);
-  const at::Tensor P_pred = f * f * previous(P) + 1.0;  // P⁻_t = a_t² P_{t−1} + 1
-  const at::Tensor gain = 1.0 / (1.0 + lam * P_pred);   // 1 − K_t
-  const at::Tensor m = scan_diag(gain * f, -gain * r);  // m_t = (1 − K_t)(a_t m_{t−1} − r_t)
-  if (!smooth || T == 1) return m;
+  const at::Tensor P = scalar_covariances(f, lam, shards);
+  const at::Tensor P_pred = f * f * previous(P, shards) + 1.0;  // P⁻_t = a_t² P_{t−1} + 1
+  const at::Tensor gain = 1.0 / (1.0 + lam * P_pred);           // 1 − K_t
+  // m_t = (1 − K_t)(a_t m_{t−1} − r_t)
+  const at::Tensor m = shards ? sharded_scan_diag(*shards, gain * f, -gain * r, std::nullopt, false)
+                              : scan_diag(gain * f, -gain * r);
+  if (!smooth) return m;
+  if (shards) {
+    // The smoother over the whole sequence: the next step's f, P⁻ and r (G = 0 after the end).
+    const at::Tensor f_next = next(f, 0.0, shards), P_pred_next = next(P_pred, 1.0, shards);
+    const at::Tensor G = P * f_next / P_pred_next;
+    const at::Tensor offset = m - G * (f_next * m - next(r, 0.0, shards));
+    return sharded_scan_diag(*shards, G, offset, std::nullopt, /*reverse=*/true);
+  }
+  if (T == 1) return m;
   // m^s_t = m_t + G_t (m^s_{t+1} − m⁻_{t+1}),  G_t = P_t a_{t+1} / P⁻_{t+1},  m^s_T = m_T.
   const int64_t n = T - 1;
   const at::Tensor f_next = f.narrow(1, 1, n), m_head = m.narrow(1, 0, n);
@@ -106,11 +162,13 @@ at::Tensor block_step(const at::Tensor& f, const at::Tensor& r, const at::Tensor
 }  // namespace
 
 at::Tensor elk_delta(const at::Tensor& a, const at::Tensor& r, const at::Tensor& lambda, JacobianPart part,
-                     bool smooth) {
+                     bool smooth, TimeShards* shards) {
   const int64_t B = r.size(0), T = r.size(1), S = r.size(2);
+  TORCH_INTERNAL_ASSERT(!shards || part == JacobianPart::diagonal);  // the ops refuse the others
+  if (shards) return scalar_step(a, r, lambda, smooth, shards);
   if (T == 0) return at::zeros_like(r);
   switch (part) {
-    case JacobianPart::diagonal: return scalar_step(a, r, lambda, smooth);
+    case JacobianPart::diagonal: return scalar_step(a, r, lambda, smooth, nullptr);
     case JacobianPart::block2:
       return block_step(a, r.view({B, T, S / 2, 2}), lambda, smooth).view({B, T, S});
     case JacobianPart::dense:
@@ -119,8 +177,8 @@ at::Tensor elk_delta(const at::Tensor& a, const at::Tensor& r, const at::Tensor&
   return r;
 }
 
-at::Tensor apply_approximation(const at::Tensor& a, const at::Tensor& x, JacobianPart part) {
-  const at::Tensor xp = previous(x);
+at::Tensor apply_approximation(const at::Tensor& a, const at::Tensor& x, JacobianPart part, TimeShards* shards) {
+  const at::Tensor xp = previous(x, shards);
   const int64_t B = x.size(0), T = x.size(1), S = x.size(2);
   switch (part) {
     case JacobianPart::diagonal: return a * xp;

@@ -14,16 +14,20 @@
 // paper's released code uses.
 #include <ATen/ATen.h>
 
+#include "csrc/distributed/time_shards.h"
 #include "pnewton/cell.h"
 
 namespace pnewton {
 
 // a: the approximation in `part` — diagonal [B, T, S], blocks [B, T, S/2, 2, 2] or dense
-// [B, T, S, S]; r [B, T, S]; lambda [B] > 0, per sequence. Returns δ [B, T, S].
+// [B, T, S, S]; r [B, T, S]; lambda [B] > 0, per sequence. Returns δ [B, T, S]. shards: this
+// rank's time shard of the whole sequence's step (the diagonal part only: its covariance
+// elements, means and smoother compose across shards by one gather and sharded scans each).
 at::Tensor elk_delta(const at::Tensor& a, const at::Tensor& r, const at::Tensor& lambda, JacobianPart part,
-                     bool smooth);
+                     bool smooth, TimeShards* shards = nullptr);
 
 // Ã_t x_{t−1} for every t (x_0 = 0): the linear model's prediction of a step x.
-at::Tensor apply_approximation(const at::Tensor& a, const at::Tensor& x, JacobianPart part);
+at::Tensor apply_approximation(const at::Tensor& a, const at::Tensor& x, JacobianPart part,
+                               TimeShards* shards = nullptr);
 
 }  // namespace pnewton

@@ -383,8 +383,8 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
       if (damping > 0 && !elk) a = a * (1.0 - damping);
       if (o.clip > 0) a = clip_jacobian(a, part, o.clip);
       if (elk) {
-        const at::Tensor delta = without_padding(elk_delta(a, r, lambda, part, smooth));
-        predicted = phi - merit(r + delta - apply_approximation(a, delta, part));
+        const at::Tensor delta = without_padding(elk_delta(a, r, lambda, part, smooth, shards));
+        predicted = phi - merit(r + delta - apply_approximation(a, delta, part, shards));
         next = p.s + delta;
         step = max_abs_per_sequence(delta);
       } else {
@@ -434,8 +434,6 @@ constexpr double kAutoLambda = 0.1;
 // The dense Jacobian (B·T·S² numbers) is affordable while it stays under this budget,
 // the same one the adjoint uses.
 constexpr int64_t kDenseBudget = int64_t(1) << 24;
-// Time shards have no ELK stage (its filter does not compose over shards): the fallback
-// follows the Newton stages.
 std::vector<Method> auto_stages(const CellFunction& cell, int64_t dense_size, bool sharded) {
   std::vector<Method> stages;
   if (cell.structure() != JacobianPart::dense) {
@@ -445,7 +443,8 @@ std::vector<Method> auto_stages(const CellFunction& cell, int64_t dense_size, bo
     if (dense_size <= kDenseBudget) stages.push_back(Method::deer);
     stages.push_back(Method::quasi_elk_filter);
   }
-  if (sharded) stages.pop_back();
+  // Time shards: the ELK stage of the diagonal part only (its step composes across shards).
+  if (sharded && cell.structure() == JacobianPart::block2) stages.pop_back();
   return stages;
 }
 
@@ -495,7 +494,7 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
   const int64_t B = gi.size(0), T = gi.size(1), S = s0.size(1);
   TimeShards* shards = o.shards.get();
   const int64_t steps_all = shards ? shards->total() : T;  // the whole sequence's length
-  TORCH_INTERNAL_ASSERT(!shards || !is_elk(o.method));  // checked by the op
+  // (Over time shards the ELK step has the diagonal part only: the op checked the method.)
   const auto opts = s0.options();
   const double atol = o.atol < 0 ? default_tolerance(s0.scalar_type()) : o.atol;
   const double rtol = o.rtol < 0 ? default_tolerance(s0.scalar_type()) : o.rtol;

@@ -71,12 +71,14 @@ void check_backward_tensors(const at::Tensor& grad_states, const at::Tensor& gi,
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // What sequence parallelism supports, checked on every rank alike (before any collective).
-void check_sharded(const char* op, c10::string_view group, c10::string_view method) {
+void check_sharded(const char* op, c10::string_view group, c10::string_view method, c10::string_view cell) {
   if (group.empty()) return;
+  // The ELK step composes across shards for a diagonal Jacobian approximation: the quasi
+  // methods, and elk/elk_filter of diag_gru (whose Jacobian is diagonal).
   const Method m = parse_method(std::string(method));
-  TORCH_CHECK(m != Method::elk && m != Method::quasi_elk && m != Method::elk_filter && m != Method::quasi_elk_filter,
-              op, ": method '", method, "' does not run over time shards (a process group): its filter does not ",
-              "compose across shards; use deer, quasi_deer, block_deer, picard, jacobi, sequential or auto");
+  TORCH_CHECK((m != Method::elk && m != Method::elk_filter) || parse_cell(std::string(cell)) == CellKind::diag_gru, op,
+              ": method '", method, "' of cell '", cell, "' does not run over time shards (a process group): the ELK ",
+              "step of a non-diagonal Jacobian does not compose across shards yet; use quasi_elk or quasi_elk_filter");
 }
 
 Outputs newton_rnn_kernel(c10::string_view cell_name_, const at::Tensor& gi, const at::Tensor& W_hh,
@@ -89,7 +91,7 @@ Outputs newton_rnn_kernel(c10::string_view cell_name_, const at::Tensor& gi, con
   const CellShape shape = checked_args(kOp, cell_name_, gi, W_hh, b_hh, s0, W_hr, lengths, resets);
   NewtonOptions o = checked_options(gi, shape, method, max_iter, atol, rtol, damping, clip, init, init_states,
                                     fixed_iterations, fallback, adjoint);
-  check_sharded(kOp, group, method);
+  check_sharded(kOp, group, method, cell_name_);
   o.shards = solver_shards(kOp, group, reversed_ranks, gi, s0,
                            {static_cast<int64_t>(o.method), o.max_iter, o.fixed_iterations, o.fallback,
                             init_states.has_value(), resets.has_value(), W_hr.has_value(),
@@ -116,7 +118,7 @@ Outputs newton_rnn_meta(c10::string_view cell_name_, const at::Tensor& gi, const
   const CellShape shape = checked_args(kOp, cell_name_, gi, W_hh, b_hh, s0, W_hr, lengths, resets);
   checked_options(gi, shape, method, max_iter, atol, rtol, damping, clip, init, init_states, fixed_iterations,
                   fallback, adjoint);
-  check_sharded(kOp, group, method);
+  check_sharded(kOp, group, method, cell_name_);
   const c10::SymInt B = gi.sym_size(0);
   return {at::empty_symint({B, gi.sym_size(1), shape.state_size}, gi.options()),
           at::empty_symint({B}, gi.options().dtype(at::kLong)), at::empty_symint({B}, gi.options()),
@@ -132,7 +134,7 @@ Outputs newton_rnn_backward_meta(const at::Tensor& grad_states, c10::string_view
   const CellShape shape = checked_args(kBackwardOp, cell_name_, gi, W_hh, b_hh, s0, W_hr, lengths, resets);
   check_backward_tensors(grad_states, gi, states, shape);
   parse_adjoint(std::string(adjoint));
-  check_sharded(kBackwardOp, group, "auto");
+  check_sharded(kBackwardOp, group, "auto", cell_name_);
   return {at::empty_like(gi, at::MemoryFormat::Contiguous), at::empty_like(W_hh, at::MemoryFormat::Contiguous),
           at::empty_symint({shape.gate_size}, gi.options()), at::empty_like(s0, at::MemoryFormat::Contiguous),
           W_hr.has_value() ? at::empty_like(*W_hr, at::MemoryFormat::Contiguous)
@@ -175,7 +177,7 @@ Outputs newton_rnn_backward_kernel(const at::Tensor& grad_states, c10::string_vi
                                    bool reversed_ranks) {
   const CellShape shape = checked_args(kBackwardOp, cell_name_, gi, W_hh, b_hh, s0, W_hr, lengths, resets);
   check_backward_tensors(grad_states, gi, states, shape);
-  check_sharded(kBackwardOp, group, "auto");
+  check_sharded(kBackwardOp, group, "auto", cell_name_);
   const SharedShards shards =
       solver_shards(kBackwardOp, group, reversed_ranks, gi, s0,
                     {resets.has_value(), W_hr.has_value(), static_cast<int64_t>(parse_cell(std::string(cell_name_)))},

@@ -127,6 +127,17 @@ def case_newton_methods(rank, world, group):
         _solve_both(rank, world, group, cell, method)
 
 
+def case_elk(rank, world, group):
+    # The ELK step of a diagonal approximation over shards: covariance elements folded over
+    # the shards, sharded filter and smoother scans.
+    for cell, method, options in (("diag_gru", "elk", {}), ("diag_gru", "elk_filter", dict(damping=0.1)),
+                                  ("gru", "quasi_elk", {}), ("gru", "quasi_elk_filter", dict(damping=0.1)),
+                                  ("lstm", "quasi_elk", dict(resets=True))):
+        _solve_both(rank, world, group, cell, method, **options)
+    # auto's last stage on a problem the Newton stages leave unconverged within their budgets.
+    _solve_both(rank, world, group, "rnn_tanh", "auto", scale=3.0)
+
+
 def case_adjoints(rank, world, group):
     # The matrix-free iterative adjoint (sharded diagonal scans, halo products) and the
     # pipelined reverse sweep, beside the scan adjoint of case_newton_methods.
@@ -232,7 +243,7 @@ def case_mismatch(rank, world, group):
         raise AssertionError("mismatched scans did not raise")
     # Unsupported options are refused alike on every rank, before any collective.
     try:
-        pnewton.newton_rnn("gru", gi[:, :5], W, b, s0, group=group, method="elk")
+        pnewton.newton_rnn("gru", gi[:, :5], W, b, s0, group=group, method="elk")  # a dense ELK step
     except RuntimeError as e:
         assert "time shards" in str(e), str(e)
     else:
