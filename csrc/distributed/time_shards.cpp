@@ -165,6 +165,20 @@ at::Tensor TimeShards::from_last(const at::Tensor& x) const {
   return rows.select(0, last);
 }
 
+at::Tensor shift_in_time(const at::Tensor& x, bool next, double fill, const TimeShards* shards) {
+  const int64_t T = x.size(1);
+  std::vector<int64_t> one(x.sizes().begin(), x.sizes().end());
+  one[1] = 1;
+  const at::Tensor none = at::full(one, fill, x.options());
+  if (T == 0) {
+    if (shards) shards->neighbour(none, none, !next);  // an empty shard takes part in the gather
+    return x;
+  }
+  const at::Tensor edge = x.narrow(1, next ? 0 : T - 1, 1);  // what this shard hands on
+  const at::Tensor beyond = shards ? shards->neighbour(edge, none, /*earlier=*/!next) : none;
+  return next ? at::cat({x.narrow(1, 1, T - 1), beyond}, 1) : at::cat({beyond, x.narrow(1, 0, T - 1)}, 1);
+}
+
 at::Tensor TimeShards::max(const at::Tensor& x) const {
   // Backends' max drops NaN: a NaN anywhere is carried as a flag beside the values.
   const at::Tensor nan = x.isnan();

@@ -60,6 +60,11 @@ class TimeShards {
   std::vector<int64_t> lengths_;
 };
 
+// x [B, T, ...] one step along time over the whole sequence: x_{t+1} (next) or x_{t−1},
+// `fill` beyond either end; over time shards the neighbouring shard's first (last) step
+// comes by one gather. shards may be null (one process).
+at::Tensor shift_in_time(const at::Tensor& x, bool next, double fill, const TimeShards* shards);
+
 // x, with the result `rows` of a differentiable gather in its graph (a no-op forwards): every
 // rank then runs the gather's backward, a collective, whether or not it reads the rows.
 at::Tensor tie(const at::Tensor& x, const at::Tensor& rows);

@@ -9,30 +9,10 @@
 namespace pnewton {
 namespace {
 
-// [0, x_1, ..., x_{T−1}]: what step t reads from the step before it. Time shards: the
-// first step reads the previous shard's last (one gather; 0 at the sequence's start).
-at::Tensor previous(const at::Tensor& x, TimeShards* shards = nullptr) {
-  const int64_t T = x.size(1);
-  at::Tensor before = at::zeros_like(x.narrow(1, 0, std::min<int64_t>(T, 1)));
-  if (shards) {
-    std::vector<int64_t> one(x.sizes().begin(), x.sizes().end());
-    one[1] = 1;
-    const at::Tensor none = at::zeros(one, x.options());
-    before = shards->neighbour(T > 0 ? x.narrow(1, T - 1, 1) : none, none, /*earlier=*/true);
-  }
-  return T > 0 ? at::cat({before, x.narrow(1, 0, T - 1)}, 1) : x;
-}
-
-// x_{t+1} for every step (shifted back), `fill` after the sequence's end; time shards: the
-// next shard's first step after this shard's last (one gather).
-at::Tensor next(const at::Tensor& x, double fill, TimeShards* shards) {
-  const int64_t T = x.size(1);
-  std::vector<int64_t> one(x.sizes().begin(), x.sizes().end());
-  one[1] = 1;
-  const at::Tensor none = at::full(one, fill, x.options());
-  const at::Tensor after = shards ? shards->neighbour(T > 0 ? x.narrow(1, 0, 1) : none, none, /*earlier=*/false) : none;
-  return T > 0 ? at::cat({x.narrow(1, 1, T - 1), after}, 1) : x;
-}
+// [0, x_1, ..., x_{T−1}]: what step t reads from the step before it (time shards: the
+// previous shard's last step first); x_{t+1} with `fill` after the end.
+at::Tensor previous(const at::Tensor& x, TimeShards* shards = nullptr) { return shift_in_time(x, false, 0.0, shards); }
+at::Tensor next(const at::Tensor& x, double fill, TimeShards* shards) { return shift_in_time(x, true, fill, shards); }
 
 // The element (a, c, j) of Särkkä & García-Fernández for an earlier i followed by a later j.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> combine(const at::Tensor& ai, const at::Tensor& ci, const at::Tensor& ji,

@@ -597,19 +597,9 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
 
 namespace {
 
-// x_{t+1} for every step of x [B, T, ...] (shifted one step back in time), zero after the
-// sequence's end: the next shard's first step after this shard's last (one gather).
-at::Tensor next_steps(const at::Tensor& x, TimeShards* shards) {
-  const int64_t T = x.size(1);
-  at::Tensor after = at::zeros_like(x.narrow(1, 0, std::min<int64_t>(T, 1)));
-  if (shards) {
-    std::vector<int64_t> one(x.sizes().begin(), x.sizes().end());
-    one[1] = 1;
-    const at::Tensor none = at::zeros(one, x.options());
-    after = shards->neighbour(T > 0 ? x.narrow(1, 0, 1) : none, none, /*earlier=*/false);
-  }
-  return T > 0 ? at::cat({x.narrow(1, 1, T - 1), after}, 1) : x;
-}
+// x_{t+1} for every step of x [B, T, ...], zero after the sequence's end (time shards: the
+// next shard's first step after this shard's last).
+at::Tensor next_steps(const at::Tensor& x, TimeShards* shards) { return shift_in_time(x, true, 0.0, shards); }
 
 // λ by one transposed reverse scan over the true Jacobian A_{t+1} = A[:, 1:] (a view:
 // no shifted copy), entering from λ_{T-1} = g_{T-1}. Time shards: the scan sharded over
