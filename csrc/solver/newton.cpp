@@ -696,17 +696,19 @@ at::Tensor adjoint_iterative(const CellFunction& cell, const at::Tensor& s_prev,
     const at::Tensor head = scan_diag(diag.narrow(1, 1, T - 1), rhs.narrow(1, 0, T - 1), rhs.select(1, T - 1), true);
     return at::cat({head, rhs.narrow(1, T - 1, 1)}, 1);
   };
-  // max |x| over the whole sequence (every shard's, reduced).
-  auto max_abs = [&](const at::Tensor& x) {
-    at::Tensor m = x.numel() ? x.abs().max() : at::zeros({}, x.options());
-    return (shards ? shards->max(m) : m).item<double>();
+  // max |x| of the sweep's residual and of λ over the whole sequence: one reduction over the
+  // shards and one host read per sweep.
+  auto max_abs = [&](const at::Tensor& residual, const at::Tensor& l) {
+    at::Tensor m = residual.numel() ? at::stack({residual.abs().max(), l.abs().max()}) : at::zeros({2}, l.options());
+    if (shards) m = shards->max(m);
+    const auto both = m.to(at::kDouble).cpu();
+    return std::make_pair(both[0].item<double>(), both[1].item<double>());
   };
   at::Tensor lambda = diag_solve(g);
   const int64_t budget = std::min<int64_t>(shards ? shards->total() : T, 100);
   for (int64_t it = 0; it < budget; ++it) {
     const at::Tensor w = next_step_transpose_product(cell, s_prev, gi_flat, lambda, carried, shards);
-    const double err = max_abs(lambda - g - w);
-    const double scale = max_abs(lambda);
+    const auto [err, scale] = max_abs(lambda - g - w, lambda);
     if (std::isfinite(err) && err <= tol * (1 + scale)) return lambda;
     // The off-diagonal part of A_{t+1}ᵀ λ_{t+1} moves to the right-hand side.
     const at::Tensor dl = diag * lambda;
