@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "csrc/cpu/cell_kernels.h"
 #include "kernels/cell_fused.h"
 #if PNEWTON_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -162,13 +163,11 @@ at::Tensor Cell::jacobian(const at::Tensor& s, const at::Tensor& gi, JacobianPar
 
 namespace {
 
-// PNEWTON_FUSED_CELLS: unset or "auto", fused on CUDA (on the CPU, ATen's vectorised
-// transcendental functions beat the scalar loop, which serves there as the kernel's mirror);
-// "1" on both (tests); "0" never (comparisons).
-bool fused_cells_enabled(const at::Tensor& s) {
+// PNEWTON_FUSED_CELLS=0: the ATen form always (the reference the tests compare with).
+// Read on every call: the tests switch it within one process.
+bool fused_cells_enabled() {
   const char* env = std::getenv("PNEWTON_FUSED_CELLS");
-  if (env == nullptr || std::strcmp(env, "auto") == 0) return s.is_cuda();
-  return std::strcmp(env, "0") != 0;
+  return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
 // A dense float32/float64 CPU or CUDA tensor that no torch.func transform wraps.
@@ -177,44 +176,97 @@ bool plain(const at::Tensor& t, const at::Tensor& like) {
          t.scalar_type() == like.scalar_type() && !t.key_set().has_any(c10::functorch_transforms_ks);
 }
 
+const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
 }  // namespace
 
-std::optional<CellFunction::Evaluation> Cell::evaluate_fused(const at::Tensor& s, const at::Tensor& gi,
-                                                             std::optional<JacobianPart> part) const {
-  if (kind_ == CellKind::rnn_tanh || kind_ == CellKind::rnn_relu || is_projected()) return std::nullopt;
-  if (!is_lstm() && part == JacobianPart::block2) return std::nullopt;  // the ATen form names the error
-  if (part == JacobianPart::dense || at::GradMode::is_enabled() || !fused_cells_enabled(s)) return std::nullopt;
-  if (s.scalar_type() != at::kFloat && s.scalar_type() != at::kDouble) return std::nullopt;
-  if (!plain(s, s) || !plain(gi, s) || !plain(W_, s) || (b_.defined() && !plain(b_, s))) return std::nullopt;
-  const int64_t N = s.size(0);
-  const at::Tensor gh = recurrent(hidden_of(s)).contiguous();
-  const at::Tensor gi_c = gi.contiguous(), s_c = s.contiguous();
+bool Cell::fusable(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const {
+  if (is_projected() || !fused_cells_enabled()) return false;
+  if (part == JacobianPart::dense || (part == JacobianPart::block2 && !is_lstm())) return false;
+  if (at::GradMode::is_enabled()) return false;
+  if (s.scalar_type() != at::kFloat && s.scalar_type() != at::kDouble) return false;
+  return plain(s, s) && plain(gi, s) && plain(W_, s) && (!b_.defined() || plain(b_, s));
+}
+
+Cell::Iteration Cell::fused(const at::Tensor& prev, const at::Tensor& current, const at::Tensor& gi,
+                            std::optional<JacobianPart> part, const at::Tensor& padding,
+                            const at::Tensor& reset, Workspace* workspace) const {
+  const int64_t N = prev.size(0);
+  const at::Tensor s_c = prev.contiguous(), gi_c = gi.contiguous();
+  // W_hh h without b_hh (the pass adds it: no broadcast copy before the GEMM); the
+  // per-channel cells form w ⊙ h in the pass.
+  at::Tensor gh;
+  if (!diagonal_weights()) {
+    gh = empty_in(workspace, {N, gate_size()}, s_c.options());
+    at::mm_out(gh, hidden_of(s_c), W_.t());
+  }
   // The diagonal of each D×D gate block of W_hh, [G, D] (per-channel weights: W_hh itself).
   const at::Tensor w = diagonal_weights() ? W_.contiguous() : gate_diagonals_;
-  Evaluation e{at::empty_like(s_c), at::Tensor()};
+  const at::Tensor b = b_.defined() ? b_.contiguous() : at::Tensor();
+  const at::Tensor cur = current.defined() ? current.contiguous() : at::Tensor();
+  const at::Tensor pad = padding.defined() ? padding.contiguous() : at::Tensor();
+  const at::Tensor res = reset.defined() ? reset.contiguous() : at::Tensor();
+  Iteration it;
+  const int64_t S = state_size();
+  it.F = empty_in(workspace, {N, S}, s_c.options());
+  if (part) {
+    it.J = *part == JacobianPart::diagonal ? empty_in(workspace, {N, S}, s_c.options())
+                                           : empty_in(workspace, {N, D_, 2, 2}, s_c.options());
+  }
+  if (cur.defined()) it.R = empty_in(workspace, {N, S}, s_c.options());
+  const bool cpu = prev.is_cpu();
+  if (cur.defined() && cpu) {
+    it.row_residual = empty_in(workspace, {N}, s_c.options());
+    it.row_scale = empty_in(workspace, {N}, s_c.options());
+  }
   FusedCellParams p;
-  p.cell = is_lstm() ? FusedCell::lstm : FusedCell::gru;
+  p.cell = is_lstm() ? FusedCell::lstm
+           : kind_ == CellKind::rnn_tanh ? FusedCell::rnn_tanh
+           : kind_ == CellKind::rnn_relu ? FusedCell::rnn_relu
+                                         : FusedCell::gru;
   p.part = !part ? FusedPart::none : *part == JacobianPart::diagonal ? FusedPart::diagonal : FusedPart::block2;
-  if (part) e.J = *part == JacobianPart::diagonal ? at::empty_like(s_c) : at::empty({N, D_, 2, 2}, s_c.options());
+  p.diagonal_weights = diagonal_weights();
   p.N = N, p.D = D_;
-  p.gi = gi_c.data_ptr(), p.gh = gh.data_ptr(), p.s = s_c.data_ptr(), p.w = w.data_ptr();
-  p.F = e.F.data_ptr(), p.J = e.J.defined() ? e.J.data_ptr() : nullptr;
-  const DType dtype = s.scalar_type() == at::kFloat ? DType::f32 : DType::f64;
-  if (s.is_cuda()) {
+  p.gi = gi_c.const_data_ptr(), p.gh = data_or_null(gh), p.b = data_or_null(b), p.w = w.const_data_ptr();
+  p.s = s_c.const_data_ptr(), p.current = data_or_null(cur);
+  p.padding = pad.defined() ? pad.const_data_ptr<bool>() : nullptr;
+  p.reset = res.defined() ? res.const_data_ptr<bool>() : nullptr;
+  p.F = it.F.mutable_data_ptr(), p.J = it.J.defined() ? it.J.mutable_data_ptr() : nullptr;
+  p.R = it.R.defined() ? it.R.mutable_data_ptr() : nullptr;
+  p.row_residual = it.row_residual.defined() ? it.row_residual.mutable_data_ptr() : nullptr;
+  p.row_scale = it.row_scale.defined() ? it.row_scale.mutable_data_ptr() : nullptr;
+  const DType dtype = prev.scalar_type() == at::kFloat ? DType::f32 : DType::f64;
+  if (!cpu) {
 #if PNEWTON_WITH_CUDA
     C10_CUDA_CHECK(fused_cell_cuda(p, dtype, at::cuda::getCurrentCUDAStream()));
 #else
     TORCH_CHECK(false, "pnewton: this build has no CUDA kernels (rebuild with nvcc available)");
 #endif
+    if (cur.defined()) {  // the row maxima, as one reduction each (F masked like R)
+      it.row_residual = at::linalg_vector_norm(it.R, INFINITY, at::IntArrayRef{1});
+      const at::Tensor F = pad.defined() ? it.F.masked_fill(pad.unsqueeze(1), 0) : it.F;
+      it.row_scale = at::linalg_vector_norm(F, INFINITY, at::IntArrayRef{1});
+    }
   } else {
-    at::parallel_for(0, N, std::max<int64_t>(1, 4096 / std::max<int64_t>(D_, 1)),
-                     [&](int64_t begin, int64_t end) { fused_cell_cpu(p, dtype, begin, end); });
+    // About 2^14 numbers per task of ATen's pool.
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(gate_size(), 1));
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { cpu::fused_cell_cpu(p, dtype, begin, end); });
   }
-  return e;
+  return it;
+}
+
+std::optional<Cell::Iteration> Cell::iterate(const at::Tensor& prev, const at::Tensor& current, const at::Tensor& gi,
+                                             std::optional<JacobianPart> part, const at::Tensor& padding,
+                                             const at::Tensor& reset, Workspace* workspace) const {
+  if (!fusable(prev, gi, part) || !plain(current, prev)) return std::nullopt;
+  return fused(prev, current, gi, part, padding, reset, workspace);
 }
 
 Cell::Evaluation Cell::evaluate(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const {
-  if (auto fused = evaluate_fused(s, gi, part)) return *fused;
+  if (fusable(s, gi, part)) {
+    Iteration it = fused(s, at::Tensor(), gi, part, at::Tensor(), at::Tensor(), nullptr);
+    return {it.F, it.J};
+  }
   return evaluate_aten(s, gi, part);
 }
 

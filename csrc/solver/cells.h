@@ -14,6 +14,7 @@
 
 #include <string>
 
+#include "csrc/solver/workspace.h"
 #include "pnewton/cell.h"
 
 namespace pnewton {
@@ -52,11 +53,25 @@ class Cell : public CellFunction {
   bool has_blocks() const override { return is_lstm(); }
 
   // f(s, gi) and, when a part is asked for, ∂f/∂s in that part, from one gate evaluation:
-  // one fused pass after the recurrent GEMM for GRU/LSTM cells, f alone or with the
-  // diagonal or 2×2 blocks, float32/64 on CUDA, outside autograd (grad mode off, no
-  // torch.func transform); ATen ops otherwise. PNEWTON_FUSED_CELLS=1 fuses on the CPU too
-  // (tests), 0 never.
+  // one fused pass after the recurrent GEMM (kernels/cell_fused.h), f alone or with the
+  // diagonal or 2×2 blocks, float32/64 on the CPU (vectorised) and CUDA, outside autograd
+  // (grad mode off, no torch.func transform); ATen ops otherwise (dense Jacobians,
+  // lstm_proj, autograd). PNEWTON_FUSED_CELLS=0 takes the ATen form always (the tests'
+  // reference).
   Evaluation evaluate(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const override;
+
+  // One Newton iteration's evaluation in the same fused pass, where it applies: at the
+  // states `current` [N, S] of every row, which read `prev` [N, S], F = f(prev, gi), J in
+  // `part` (zero on `reset` rows), R = current − F (zero on `padding` rows), and per row
+  // max |R| and max |F| ([N], 0 on padding rows, NaN propagating). padding, reset: [N]
+  // bool or undefined. nullopt where the pass does not apply (then: evaluate and ATen ops).
+  // The outputs (and the GEMM's) are buffers of `workspace` when one is given.
+  struct Iteration {
+    at::Tensor F, J, R, row_residual, row_scale;
+  };
+  std::optional<Iteration> iterate(const at::Tensor& prev, const at::Tensor& current, const at::Tensor& gi,
+                                   std::optional<JacobianPart> part, const at::Tensor& padding,
+                                   const at::Tensor& reset, Workspace* workspace = nullptr) const;
   at::Tensor step(const at::Tensor& s, const at::Tensor& gi) const override;
   at::Tensor jacobian(const at::Tensor& s, const at::Tensor& gi, JacobianPart part) const override;
   at::Tensor transpose_product(const at::Tensor& s, const at::Tensor& gi, const at::Tensor& v) const override {
@@ -76,9 +91,12 @@ class Cell : public CellFunction {
   at::Tensor hidden_of(const at::Tensor& s) const;
 
  private:
-  // The fused evaluation (kernels/cell_fused.h) where it applies, else nullopt.
-  std::optional<Evaluation> evaluate_fused(const at::Tensor& s, const at::Tensor& gi,
-                                           std::optional<JacobianPart> part) const;
+  // Whether the fused pass applies to these tensors and this part.
+  bool fusable(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const;
+  // The fused pass (see iterate; current undefined: F and J only).
+  Iteration fused(const at::Tensor& prev, const at::Tensor& current, const at::Tensor& gi,
+                  std::optional<JacobianPart> part, const at::Tensor& padding, const at::Tensor& reset,
+                  Workspace* workspace) const;
   // The same in ATen ops: any part, differentiable, and the reference of the fused one.
   Evaluation evaluate_aten(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const;
   at::Tensor recurrent(const at::Tensor& h) const;              // gh [N, G]

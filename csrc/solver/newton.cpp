@@ -1,11 +1,14 @@
 #include "csrc/solver/newton.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
 #include <vector>
 
+#include "csrc/cpu/cell_kernels.h"
 #include "csrc/solver/elk.h"
 #include "csrc/solver/segments.h"
 #include "pnewton/scan.h"
@@ -48,6 +51,35 @@ at::Tensor max_abs_per_step(const at::Tensor& x) {
 // max over t of x [B, T] per sequence (0 for an empty time shard).
 at::Tensor max_over_time(const at::Tensor& x) {
   return x.size(1) == 0 ? at::zeros({x.size(0)}, x.options()) : x.amax(1);
+}
+
+// The step's update: next = s + sign·x with non-finite numbers reset to 0, for the moving
+// sequences (s for the others), x counted as 0 on padding; and max_t |x_t| per sequence.
+// One vectorised pass on the CPU (kernels/cell_fused.h), ATen ops elsewhere.
+std::pair<at::Tensor, at::Tensor> take_step(const at::Tensor& s, const at::Tensor& x, double sign,
+                                            const at::Tensor& moving, const at::Tensor& padding,
+                                            Workspace* workspace) {
+  const int64_t B = s.size(0), T = s.size(1), S = s.size(2);
+  const bool fused = s.is_cpu() && x.is_cpu() && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble) &&
+                     x.scalar_type() == s.scalar_type() && !s.key_set().has_any(c10::functorch_transforms_ks) &&
+                     !x.key_set().has_any(c10::functorch_transforms_ks);
+  if (!fused) {
+    const at::Tensor masked = padding.defined() ? x.masked_fill(padding, 0) : x;
+    const at::Tensor next = at::nan_to_num(sign > 0 ? s + masked : s - masked, 0.0, 0.0, 0.0);
+    return {at::where(moving.view({B, 1, 1}), next, s), max_abs_per_sequence(masked)};
+  }
+  const at::Tensor s_c = s.contiguous(), x_c = x.contiguous(), moving_c = moving.contiguous();
+  const at::Tensor pad = padding.defined() ? padding.contiguous() : at::Tensor();
+  at::Tensor next = empty_in(workspace, {B, T, S}, s_c.options()), row_step = empty_in(workspace, {B, T}, s_c.options());
+  NewtonUpdateParams p;
+  p.N = B * T, p.T = T, p.S = S, p.sign = sign;
+  p.s = s_c.const_data_ptr(), p.x = x_c.const_data_ptr(), p.moving = moving_c.const_data_ptr<bool>();
+  p.padding = pad.defined() ? pad.const_data_ptr<bool>() : nullptr;
+  p.next = next.mutable_data_ptr(), p.row_step = row_step.mutable_data_ptr();
+  const DType dtype = s.scalar_type() == at::kFloat ? DType::f32 : DType::f64;
+  at::parallel_for(0, B * T, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(S, 1)),
+                   [&](int64_t begin, int64_t end) { cpu::newton_update_cpu(p, dtype, begin, end); });
+  return {next, max_over_time(row_step)};
 }
 
 // The scans of the solver, over the whole sequence: the sharded scans with time shards.
@@ -242,6 +274,7 @@ at::Tensor loop_states(const CellFunction& cell, const at::Tensor& gi, const at:
 // finite, or a trust region stays non-finite), so it takes no more steps.
 struct Progress {
   at::Tensor s, F, iterations, residual, converged, path, stuck;
+  std::shared_ptr<Workspace> workspace;  // the solve's reused buffers
 };
 
 // The auto method's per-stage budget, c·log₂T iterations, and its stall test: a stage
@@ -280,38 +313,47 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
   const std::vector<int64_t> shape = part == JacobianPart::diagonal ? std::vector<int64_t>{B, T, S}
                                      : part == JacobianPart::block2 ? std::vector<int64_t>{B, T, S / 2, 2, 2}
                                                                     : std::vector<int64_t>{B, T, S, S};
-  at::Tensor J, r;
+  at::Tensor J, r, r_per_step, F_per_step;  // per step: max_s |r|, max_s |F| (0 on padding), [B, T]
   at::Tensor& F = p.F;
   // A reset step reads s0: its Jacobian with respect to the previous state is zero.
   const at::Tensor carried = o.resets.defined() ? carried_steps(o.resets, s0.scalar_type()) : at::Tensor();
-  auto evaluate = [&](const at::Tensor& s, bool with_jacobian) {
-    const at::Tensor prev = previous_steps(s0, s, o.resets, entering_state(shards, s0, s));
-    CellFunction::Evaluation e = cell.evaluate(flat(prev), gi_flat,
-                                               newton_like && with_jacobian ? std::optional<JacobianPart>(part)
-                                                                            : std::nullopt);
-    at::Tensor jacobian = e.J.defined() ? e.J.view(shape) : e.J;
-    if (carried.defined() && jacobian.defined()) jacobian = jacobian * carried.view(jacobian_mask_shape(shape));
-    return std::make_tuple(e.F.view({B, T, S}), jacobian);
-  };
   // Padding is no part of the system: its residual is zero, it takes no step (a step
   // decaying through it would leave subnormal states, which slow the GEMMs tenfold), and it
   // adds nothing to the scale. Masked, not multiplied: NaN · 0 is NaN.
   auto without_padding = [&](at::Tensor x) { return padding.defined() ? x.masked_fill_(padding, 0) : x; };
-  auto residual_of = [&](const at::Tensor& s, const at::Tensor& F) { return without_padding(s - F); };
-  // Converged: every state finite, and within tolerance of the solution, judged by the
-  // error estimate max_t |δ_t| of the step just taken (the residual alone understates the
-  // error by the recurrence's memory, 1/(1 − contraction)); or, for the methods that make one
-  // more state exact per iteration, as many iterations in this stage as the sequence has
-  // steps; or an exact residual. Once converged, a sequence stays so (its states no longer
-  // move). A finite residual s − F means finite states.
+  const Cell* builtin = dynamic_cast<const Cell*>(&cell);
+  // The cell at states s: F, J in the method's part, the residual r = s − F and the per-step
+  // maxima. A built-in cell does all of it in one fused pass after its recurrent GEMM.
+  struct Evaluation {
+    at::Tensor F, J, r, r_per_step, F_per_step;
+  };
+  auto evaluate = [&](const at::Tensor& s, bool with_jacobian) {
+    const at::Tensor prev = previous_steps(s0, s, o.resets, entering_state(shards, s0, s));
+    const std::optional<JacobianPart> want = newton_like && with_jacobian ? std::optional<JacobianPart>(part)
+                                                                          : std::nullopt;
+    if (builtin != nullptr) {
+      const at::Tensor rows_padding = padding.defined() ? padding.view({B * T}) : at::Tensor();
+      const at::Tensor rows_reset = o.resets.defined() ? o.resets.reshape({B * T}) : at::Tensor();
+      if (auto it = builtin->iterate(flat(prev), flat(s), gi_flat, want, rows_padding, rows_reset, p.workspace.get())) {
+        return Evaluation{it->F.view({B, T, S}), it->J.defined() ? it->J.view(shape) : it->J, it->R.view({B, T, S}),
+                          it->row_residual.view({B, T}), it->row_scale.view({B, T})};
+      }
+    }
+    CellFunction::Evaluation e = cell.evaluate(flat(prev), gi_flat, want);
+    at::Tensor jacobian = e.J.defined() ? e.J.view(shape) : e.J;
+    if (carried.defined() && jacobian.defined()) jacobian = jacobian * carried.view(jacobian_mask_shape(shape));
+    const at::Tensor F_s = e.F.view({B, T, S});
+    const at::Tensor r_s = without_padding(s - F_s);
+    return Evaluation{F_s, jacobian, r_s, max_abs_per_step(r_s),
+                      max_abs_per_step(padding.defined() ? F_s.masked_fill(padding, 0) : F_s)};
+  };
   const at::Tensor steps = o.lengths.defined() ? o.lengths : at::full({B}, steps_all, p.iterations.options());
   const at::Tensor iterations_before = p.iterations.clone();
   at::Tensor nonfinite_merit = at::zeros({B}, p.iterations.options());
   auto check = [&](at::Tensor step, const at::Tensor& phi) {
-    const at::Tensor per_step = max_abs_per_step(r);
+    const at::Tensor& per_step = r_per_step;
     p.residual = max_over_time(per_step);
-    at::Tensor scale = step.defined() ? max_abs_per_sequence(padding.defined() ? F.masked_fill(padding, 0) : F)
-                                      : at::Tensor();
+    at::Tensor scale = step.defined() ? max_over_time(F_per_step) : at::Tensor();
     // The first step (of the whole sequence) whose residual is not finite; steps_all if none.
     at::Tensor first_bad;
     if (exact_prefix) {
@@ -349,8 +391,10 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
     if (shards) m = shards->sum(m);
     return at::where(m.isfinite(), m, at::full_like(m, INFINITY));
   };
-  std::tie(F, J) = evaluate(p.s, budget > 0);
-  r = residual_of(p.s, F);
+  {
+    const Evaluation e = evaluate(p.s, budget > 0);
+    F = e.F, J = e.J, r = e.r, r_per_step = e.r_per_step, F_per_step = e.F_per_step;
+  }
   check(at::Tensor(), at::Tensor());
   // ½‖r‖² per sequence, where something reads it (the stall test, the ELK step): a pass
   // over r that the plain methods skip.
@@ -371,13 +415,16 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
     const at::Tensor moving = at::logical_not(settled);
     p.path = p.path | at::where(moving, method_bit(method), 0);
     at::Tensor next, predicted, step;  // step: max_t |δ_t| per sequence
+    // Non-finite values beyond the exact prefix are no part of the solution (after iteration
+    // i the first i states of a causal method are exact): resetting them (take_step) keeps
+    // the ≤ T-iteration guarantee. Non-finite values of the solution itself make the
+    // sequence stuck (check), and the states returned for it carry them (nonfinite_pattern).
     if (method == Method::jacobi) {
-      next = F;
+      next = at::where(moving.view({B, 1, 1}), at::nan_to_num(F, 0.0, 0.0, 0.0), p.s);
       step = p.residual;
     } else if (method == Method::picard) {
-      const at::Tensor sum = without_padding(shards ? diag_scan(shards, at::ones_like(r), r) : r.cumsum(1));
-      next = p.s - sum;
-      step = max_abs_per_sequence(sum);
+      const at::Tensor sum = shards ? diag_scan(shards, at::ones_like(r), r) : r.cumsum(1);
+      std::tie(next, step) = take_step(p.s, sum, -1, moving, padding, p.workspace.get());
     } else {
       at::Tensor a = J;
       if (damping > 0 && !elk) a = a * (1.0 - damping);
@@ -385,23 +432,15 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
       if (elk) {
         const at::Tensor delta = without_padding(elk_delta(a, r, lambda, part, smooth, shards));
         predicted = phi - merit(r + delta - apply_approximation(a, delta, part, shards));
-        next = p.s + delta;
-        step = max_abs_per_sequence(delta);
+        std::tie(next, step) = take_step(p.s, delta, 1, moving, padding, p.workspace.get());
       } else {
-        const at::Tensor negated_delta = without_padding(negated_newton_delta(a, r, part, S / 2, shards));
-        next = p.s - negated_delta;
-        step = max_abs_per_sequence(negated_delta);
+        std::tie(next, step) = take_step(p.s, negated_newton_delta(a, r, part, S / 2, shards), -1, moving, padding,
+                                           p.workspace.get());
       }
     }
-    // Non-finite values beyond the exact prefix are no part of the solution (after iteration
-    // i the first i states of a causal method are exact): resetting them keeps the
-    // ≤ T-iteration guarantee. Non-finite values of the solution itself make the sequence
-    // stuck (check), and the states returned for it carry them (nonfinite_pattern).
-    next = at::nan_to_num(next, 0.0, 0.0, 0.0);
-    next = at::where(moving.view({B, 1, 1}), next, p.s);
     const bool more = it + 1 < budget;
-    auto [F_new, J_new] = evaluate(next, more);
-    const at::Tensor r_new = residual_of(next, F_new);
+    const Evaluation e = evaluate(next, more);
+    const at::Tensor &F_new = e.F, &J_new = e.J, &r_new = e.r;
     p.iterations += moving.to(at::kLong);
     if (adaptive) {
       const at::Tensor phi_new = merit(r_new);
@@ -414,11 +453,13 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
       p.s = at::where(keep, next, p.s);
       F = at::where(keep, F_new, F);
       r = at::where(keep, r_new, r);
+      r_per_step = at::where(accept.view({B, 1}), e.r_per_step, r_per_step);
+      F_per_step = at::where(accept.view({B, 1}), e.F_per_step, F_per_step);
       if (more) J = at::where(accept.view({B, 1}), J_new.reshape({B, -1}), J.reshape({B, -1})).view(shape);
       phi = at::where(accept, phi_new, phi);
       step = at::where(accept, step, INFINITY);  // a rejected step moved nothing
     } else {
-      p.s = next, F = F_new, J = J_new, r = r_new;
+      p.s = next, F = F_new, J = J_new, r = r_new, r_per_step = e.r_per_step, F_per_step = e.F_per_step;
       if (track_merit) phi = merit(r);
     }
     check(step, phi);
@@ -531,7 +572,7 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
   const at::Tensor padding =
       lengths.defined() ? valid_steps(shard_lengths(lengths, T, shards), T, at::kBool).logical_not() : at::Tensor();
   Progress p{s, at::Tensor(), res.iterations, at::Tensor(), at::Tensor(), res.path,
-             at::zeros({B}, opts.dtype(at::kBool))};
+             at::zeros({B}, opts.dtype(at::kBool)), std::make_shared<Workspace>()};
   if (o.method != Method::automatic) {
     run_stage(cell, gi_flat, s0, o.method, o.max_iter < 0 ? std::min<int64_t>(steps_all, 100) : o.max_iter, false,
               o.damping,

@@ -170,19 +170,3 @@ def test_bad_input_names_the_argument():
             run("gru", gi, W, b, s0, "deer", **kwargs)
 
 
-@pytest.mark.parametrize("cell,method", [("gru", "quasi_deer"), ("lstm", "block_deer"), ("lstm", "quasi_deer"),
-                                         ("diag_gru", "deer"), ("diag_lstm", "deer"), ("gru", "sequential")])
-def test_fused_cell_evaluation_matches_the_aten_form(cell, method, monkeypatch):
-    # The fused pass (kernels/cell_fused.h) against the ATen ops it replaces: the same
-    # iterations, the same states and the same gradients.
-    gi, W, b, s0 = problem(cell, T=300, D=6, requires_grad=True)
-    monkeypatch.setenv("PNEWTON_FUSED_CELLS", "1")  # on the CPU too (by default: CUDA only)
-    fused, stats = run(cell, gi, W, b, s0, method)
-    grads = torch.autograd.grad(fused.square().sum(), (gi, W, b, s0))
-    monkeypatch.setenv("PNEWTON_FUSED_CELLS", "0")
-    aten, stats_aten = run(cell, gi, W, b, s0, method)
-    grads_aten = torch.autograd.grad(aten.square().sum(), (gi, W, b, s0))
-    assert stats.iterations.tolist() == stats_aten.iterations.tolist()
-    torch.testing.assert_close(fused, aten, rtol=1e-13, atol=1e-13)
-    for g, g_aten in zip(grads, grads_aten):
-        torch.testing.assert_close(g, g_aten, rtol=1e-11, atol=1e-11)

@@ -1,0 +1,215 @@
+// The fused cell pass over rows, vectorised across channels with at::vec (Sleef's exp and
+// tanh, as torch's own sigmoid/tanh kernels): kernels/cell_fused.h's fused_point on
+// Vectorized<T>, with the loads, the masks and the row maxima here. Built once per CPU
+// capability (CPU_CAPABILITY = DEFAULT, AVX2, AVX512, with that capability's flags), so
+// this file includes nothing but at::vec: no inline function compiled with wider
+// instructions may be shared with the rest of the library.
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+
+#include "csrc/cpu/cell_kernels.h"
+
+namespace pnewton::cpu::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+struct VecMath {
+  template <typename V>
+  static V exp(V x) {
+    return x.exp();
+  }
+  template <typename V>
+  static V tanh(V x) {
+    return x.tanh();
+  }
+  // float: Sleef's tanhf costs about eight expf here (perf: 15% of a GRU iteration, B = 1,
+  // T = 4096, D = 64), so from one expf: 1 − 2/(e^{2|x|} + 1) with x's sign for |x| ≥ 0.625,
+  // where few digits cancel, and below it the odd Taylor series to x¹⁹ (truncation < 1e-8
+  // relative). Within 2 ulp of the float64 tanh (tests/python/test_fused_cells.py), NaN and
+  // ±∞ as tanh's.
+  static Vectorized<float> tanh(Vectorized<float> x) {
+    using V = Vectorized<float>;
+    const V a = x.abs();
+    const V large = (V(1) - V(2) / ((a + a).exp() + V(1))).copysign(x);
+    const V x2 = x * x;
+    V series(-443861162.0f / 1856156927625.0f);
+    series = series * x2 + V(6404582.0f / 10854718875.0f);
+    series = series * x2 + V(-929569.0f / 638512875.0f);
+    series = series * x2 + V(21844.0f / 6081075.0f);
+    series = series * x2 + V(-1382.0f / 155925.0f);
+    series = series * x2 + V(62.0f / 2835.0f);
+    series = series * x2 + V(-17.0f / 315.0f);
+    series = series * x2 + V(2.0f / 15.0f);
+    series = series * x2 + V(-1.0f / 3.0f);
+    const V small = x + x * x2 * series;
+    return V::blendv(large, small, a < V(0.625f)).copysign(x);  // the sign of ±0 too
+  }
+  template <typename V>
+  static V relu(V x) {
+    return at::vec::maximum(x, V(0));  // NaN propagating, as torch.relu
+  }
+  template <typename V>
+  static V positive(V x) {
+    return (x > V(0)) & V(1);
+  }
+};
+
+// max over the lanes, NaN propagating.
+template <typename T>
+T lane_max(const Vectorized<T>& v) {
+  T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T best = lanes[0];
+  for (int64_t j = 1; j < Vectorized<T>::size(); ++j) {
+    if (std::isnan(lanes[j]) || lanes[j] > best) best = lanes[j];  // a NaN best stays: NaN > x is false
+  }
+  return best;
+}
+
+template <typename T>
+void rows(const FusedCellParams& p, int64_t begin, int64_t end) {
+  using V = Vectorized<T>;
+  static constexpr int64_t L = V::size();
+  const int64_t D = p.D, G = fused_gates(p.cell);
+  const bool lstm = p.cell == FusedCell::lstm, jacobian = p.part != FusedPart::none;
+  const int64_t S = lstm ? 2 * D : D;
+  const T* b = static_cast<const T*>(p.b);
+  const T* wd = static_cast<const T*>(p.w);
+  for (int64_t n = begin; n < end; ++n) {
+    const T* gi = static_cast<const T*>(p.gi) + n * G * D;
+    const T* gh = p.gh ? static_cast<const T*>(p.gh) + n * G * D : nullptr;
+    const T* s = static_cast<const T*>(p.s) + n * S;
+    const T* cur = p.current ? static_cast<const T*>(p.current) + n * S : nullptr;
+    T* F = static_cast<T*>(p.F) + n * S;
+    T* R = p.R ? static_cast<T*>(p.R) + n * S : nullptr;
+    T* J = jacobian ? static_cast<T*>(p.J) + n * (p.part == FusedPart::block2 ? 4 * D : S) : nullptr;
+    const bool padded = p.padding && p.padding[n], reset = p.reset && p.reset[n];
+    V max_r(0), max_f(0);
+    for (int64_t d = 0; d < D; d += L) {
+      const int64_t m = std::min(L, D - d);
+      auto load = [m](const T* ptr) { return m == L ? V::loadu(ptr) : V::loadu(ptr, m); };
+      // A pair of vectors over 2m interleaved numbers (the LSTM's (h_i, c_i)).
+      auto load_pairs = [m](const T* ptr) {
+        const V lo = V::loadu(ptr, std::min(2 * m, L));
+        const V hi = 2 * m > L ? V::loadu(ptr + L, 2 * m - L) : V(0);
+        return at::vec::deinterleave2(lo, hi);
+      };
+      auto store_pairs = [m](T* ptr, const V& a, const V& c) {
+        const auto [lo, hi] = at::vec::interleave2(a, c);
+        lo.store(ptr, std::min(2 * m, L));
+        if (2 * m > L) hi.store(ptr + L, 2 * m - L);
+      };
+      V h, c(0);
+      if (lstm) {
+        std::tie(h, c) = load_pairs(s + 2 * d);
+      } else {
+        h = load(s + d);
+      }
+      V x[4], w[4], hn(0);
+      for (int64_t k = 0; k < G; ++k) {
+        w[k] = load(wd + k * D + d);
+        V hk = p.diagonal_weights ? w[k] * h : load(gh + k * D + d);
+        if (b) hk = hk + load(b + k * D + d);
+        if (p.cell == FusedCell::gru && k == 2) {
+          hn = hk, x[k] = load(gi + k * D + d);
+        } else {
+          x[k] = load(gi + k * D + d) + hk;
+        }
+      }
+      const FusedPoint<V> out = fused_point<V, VecMath>(p.cell, jacobian, x, hn, h, c, w);
+      // Lanes past the row's end hold values of zero inputs: kept out of the maxima.
+      auto valid = [m](const V& v) { return m == L ? v : V::set(V(0), v, m); };
+      if (lstm) {
+        store_pairs(F + 2 * d, out.F[0], out.F[1]);
+        max_f = at::vec::maximum(max_f, at::vec::maximum(valid(out.F[0]).abs(), valid(out.F[1]).abs()));
+      } else {
+        out.F[0].store(F + d, m);
+        max_f = at::vec::maximum(max_f, valid(out.F[0]).abs());
+      }
+      if (cur) {
+        if (lstm) {
+          const auto [ch, cc] = load_pairs(cur + 2 * d);
+          const V rh = padded ? V(0) : ch - out.F[0], rc = padded ? V(0) : cc - out.F[1];
+          store_pairs(R + 2 * d, rh, rc);
+          max_r = at::vec::maximum(max_r, at::vec::maximum(valid(rh).abs(), valid(rc).abs()));
+        } else {
+          const V r = padded ? V(0) : load(cur + d) - out.F[0];
+          r.store(R + d, m);
+          max_r = at::vec::maximum(max_r, valid(r).abs());
+        }
+      }
+      if (!jacobian) continue;
+      if (p.part == FusedPart::block2) {
+        T blocks[4][L];
+        for (int k = 0; k < 4; ++k) (reset ? V(0) : out.J[k]).store(blocks[k]);
+        for (int64_t j = 0; j < m; ++j) {
+          for (int k = 0; k < 4; ++k) J[4 * (d + j) + k] = blocks[k][j];
+        }
+      } else if (lstm) {
+        store_pairs(J + 2 * d, reset ? V(0) : out.J[0], reset ? V(0) : out.J[3]);
+      } else {
+        (reset ? V(0) : out.J[0]).store(J + d, m);
+      }
+    }
+    if (p.row_residual) static_cast<T*>(p.row_residual)[n] = padded ? T(0) : lane_max(max_r);
+    if (p.row_scale) static_cast<T*>(p.row_scale)[n] = padded ? T(0) : lane_max(max_f);
+  }
+}
+
+template <typename T>
+void update_rows(const NewtonUpdateParams& p, int64_t begin, int64_t end) {
+  using V = Vectorized<T>;
+  static constexpr int64_t L = V::size();
+  const int64_t S = p.S;
+  const V sign(static_cast<T>(p.sign));
+  for (int64_t n = begin; n < end; ++n) {
+    const T* s = static_cast<const T*>(p.s) + n * S;
+    const T* x = static_cast<const T*>(p.x) + n * S;
+    T* next = static_cast<T*>(p.next) + n * S;
+    const bool padded = p.padding && p.padding[n], moving = p.moving[n / p.T] && !padded;
+    V max_x(0);
+    for (int64_t d = 0; d < S; d += L) {
+      const int64_t m = std::min(L, S - d);
+      const V sv = V::loadu(s + d, m);
+      if (padded) {
+        sv.store(next + d, m);
+        continue;
+      }
+      const V xv = V::loadu(x + d, m);
+      max_x = at::vec::maximum(max_x, (m == L ? xv : V::set(V(0), xv, m)).abs());
+      if (moving) {
+        const V v = sv + sign * xv;
+        V::blendv(V(0), v, (v - v) == V(0)).store(next + d, m);  // v − v is 0 iff v is finite
+      } else {
+        sv.store(next + d, m);
+      }
+    }
+    static_cast<T*>(p.row_step)[n] = padded ? T(0) : lane_max(max_x);
+  }
+}
+
+}  // namespace
+
+void newton_update_rows(const NewtonUpdateParams& p, DType dtype, int64_t begin, int64_t end) {
+  switch (dtype) {
+    case DType::f32: return update_rows<float>(p, begin, end);
+    case DType::f64: return update_rows<double>(p, begin, end);
+    default: throw std::invalid_argument("pnewton Newton update: only f32 and f64");
+  }
+}
+
+void fused_cell_rows(const FusedCellParams& p, DType dtype, int64_t begin, int64_t end) {
+  switch (dtype) {
+    case DType::f32: return rows<float>(p, begin, end);
+    case DType::f64: return rows<double>(p, begin, end);
+    default: throw std::invalid_argument("pnewton fused cell pass: only f32 and f64");
+  }
+}
+
+}  // namespace pnewton::cpu::CPU_CAPABILITY

@@ -1,0 +1,27 @@
+#pragma once
+// The fused passes of a Newton iteration on the CPU (kernels/cell_fused.h's math over
+// at::vec vectors), compiled once per CPU capability that ATen dispatches to (CMakeLists.txt).
+#include <cstdint>
+#include <string>
+
+#include "kernels/cell_fused.h"
+
+namespace pnewton::cpu {
+
+#define PNEWTON_DECLARE_FUSED_CELL_ROWS(capability)                                          \
+  namespace capability {                                                                     \
+  /* Rows [begin, end) of the pass, row maxima included; f32 and f64. */                     \
+  void fused_cell_rows(const FusedCellParams& p, DType dtype, int64_t begin, int64_t end);  \
+  void newton_update_rows(const NewtonUpdateParams& p, DType dtype, int64_t begin, int64_t end); \
+  }
+PNEWTON_DECLARE_FUSED_CELL_ROWS(DEFAULT)
+PNEWTON_DECLARE_FUSED_CELL_ROWS(AVX2)
+PNEWTON_DECLARE_FUSED_CELL_ROWS(AVX512)
+#undef PNEWTON_DECLARE_FUSED_CELL_ROWS
+
+// The capability ATen's own kernels use (at::get_cpu_capability, so ATEN_CPU_CAPABILITY
+// applies): csrc/cpu/cell_dispatch.cpp.
+void fused_cell_cpu(const FusedCellParams& p, DType dtype, int64_t begin, int64_t end);
+void newton_update_cpu(const NewtonUpdateParams& p, DType dtype, int64_t begin, int64_t end);
+
+}  // namespace pnewton::cpu
