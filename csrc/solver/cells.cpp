@@ -374,6 +374,35 @@ Cell::Vjp Cell::vjp_projected(const at::Tensor& s, const at::Tensor& gi, const a
   return {at::cat({recurrent_vjp(grad_gates), dc * f}, 1), grad_gates, grad_gates, at::matmul(v_h.t(), o * tc)};
 }
 
+std::optional<Cell::Linearisation> Cell::linearise(const at::Tensor& s, const at::Tensor& gi,
+                                                   const at::Tensor& carried) const {
+  if (is_lstm() || is_projected() || diagonal_weights()) return std::nullopt;
+  Linearisation l;
+  if (kind_ == CellKind::rnn_tanh || kind_ == CellKind::rnn_relu) {
+    const at::Tensor a = gi + recurrent(s);
+    l.C = kind_ == CellKind::rnn_tanh ? one_minus(at::tanh(a).square()) : (a > 0).to(a.scalar_type());
+  } else {
+    const auto i = gi.chunk(3, -1), g = recurrent(s).chunk(3, -1);
+    const at::Tensor r = at::sigmoid(i[0] + g[0]), z = at::sigmoid(i[1] + g[1]);
+    const at::Tensor n = at::tanh(i[2] + r * g[2]);
+    const at::Tensor dn = one_minus(z) * one_minus(n * n);  // ∂h'/∂(pre-activation of n)
+    l.C = at::cat({dn * g[2] * sigmoid_grad(r), (s - n) * sigmoid_grad(z), dn * r}, -1);
+    l.d = z;
+  }
+  if (carried.defined()) {
+    l.C = l.C * carried;
+    if (l.d.defined()) l.d = l.d * carried;
+  }
+  return l;
+}
+
+at::Tensor Cell::transpose_product(const Linearisation& l, const at::Tensor& v) const {
+  const int64_t N = v.size(0);
+  const at::Tensor scaled = (l.C.view({N, gates_, D_}) * v.unsqueeze(1)).view({N, gates_ * D_});
+  at::Tensor out = at::mm(scaled, W_);
+  return l.d.defined() ? out.addcmul_(l.d, v) : out;
+}
+
 Cell::Vjp Cell::vjp(const at::Tensor& s, const at::Tensor& gi, const at::Tensor& v) const {
   if (is_projected()) return vjp_projected(s, gi, v);
   if (is_lstm()) {

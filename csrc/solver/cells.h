@@ -78,6 +78,17 @@ class Cell : public CellFunction {
     return vjp(s, gi, v).s;
   }
 
+  // The true Jacobian at rows (s, gi) as A = diag(d) + Σ_k diag(c_k) W_k, k over the gate
+  // blocks W_k of W_hh, for the cells with a dense W_hh and no projection (gru, rnn_*; else
+  // nullopt): C = [c_1 … c_G] [N, G·D], d [N, D] (undefined: zero). Formed once (rows
+  // scaled by `carried` [N, 1] where given), it makes every Aᵀv one GEMM: the iterative
+  // adjoint's sweeps then recompute no gate.
+  struct Linearisation {
+    at::Tensor C, d;
+  };
+  std::optional<Linearisation> linearise(const at::Tensor& s, const at::Tensor& gi, const at::Tensor& carried) const;
+  at::Tensor transpose_product(const Linearisation& l, const at::Tensor& v) const;
+
   // For a cotangent v of f(s, gi): ∂f/∂sᵀ v, and the cotangents of gi and of the
   // recurrent pre-activations gh = W_hh h + b_hh (for the weight gradients); lstm_proj
   // also the gradient of W_hr summed over the rows.
