@@ -64,6 +64,52 @@ def layers(kind, D, method, x):
     return (pnewton.from_torch(ref, method=method), *sequential_reference(ref, x))
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul")
+FUSED_OPS = ("pnewton::fused_cell_pass", "pnewton::newton_update")
+
+
+def iteration_split(layer, x, iterations):
+    """ms per Newton iteration of one forward: (GEMM, fused passes, scans, rest)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = x.is_cuda
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.no_grad(), profile(activities=activities) as prof:
+        layer(x)
+        if cuda:
+            torch.cuda.synchronize()
+    split = {"gemm": 0.0, "fused": 0.0, "scan": 0.0, "total": 0.0}
+    for event in prof.key_averages():
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        split["total"] += us
+        if event.key in GEMM_OPS:
+            split["gemm"] += us
+        elif event.key in FUSED_OPS:
+            split["fused"] += us
+        elif event.key.startswith("pnewton::scan_"):
+            split["scan"] += us
+    rest = split["total"] - split["gemm"] - split["fused"] - split["scan"]
+    return [v / 1e3 / max(iterations, 1) for v in (split["gemm"], split["fused"], split["scan"], rest)]
+
+
+def iteration_traffic(kind, method, B, T, D, itemsize=4):
+    """(MiB moved per Newton iteration by the solver's passes, the least an iteration can
+    move) for a GRU/LSTM/RNN layer whose input size is D, in numbers of N = B·T rows: G gate
+    pre-activations, S state numbers (LSTM: h and c), S_h of them the GEMM reads, S_J Jacobian
+    numbers the scan reads (quasi_deer: S, block_deer: 2S).
+    Passes: GEMM S_h in, G out; fused pass gi, W_hh h (G each), the previous and the current
+    states in (2S), F, r and J out (2S + S_J); the scan J, r in, δ out; the update s, δ in,
+    next out (3S); the shift of the states to the previous ones (2S).
+    Least: gi in, W_hh h out and in (3G), h in to the GEMM (S_h), the states in once (S), J and
+    r out and back in (2S + 2S_J), the next states out (S)."""
+    gates = {"GRU": 3, "LSTM": 4, "RNN": 1}[kind]
+    S = 2 * D if kind == "LSTM" else D
+    G, S_h, S_J = gates * D, D, 2 * S if method == "block_deer" else S
+    ours = (S_h + G) + (2 * G + 2 * S + 2 * S + S_J) + (S_J + 2 * S) + 3 * S + 2 * S
+    least = 3 * G + S_h + S + 2 * S + 2 * S_J + S
+    rows = B * T * itemsize / 2**20
+    return ours * rows, least * rows
+
+
 def timed(fn, repeats, device):
     """(median seconds, peak MB allocated beyond what was live before; CUDA only). A run
     slower than a second is timed once."""
@@ -93,6 +139,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--deadline", type=float, default=float("inf"), help="seconds; later cases are skipped")
     parser.add_argument("--tag", default="", help="appended to the layer column (e.g. a variant's name)")
+    parser.add_argument("--split", action="store_true", help="per-iteration time split and traffic (see above)")
     args = parser.parse_args()
     dev = args.device
     name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -138,6 +185,13 @@ def main():
                     print(f"{label:<16} {B:>3} {D:>4} {T:>7} {1e3 * t[0]:9.1f} {1e3 * t[1]:9.1f} {t[1] / t[0]:6.1f} "
                           f"{1e3 * t[2]:9.1f} {1e3 * t[3]:9.1f} {t[3] / t[2]:6.1f} {mem[0]:7.0f} {mem[1]:7.0f} "
                           f"{iters:>5} {diff:9.1e}" + ("" if chunk == T else f"  (ref in chunks of {chunk})"), flush=True)
+                    if args.split and not kind.startswith("Diag"):
+                        gemm, fused, scan, rest = iteration_split(ours, x, iters)
+                        line = f"  per iteration ms: GEMM {gemm:.2f}, fused passes {fused:.2f}, scan {scan:.2f}, rest {rest:.2f}"
+                        if method in ("quasi_deer", "block_deer"):
+                            moved, least = iteration_traffic(kind, method, B, T, D)
+                            line += f"; traffic {moved:.1f} MiB vs least {least:.1f} MiB ({moved / least:.2f}x)"
+                        print(line, flush=True)
     if skipped:
         print(f"skipped after the {args.deadline:.0f} s deadline: " + ", ".join(skipped))
 

@@ -1,6 +1,7 @@
 #include "csrc/solver/cells.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -236,6 +237,7 @@ Cell::Iteration Cell::fused(const at::Tensor& prev, const at::Tensor& current, c
   p.row_residual = it.row_residual.defined() ? it.row_residual.mutable_data_ptr() : nullptr;
   p.row_scale = it.row_scale.defined() ? it.row_scale.mutable_data_ptr() : nullptr;
   const DType dtype = prev.scalar_type() == at::kFloat ? DType::f32 : DType::f64;
+  RECORD_FUNCTION("pnewton::fused_cell_pass", std::vector<c10::IValue>());  // benchmarks/bench_layers.py --split
   if (!cpu) {
 #if PNEWTON_WITH_CUDA
     C10_CUDA_CHECK(fused_cell_cuda(p, dtype, at::cuda::getCurrentCUDAStream()));

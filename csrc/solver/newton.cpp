@@ -1,6 +1,7 @@
 #include "csrc/solver/newton.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <cmath>
@@ -77,6 +78,7 @@ std::pair<at::Tensor, at::Tensor> take_step(const at::Tensor& s, const at::Tenso
   p.padding = pad.defined() ? pad.const_data_ptr<bool>() : nullptr;
   p.next = next.mutable_data_ptr(), p.row_step = row_step.mutable_data_ptr();
   const DType dtype = s.scalar_type() == at::kFloat ? DType::f32 : DType::f64;
+  RECORD_FUNCTION("pnewton::newton_update", std::vector<c10::IValue>());
   at::parallel_for(0, B * T, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(S, 1)),
                    [&](int64_t begin, int64_t end) { cpu::newton_update_cpu(p, dtype, begin, end); });
   return {next, max_over_time(row_step)};
