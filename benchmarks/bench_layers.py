@@ -96,15 +96,15 @@ def iteration_traffic(kind, method, B, T, D, itemsize=4):
     move) for a GRU/LSTM/RNN layer whose input size is D, in numbers of N = B·T rows: G gate
     pre-activations, S state numbers (LSTM: h and c), S_h of them the GEMM reads, S_J Jacobian
     numbers the scan reads (quasi_deer: S, block_deer: 2S).
-    Passes: GEMM S_h in, G out; fused pass gi, W_hh h (G each), the previous and the current
-    states in (2S), F, r and J out (2S + S_J); the scan J, r in, δ out; the update s, δ in,
-    next out (3S); the shift of the states to the previous ones (2S).
+    Passes: GEMM S_h in, G out; fused pass gi, W_hh h (G each), the states in (S: each row
+    reads its own and, in place, the previous one), F, r and J out (2S + S_J); the scan J, r
+    in, δ out; the update s, δ in, next out (3S).
     Least: gi in, W_hh h out and in (3G), h in to the GEMM (S_h), the states in once (S), J and
     r out and back in (2S + 2S_J), the next states out (S)."""
     gates = {"GRU": 3, "LSTM": 4, "RNN": 1}[kind]
     S = 2 * D if kind == "LSTM" else D
     G, S_h, S_J = gates * D, D, 2 * S if method == "block_deer" else S
-    ours = (S_h + G) + (2 * G + 2 * S + 2 * S + S_J) + (S_J + 2 * S) + 3 * S + 2 * S
+    ours = (S_h + G) + (2 * G + S + 2 * S + S_J) + (S_J + 2 * S) + 3 * S
     least = 3 * G + S_h + S + 2 * S + 2 * S_J + S
     rows = B * T * itemsize / 2**20
     return ours * rows, least * rows

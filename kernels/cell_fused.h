@@ -32,6 +32,10 @@ PNEWTON_HD int fused_gates(FusedCell cell) {
 // current [N, S] (or null: no residual) is the state s_t of each row: R = current − F,
 // zero on padding rows. reset rows (a segment's head, which reads s0) get a zero Jacobian.
 // Row maxima (CPU only; null to skip): max_s |R| and max_s |F| (0 on padding), NaN-propagating.
+// Shifted reads (T > 0, the solver's iteration): s and gh hold the rows' own states (and
+// their W_hh h), and row n = b·T + t reads row n − 1, its sequence's entering state first[b]
+// (first_gh[b]) at t = 0, s0[b] (s0_gh[b]) on a reset row — so the previous states are
+// never copied out. T = 0: row n reads row n of s and gh.
 // All contiguous, one dtype (masks: bool).
 struct FusedCellParams {
   FusedCell cell = FusedCell::gru;
@@ -51,7 +55,33 @@ struct FusedCellParams {
   void* R = nullptr;  // [N, S] when current is given
   void* row_residual = nullptr;  // [N]
   void* row_scale = nullptr;     // [N]
+  int64_t T = 0;
+  const void* first = nullptr;     // [B, S]
+  const void* first_gh = nullptr;  // [B, G·D] (dense weights)
+  const void* s0 = nullptr;        // [B, S] (with reset rows)
+  const void* s0_gh = nullptr;     // [B, G·D]
 };
+
+// The state row [S] and W_hh h row [G·D] (null for per-channel weights) that row n reads.
+template <typename T>
+PNEWTON_HD void fused_sources(const FusedCellParams& p, int64_t n, int64_t S, const T*& s, const T*& gh) {
+  const int64_t GD = fused_gates(p.cell) * p.D;
+  const T* states = static_cast<const T*>(p.s);
+  const T* ghs = static_cast<const T*>(p.gh);
+  int64_t row = n;
+  if (p.T > 0) {
+    const int64_t b = n / p.T;
+    if (p.reset && p.reset[n]) {
+      states = static_cast<const T*>(p.s0), ghs = static_cast<const T*>(p.s0_gh), row = b;
+    } else if (n % p.T == 0) {
+      states = static_cast<const T*>(p.first), ghs = static_cast<const T*>(p.first_gh), row = b;
+    } else {
+      row = n - 1;
+    }
+  }
+  s = states + row * S;
+  gh = ghs ? ghs + row * GD : nullptr;
+}
 
 // The Newton update of rows of S numbers, N = B·T rows, T per sequence (CPU): for a step x
 // (x = −δ for the Newton methods, sign −1) next = s + sign·x with non-finite numbers set to
@@ -153,17 +183,17 @@ PNEWTON_HD void fused_cell_element(const FusedCellParams& p, int64_t n, int64_t 
   const bool lstm = p.cell == FusedCell::lstm;
   const int64_t S = lstm ? 2 * D : D;
   const T* gi = static_cast<const T*>(p.gi) + n * G * D;
-  const T* gh = static_cast<const T*>(p.gh);  // null for per-channel weights
+  const T *s, *gh;  // gh: null for per-channel weights
+  fused_sources<T>(p, n, S, s, gh);
   const T* b = static_cast<const T*>(p.b);
   const T* wd = static_cast<const T*>(p.w);
-  const T* s = static_cast<const T*>(p.s) + n * S;
   const T h = lstm ? s[2 * d] : s[d], c = lstm ? s[2 * d + 1] : T(0);
   T x[4], w[4], hn = T(0);
   PNEWTON_UNROLL
   for (int k = 0; k < 4; ++k) {
     if (k >= G) break;
     w[k] = wd[k * D + d];
-    const T hk = (p.diagonal_weights ? w[k] * h : gh[n * G * D + k * D + d]) + (b ? b[k * D + d] : T(0));
+    const T hk = (p.diagonal_weights ? w[k] * h : gh[k * D + d]) + (b ? b[k * D + d] : T(0));
     if (p.cell == FusedCell::gru && k == 2) {
       hn = hk, x[k] = gi[k * D + d];
     } else {

@@ -83,8 +83,8 @@ void rows(const FusedCellParams& p, int64_t begin, int64_t end) {
   const T* wd = static_cast<const T*>(p.w);
   for (int64_t n = begin; n < end; ++n) {
     const T* gi = static_cast<const T*>(p.gi) + n * G * D;
-    const T* gh = p.gh ? static_cast<const T*>(p.gh) + n * G * D : nullptr;
-    const T* s = static_cast<const T*>(p.s) + n * S;
+    const T *s, *gh;
+    fused_sources<T>(p, n, S, s, gh);
     const T* cur = p.current ? static_cast<const T*>(p.current) + n * S : nullptr;
     T* F = static_cast<T*>(p.F) + n * S;
     T* R = p.R ? static_cast<T*>(p.R) + n * S : nullptr;

@@ -189,36 +189,38 @@ bool Cell::fusable(const at::Tensor& s, const at::Tensor& gi, std::optional<Jaco
   return plain(s, s) && plain(gi, s) && plain(W_, s) && (!b_.defined() || plain(b_, s));
 }
 
-Cell::Iteration Cell::fused(const at::Tensor& prev, const at::Tensor& current, const at::Tensor& gi,
-                            std::optional<JacobianPart> part, const at::Tensor& padding,
-                            const at::Tensor& reset, Workspace* workspace) const {
-  const int64_t N = prev.size(0);
-  const at::Tensor s_c = prev.contiguous(), gi_c = gi.contiguous();
+Cell::Iteration Cell::fused(const at::Tensor& rows, const at::Tensor& gi, std::optional<JacobianPart> part,
+                            const Shift* shift, Workspace* workspace) const {
+  const int64_t N = rows.size(0), S = state_size();
+  const at::Tensor s_c = rows.contiguous(), gi_c = gi.contiguous();
+  const auto opts = s_c.options();
   // W_hh h without b_hh (the pass adds it: no broadcast copy before the GEMM); the
   // per-channel cells form w ⊙ h in the pass.
-  at::Tensor gh;
-  if (!diagonal_weights()) {
-    gh = empty_in(workspace, {N, gate_size()}, s_c.options());
-    at::mm_out(gh, hidden_of(s_c), W_.t());
+  auto recurrent_rows = [&](const at::Tensor& states) {
+    if (diagonal_weights() || !states.defined()) return at::Tensor();
+    at::Tensor gh = empty_in(workspace, {states.size(0), gate_size()}, opts);
+    return at::mm_out(gh, hidden_of(states), W_.t());
+  };
+  const at::Tensor gh = recurrent_rows(s_c);
+  at::Tensor first, s0, pad, res;
+  if (shift) {
+    first = shift->first.contiguous(), s0 = shift->reset.defined() ? shift->s0.contiguous() : at::Tensor();
+    pad = shift->padding.defined() ? shift->padding.contiguous() : at::Tensor();
+    res = shift->reset.defined() ? shift->reset.contiguous() : at::Tensor();
   }
+  const at::Tensor first_gh = recurrent_rows(first), s0_gh = recurrent_rows(s0);
   // The diagonal of each D×D gate block of W_hh, [G, D] (per-channel weights: W_hh itself).
   const at::Tensor w = diagonal_weights() ? W_.contiguous() : gate_diagonals_;
   const at::Tensor b = b_.defined() ? b_.contiguous() : at::Tensor();
-  const at::Tensor cur = current.defined() ? current.contiguous() : at::Tensor();
-  const at::Tensor pad = padding.defined() ? padding.contiguous() : at::Tensor();
-  const at::Tensor res = reset.defined() ? reset.contiguous() : at::Tensor();
   Iteration it;
-  const int64_t S = state_size();
-  it.F = empty_in(workspace, {N, S}, s_c.options());
+  it.F = empty_in(workspace, {N, S}, opts);
   if (part) {
-    it.J = *part == JacobianPart::diagonal ? empty_in(workspace, {N, S}, s_c.options())
-                                           : empty_in(workspace, {N, D_, 2, 2}, s_c.options());
+    it.J = *part == JacobianPart::diagonal ? empty_in(workspace, {N, S}, opts) : empty_in(workspace, {N, D_, 2, 2}, opts);
   }
-  if (cur.defined()) it.R = empty_in(workspace, {N, S}, s_c.options());
-  const bool cpu = prev.is_cpu();
-  if (cur.defined() && cpu) {
-    it.row_residual = empty_in(workspace, {N}, s_c.options());
-    it.row_scale = empty_in(workspace, {N}, s_c.options());
+  const bool cpu = rows.is_cpu();
+  if (shift) {
+    it.R = empty_in(workspace, {N, S}, opts);
+    if (cpu) it.row_residual = empty_in(workspace, {N}, opts), it.row_scale = empty_in(workspace, {N}, opts);
   }
   FusedCellParams p;
   p.cell = is_lstm() ? FusedCell::lstm
@@ -229,14 +231,19 @@ Cell::Iteration Cell::fused(const at::Tensor& prev, const at::Tensor& current, c
   p.diagonal_weights = diagonal_weights();
   p.N = N, p.D = D_;
   p.gi = gi_c.const_data_ptr(), p.gh = data_or_null(gh), p.b = data_or_null(b), p.w = w.const_data_ptr();
-  p.s = s_c.const_data_ptr(), p.current = data_or_null(cur);
-  p.padding = pad.defined() ? pad.const_data_ptr<bool>() : nullptr;
-  p.reset = res.defined() ? res.const_data_ptr<bool>() : nullptr;
+  p.s = s_c.const_data_ptr();
+  if (shift) {
+    p.T = shift->T, p.current = s_c.const_data_ptr();
+    p.first = first.const_data_ptr(), p.first_gh = data_or_null(first_gh);
+    p.s0 = data_or_null(s0), p.s0_gh = data_or_null(s0_gh);
+    p.padding = pad.defined() ? pad.const_data_ptr<bool>() : nullptr;
+    p.reset = res.defined() ? res.const_data_ptr<bool>() : nullptr;
+  }
   p.F = it.F.mutable_data_ptr(), p.J = it.J.defined() ? it.J.mutable_data_ptr() : nullptr;
   p.R = it.R.defined() ? it.R.mutable_data_ptr() : nullptr;
   p.row_residual = it.row_residual.defined() ? it.row_residual.mutable_data_ptr() : nullptr;
   p.row_scale = it.row_scale.defined() ? it.row_scale.mutable_data_ptr() : nullptr;
-  const DType dtype = prev.scalar_type() == at::kFloat ? DType::f32 : DType::f64;
+  const DType dtype = rows.scalar_type() == at::kFloat ? DType::f32 : DType::f64;
   RECORD_FUNCTION("pnewton::fused_cell_pass", std::vector<c10::IValue>());  // benchmarks/bench_layers.py --split
   if (!cpu) {
 #if PNEWTON_WITH_CUDA
@@ -244,7 +251,7 @@ Cell::Iteration Cell::fused(const at::Tensor& prev, const at::Tensor& current, c
 #else
     TORCH_CHECK(false, "pnewton: this build has no CUDA kernels (rebuild with nvcc available)");
 #endif
-    if (cur.defined()) {  // the row maxima, as one reduction each (F masked like R)
+    if (shift) {  // the row maxima, as one reduction each (F masked like R)
       it.row_residual = at::linalg_vector_norm(it.R, INFINITY, at::IntArrayRef{1});
       const at::Tensor F = pad.defined() ? it.F.masked_fill(pad.unsqueeze(1), 0) : it.F;
       it.row_scale = at::linalg_vector_norm(F, INFINITY, at::IntArrayRef{1});
@@ -257,16 +264,19 @@ Cell::Iteration Cell::fused(const at::Tensor& prev, const at::Tensor& current, c
   return it;
 }
 
-std::optional<Cell::Iteration> Cell::iterate(const at::Tensor& prev, const at::Tensor& current, const at::Tensor& gi,
-                                             std::optional<JacobianPart> part, const at::Tensor& padding,
-                                             const at::Tensor& reset, Workspace* workspace) const {
-  if (!fusable(prev, gi, part) || !plain(current, prev)) return std::nullopt;
-  return fused(prev, current, gi, part, padding, reset, workspace);
+std::optional<Cell::Iteration> Cell::iterate(const at::Tensor& states, const at::Tensor& s0, const at::Tensor& entering,
+                                             const at::Tensor& gi, std::optional<JacobianPart> part,
+                                             const at::Tensor& padding, const at::Tensor& reset,
+                                             Workspace* workspace) const {
+  const at::Tensor& first = entering.defined() ? entering : s0;
+  if (!fusable(states, gi, part) || !plain(s0, states) || !plain(first, states)) return std::nullopt;
+  const Shift shift{states.size(1), first, s0, padding, reset};
+  return fused(states.flatten(0, 1), gi, part, &shift, workspace);
 }
 
 Cell::Evaluation Cell::evaluate(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const {
   if (fusable(s, gi, part)) {
-    Iteration it = fused(s, at::Tensor(), gi, part, at::Tensor(), at::Tensor(), nullptr);
+    Iteration it = fused(s, gi, part, nullptr, nullptr);
     return {it.F, it.J};
   }
   return evaluate_aten(s, gi, part);

@@ -61,16 +61,18 @@ class Cell : public CellFunction {
   Evaluation evaluate(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const override;
 
   // One Newton iteration's evaluation in the same fused pass, where it applies: at the
-  // states `current` [N, S] of every row, which read `prev` [N, S], F = f(prev, gi), J in
-  // `part` (zero on `reset` rows), R = current − F (zero on `padding` rows), and per row
-  // max |R| and max |F| ([N], 0 on padding rows, NaN propagating). padding, reset: [N]
-  // bool or undefined. nullopt where the pass does not apply (then: evaluate and ATen ops).
-  // The outputs (and the GEMM's) are buffers of `workspace` when one is given.
+  // states [B, T, S], each step reading the previous one (its sequence's `entering` state
+  // [B, S] at t = 0, s0 [B, S] at `reset` steps; undefined entering: s0), F = f(previous,
+  // gi), J in `part` (zero at reset steps), R = states − F (zero on `padding` steps), and
+  // per step max |R| and max |F| ([B·T], 0 on padding, NaN propagating). padding, reset:
+  // [B·T] bool or undefined. The previous states are read in place, never copied; the
+  // outputs (and the GEMM's) are buffers of `workspace` when one is given. nullopt where the
+  // pass does not apply (then: evaluate and ATen ops).
   struct Iteration {
     at::Tensor F, J, R, row_residual, row_scale;
   };
-  std::optional<Iteration> iterate(const at::Tensor& prev, const at::Tensor& current, const at::Tensor& gi,
-                                   std::optional<JacobianPart> part, const at::Tensor& padding,
+  std::optional<Iteration> iterate(const at::Tensor& states, const at::Tensor& s0, const at::Tensor& entering,
+                                   const at::Tensor& gi, std::optional<JacobianPart> part, const at::Tensor& padding,
                                    const at::Tensor& reset, Workspace* workspace = nullptr) const;
   at::Tensor step(const at::Tensor& s, const at::Tensor& gi) const override;
   at::Tensor jacobian(const at::Tensor& s, const at::Tensor& gi, JacobianPart part) const override;
@@ -104,10 +106,14 @@ class Cell : public CellFunction {
  private:
   // Whether the fused pass applies to these tensors and this part.
   bool fusable(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const;
-  // The fused pass (see iterate; current undefined: F and J only).
-  Iteration fused(const at::Tensor& prev, const at::Tensor& current, const at::Tensor& gi,
-                  std::optional<JacobianPart> part, const at::Tensor& padding, const at::Tensor& reset,
-                  Workspace* workspace) const;
+  // The fused pass. Without `shift`: rows [N, S] are the states each row reads, F and J
+  // only. With it: rows are the steps' own states (iterate).
+  struct Shift {
+    int64_t T;
+    at::Tensor first, s0, padding, reset;
+  };
+  Iteration fused(const at::Tensor& rows, const at::Tensor& gi, std::optional<JacobianPart> part,
+                  const Shift* shift, Workspace* workspace) const;
   // The same in ATen ops: any part, differentiable, and the reference of the fused one.
   Evaluation evaluate_aten(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const;
   at::Tensor recurrent(const at::Tensor& h) const;              // gh [N, G]

@@ -330,17 +330,18 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
     at::Tensor F, J, r, r_per_step, F_per_step;
   };
   auto evaluate = [&](const at::Tensor& s, bool with_jacobian) {
-    const at::Tensor prev = previous_steps(s0, s, o.resets, entering_state(shards, s0, s));
+    const at::Tensor entering = entering_state(shards, s0, s);
     const std::optional<JacobianPart> want = newton_like && with_jacobian ? std::optional<JacobianPart>(part)
                                                                           : std::nullopt;
     if (builtin != nullptr) {
       const at::Tensor rows_padding = padding.defined() ? padding.view({B * T}) : at::Tensor();
       const at::Tensor rows_reset = o.resets.defined() ? o.resets.reshape({B * T}) : at::Tensor();
-      if (auto it = builtin->iterate(flat(prev), flat(s), gi_flat, want, rows_padding, rows_reset, p.workspace.get())) {
+      if (auto it = builtin->iterate(s, s0, entering, gi_flat, want, rows_padding, rows_reset, p.workspace.get())) {
         return Evaluation{it->F.view({B, T, S}), it->J.defined() ? it->J.view(shape) : it->J, it->R.view({B, T, S}),
                           it->row_residual.view({B, T}), it->row_scale.view({B, T})};
       }
     }
+    const at::Tensor prev = previous_steps(s0, s, o.resets, entering);
     CellFunction::Evaluation e = cell.evaluate(flat(prev), gi_flat, want);
     at::Tensor jacobian = e.J.defined() ? e.J.view(shape) : e.J;
     if (carried.defined() && jacobian.defined()) jacobian = jacobian * carried.view(jacobian_mask_shape(shape));

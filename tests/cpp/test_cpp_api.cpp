@@ -398,47 +398,80 @@ TEST(CppApi, BadInputRaisesErrorsNamingTheArgument) {
 
 // The CUDA kernel's per-thread code (fused_cell_element, kernels/cell_fused.h), run on the
 // host, against the vectorised CPU pass of the ATen capability in use: the same F, J, R for
-// every cell and part, with padding and reset rows and a hidden size off the vector width.
+// every cell and part, with padding and reset rows and a hidden size off the vector width;
+// and the shifted reads of the iteration (each step reads the previous row, the entering
+// state at t = 0, s0 at resets) against the same pass given those previous rows copied out.
 template <typename T>
 void expect_mirrors_the_vector_pass(pnewton::FusedCell cell, pnewton::FusedPart part, bool diagonal_weights,
                                     double tol) {
   using namespace pnewton;
+  using torch::indexing::Slice;
   torch::manual_seed(1);
-  const int64_t N = 29, D = 21, G = fused_gates(cell), S = cell == FusedCell::lstm ? 2 * D : D;
+  const int64_t B = 3, Tn = 10, N = B * Tn, D = 21, G = fused_gates(cell), S = cell == FusedCell::lstm ? 2 * D : D;
   const auto opts = torch::TensorOptions().dtype(std::is_same_v<T, float> ? torch::kFloat : torch::kDouble);
+  const DType dtype = std::is_same_v<T, float> ? DType::f32 : DType::f64;
   const auto gi = torch::randn({N, G * D}, opts), gh = torch::randn({N, G * D}, opts);
   const auto w = torch::randn({G * D}, opts), b = torch::randn({G * D}, opts) * 0.1;
   const auto s = torch::randn({N, S}, opts), current = torch::randn({N, S}, opts);
-  const auto padding = torch::rand({N}) < 0.2, reset = torch::rand({N}) < 0.2;
+  const auto first = torch::randn({B, S}, opts), first_gh = torch::randn({B, G * D}, opts);
+  const auto s0 = torch::randn({B, S}, opts), s0_gh = torch::randn({B, G * D}, opts);
+  const auto padding = torch::arange(N) % 7 == 3, reset = torch::arange(N) % 5 == 1;
+  // The rows the shifted reads stand for.
+  auto previous = [&](const torch::Tensor& rows, const torch::Tensor& entering, const torch::Tensor& at_reset) {
+    const auto r = rows.view({B, Tn, -1});
+    auto prev = torch::cat({entering.unsqueeze(1), r.index({Slice(), Slice(0, Tn - 1)})}, 1);
+    return torch::where(reset.view({B, Tn, 1}), at_reset.unsqueeze(1), prev).reshape({N, -1}).contiguous();
+  };
+  const auto prev_s = previous(current, first, s0), prev_gh = previous(gh, first_gh, s0_gh);
   const int64_t J_size = part == FusedPart::block2 ? 4 * D : S;
-  std::vector<torch::Tensor> out[2];
-  for (int pass = 0; pass < 2; ++pass) {
+  enum Variant { vector, thread, shifted };
+  std::vector<torch::Tensor> out[3];
+  for (const Variant variant : {vector, thread, shifted}) {
     FusedCellParams p;
     p.cell = cell, p.part = part, p.diagonal_weights = diagonal_weights, p.N = N, p.D = D;
-    p.gi = gi.data_ptr(), p.gh = diagonal_weights ? nullptr : gh.data_ptr(), p.b = b.data_ptr(), p.w = w.data_ptr();
-    p.s = s.data_ptr(), p.current = current.data_ptr();
+    p.gi = gi.data_ptr(), p.b = b.data_ptr(), p.w = w.data_ptr(), p.current = current.data_ptr();
     p.padding = padding.data_ptr<bool>(), p.reset = reset.data_ptr<bool>();
-    out[pass] = {torch::full({N, S}, NAN, opts), torch::full({N, J_size}, NAN, opts), torch::full({N, S}, NAN, opts)};
-    p.F = out[pass][0].data_ptr(), p.J = out[pass][1].data_ptr(), p.R = out[pass][2].data_ptr();
-    const auto row_residual = torch::empty({N}, opts), row_scale = torch::empty({N}, opts);
-    if (pass == 0) {
-      p.row_residual = row_residual.data_ptr(), p.row_scale = row_scale.data_ptr();
-      cpu::fused_cell_cpu(p, std::is_same_v<T, float> ? DType::f32 : DType::f64, 0, N);
-      const auto masked = [&](const torch::Tensor& x) { return x.masked_fill(padding.unsqueeze(1), 0); };
-      expect_close(row_residual, masked(out[0][2]).abs().amax(1), 0);
-      expect_close(row_scale, masked(out[0][0]).abs().amax(1), 0);
+    if (variant == shifted) {
+      p.T = Tn, p.s = current.data_ptr(), p.gh = gh.data_ptr(), p.first = first.data_ptr(), p.s0 = s0.data_ptr();
+      p.first_gh = first_gh.data_ptr(), p.s0_gh = s0_gh.data_ptr();
     } else {
+      p.s = (variant == vector ? s : prev_s).data_ptr(), p.gh = (variant == vector ? gh : prev_gh).data_ptr();
+    }
+    if (diagonal_weights) p.gh = p.first_gh = p.s0_gh = nullptr;
+    auto& o = out[variant];
+    o = {torch::full({N, S}, NAN, opts), torch::full({N, J_size}, NAN, opts), torch::full({N, S}, NAN, opts)};
+    p.F = o[0].data_ptr(), p.J = o[1].data_ptr(), p.R = o[2].data_ptr();
+    const auto row_residual = torch::empty({N}, opts), row_scale = torch::empty({N}, opts);
+    if (variant == thread) {
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t d = 0; d < D; ++d) fused_cell_element<T>(p, n, d);
       }
+      continue;
     }
+    p.row_residual = row_residual.data_ptr(), p.row_scale = row_scale.data_ptr();
+    cpu::fused_cell_cpu(p, dtype, 0, N);
+    const auto masked = [&](const torch::Tensor& x) { return x.masked_fill(padding.unsqueeze(1), 0); };
+    expect_close(row_residual, masked(o[2]).abs().amax(1), 0);
+    expect_close(row_scale, masked(o[0]).abs().amax(1), 0);
+    if (part != FusedPart::none) EXPECT_EQ(o[1].index({reset}).abs().max().template item<double>(), 0.0);
+    EXPECT_EQ(o[2].index({padding}).abs().max().template item<double>(), 0.0);
   }
+  // The vector pass over the copied previous rows, for the shifted one.
+  FusedCellParams p;
+  p.cell = cell, p.part = part, p.diagonal_weights = diagonal_weights, p.N = N, p.D = D;
+  p.gi = gi.data_ptr(), p.b = b.data_ptr(), p.w = w.data_ptr(), p.current = current.data_ptr();
+  p.padding = padding.data_ptr<bool>(), p.reset = reset.data_ptr<bool>();
+  p.s = prev_s.data_ptr(), p.gh = diagonal_weights ? nullptr : prev_gh.data_ptr();
+  std::vector<torch::Tensor> copied{torch::full({N, S}, NAN, opts), torch::full({N, J_size}, NAN, opts),
+                                    torch::full({N, S}, NAN, opts)};
+  p.F = copied[0].data_ptr(), p.J = copied[1].data_ptr(), p.R = copied[2].data_ptr();
+  cpu::fused_cell_cpu(p, dtype, 0, N);
   for (int k = 0; k < 3; ++k) {
     if (k == 1 && part == FusedPart::none) continue;
-    expect_close(out[0][k], out[1][k], tol);
+    expect_close(out[thread][k], copied[k], tol);    // thread code == vector pass
+    expect_close(out[shifted][k], copied[k], 0);     // shifted reads == copied rows
   }
-  if (part != FusedPart::none) EXPECT_EQ(out[0][1].index({reset}).abs().max().item<double>(), 0.0);
-  EXPECT_EQ(out[0][2].index({padding}).abs().max().item<double>(), 0.0);
+  (void)out[vector];
 }
 
 TEST(FusedCellPass, CudaThreadCodeMirrorsTheVectorisedCpuPass) {
