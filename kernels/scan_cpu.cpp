@@ -22,7 +22,13 @@ bool unit_channels(const ScanParams& p) {
   return p.k == 1 && p.A_stride[2] == 1 && p.b_stride[2] == 1 && p.x_stride[2] == 1;
 }
 
-// Pointers of a k = 1 tile at position pos, and their steps per position.
+// Contiguous 2×2 blocks (A [.., H, 2, 2], b and x [.., H, 2]): the LSTM's block_deer scan.
+bool unit_blocks2(const ScanParams& p) {
+  return p.k == 2 && p.A_stride[2] == 4 && p.A_stride[3] == 2 && p.A_stride[4] == 1 && p.b_stride[2] == 2 &&
+         p.b_stride[3] == 1 && p.x_stride[2] == 2 && p.x_stride[3] == 1;
+}
+
+// Pointers of a k = 1 tile (or of unit 2×2 blocks) at position pos, and their steps per position.
 template <typename T>
 struct DiagCursor {
   const T* a;
@@ -62,6 +68,32 @@ void scan_tile(const ScanParams& p, int64_t b, int64_t h0, int64_t h1, int64_t p
         x[0] = s[0] = a[0] * s[0] + v[0];
       } else {
         for (int64_t i = 0; i < n; ++i) x[i] = s[i] = a[i] * s[i] + v[i];
+      }
+    }
+    return;
+  }
+  if (K == 2 && unit_blocks2(p)) {
+    // As the generic loop below (affine_apply's order of operations), without its index
+    // arithmetic per block.
+    const int64_t n = h1 - h0;
+    T* __restrict__ s = state;
+    DiagCursor<T> cur(p, b, h0, pos0);
+    const int64_t off = p.transpose ? 2 : 1, on = p.transpose ? 1 : 2;  // (0, 1) and (1, 0) entries
+    for (int64_t pos = pos0; pos < pos1; ++pos, cur.advance()) {
+      const T* __restrict__ a = cur.a;
+      const T* __restrict__ v = cur.v;
+      T* __restrict__ x = cur.x;
+      if (p.shift && pos == 0) {
+        for (int64_t i = 0; i < 2 * n; ++i) x[i] = s[i] = v[i];
+        continue;
+      }
+      for (int64_t h = 0; h < n; ++h) {
+        const T* m = a + 4 * h;
+        const T s0 = s[2 * h], s1 = s[2 * h + 1];
+        const T y0 = v[2 * h] + m[0] * s0 + m[off] * s1;
+        const T y1 = v[2 * h + 1] + m[on] * s0 + m[3] * s1;
+        x[2 * h] = s[2 * h] = y0;
+        x[2 * h + 1] = s[2 * h + 1] = y1;
       }
     }
     return;
