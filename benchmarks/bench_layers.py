@@ -70,7 +70,9 @@ FUSED_OPS = ("pnewton::fused_cell_pass", "pnewton::newton_update")
 
 def iteration_split(layer, x, iterations):
     """ms per Newton iteration of one forward: (GEMM, fused passes, scans, rest)."""
+    import warnings
     from torch.profiler import ProfilerActivity, profile
+    warnings.filterwarnings("ignore", message=".*Profiler clears events")
     cuda = x.is_cuda
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch.no_grad(), profile(activities=activities) as prof:
