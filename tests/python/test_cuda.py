@@ -126,13 +126,21 @@ def test_opcheck_newton_rnn_on_gpu():
                            torch.rand(2, device="cuda") + 0.1))
 
 
-@pytest.mark.parametrize("cell,method", [("gru", "quasi_deer"), ("lstm", "block_deer"), ("diag_lstm", "deer")])
-def test_fused_cell_kernel_matches_the_aten_form_on_gpu(cell, method, monkeypatch):
+@pytest.mark.parametrize("cell,method", [("gru", "quasi_deer"), ("lstm", "block_deer"), ("diag_lstm", "deer"),
+                                         ("rnn_tanh", "quasi_deer"), ("rnn_relu", "quasi_deer")])
+@pytest.mark.parametrize("masks", [False, True])
+def test_fused_cell_kernel_matches_the_aten_form_on_gpu(cell, method, masks, monkeypatch):
+    # The kernel's shifted reads, residual, padding and reset masks against the ATen form.
     args = [t.cuda().requires_grad_() for t in problem(cell, B=3, T=3000, D=16, seed=6)]
-    fused, stats = pnewton.newton_rnn(cell, *args, method=method)
+    kwargs = {}
+    if masks:
+        resets = torch.zeros(3, 3000, dtype=torch.bool, device="cuda")
+        resets[0, [1, 1500]] = True
+        kwargs = dict(lengths=torch.tensor([3000, 1999, 0], device="cuda"), resets=resets)
+    fused, stats = pnewton.newton_rnn(cell, *args, method=method, **kwargs)
     grads = torch.autograd.grad(fused.square().sum(), args)
     monkeypatch.setenv("PNEWTON_FUSED_CELLS", "0")
-    aten, stats_aten = pnewton.newton_rnn(cell, *args, method=method)
+    aten, stats_aten = pnewton.newton_rnn(cell, *args, method=method, **kwargs)
     grads_aten = torch.autograd.grad(aten.square().sum(), args)
     assert stats.iterations.tolist() == stats_aten.iterations.tolist()
     torch.testing.assert_close(fused, aten, rtol=1e-12, atol=1e-12)
