@@ -350,6 +350,12 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
     return Evaluation{F_s, jacobian, r_s, max_abs_per_step(r_s),
                       max_abs_per_step(padding.defined() ? F_s.masked_fill(padding, 0) : F_s)};
   };
+  // Converged: every state finite, and within tolerance of the solution, judged by the
+  // error estimate max_t |δ_t| of the step just taken (the residual alone understates the
+  // error by the recurrence's memory, 1/(1 − contraction)); or, for the methods that make one
+  // more state exact per iteration, as many iterations in this stage as the sequence has
+  // steps; or an exact residual. Once converged, a sequence stays so (its states no longer
+  // move). A finite residual s − F means finite states.
   const at::Tensor steps = o.lengths.defined() ? o.lengths : at::full({B}, steps_all, p.iterations.options());
   const at::Tensor iterations_before = p.iterations.clone();
   at::Tensor nonfinite_merit = at::zeros({B}, p.iterations.options());
