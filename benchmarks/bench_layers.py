@@ -1,7 +1,7 @@
 """pnewton layers against sequential layers: time, peak memory, Newton iterations, agreement.
 
     python benchmarks/bench_layers.py [--device cpu|cuda] [--B 16] [--D 16 64] [--T 1024 8192]
-        [--layers GRU:quasi_deer LSTM:block_deer DiagGRU:auto] [--deadline 300]
+        [--layers GRU:quasi_deer LSTM:block_deer DiagGRU:auto] [--deadline 300] [--adjoint auto]
 
 GRU/LSTM/RNN run against torch.nn on the same weights (cuDNN on a GPU); DiagGRU/DiagLSTM
 against the same layer with method="sequential" (their own step-by-step loop). For each
@@ -52,16 +52,16 @@ def sequential_reference(ref, x):
             chunk //= 2
 
 
-def layers(kind, D, method, x):
+def layers(kind, D, method, x, adjoint="auto"):
     """(ours, reference, reference chunk length) on the same weights."""
     device, T = x.device, x.shape[1]
     if kind.startswith("Diag"):
-        ours = getattr(pnewton, kind)(D, D, batch_first=True, method=method).to(device)
+        ours = getattr(pnewton, kind)(D, D, batch_first=True, method=method, adjoint=adjoint).to(device)
         ref = getattr(pnewton, kind)(D, D, batch_first=True, method="sequential").to(device)
         ref.load_state_dict(ours.state_dict())
         return ours, ref, T
     ref = getattr(torch.nn, kind)(D, D, batch_first=True).to(device)
-    return (pnewton.from_torch(ref, method=method), *sequential_reference(ref, x))
+    return (pnewton.from_torch(ref, method=method, adjoint=adjoint), *sequential_reference(ref, x))
 
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul")
@@ -141,6 +141,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--deadline", type=float, default=float("inf"), help="seconds; later cases are skipped")
     parser.add_argument("--tag", default="", help="appended to the layer column (e.g. a variant's name)")
+    parser.add_argument("--adjoint", default="auto", choices=["auto", "scan", "iterative", "sequential"])
     parser.add_argument("--split", action="store_true", help="per-iteration time split and traffic (see above)")
     args = parser.parse_args()
     dev = args.device
@@ -161,7 +162,7 @@ def main():
                     torch.manual_seed(0)
                     x = torch.randn(B, T, D, device=dev)
                     try:
-                        ours, ref, chunk = layers(kind, D, method, x)
+                        ours, ref, chunk = layers(kind, D, method, x, args.adjoint)
                         with torch.no_grad():
                             diff = (ours(x)[0] - ref(x)[0]).abs().max().item()
                         iters = int(ours.last_stats.iterations.max())

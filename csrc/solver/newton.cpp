@@ -485,7 +485,7 @@ constexpr double kAutoLambda = 0.1;
 // the same one the adjoint uses.
 constexpr int64_t kDenseBudget = int64_t(1) << 24;
 // The largest state size whose dense Jacobian the automatic adjoint scans (solve_adjoint).
-constexpr int64_t kDenseScanStates = 16;
+constexpr int64_t kDenseScanStates = 8;
 std::vector<Method> auto_stages(const CellFunction& cell, int64_t dense_size, bool sharded) {
   std::vector<Method> stages;
   if (cell.structure() != JacobianPart::dense) {
@@ -785,8 +785,9 @@ at::Tensor solve_adjoint(const CellFunction& cell, const at::Tensor& s_prev, con
   if (adjoint == Adjoint::automatic) {
     // The dense Jacobian costs B·T·S² numbers (per shard: the longest one decides, alike on
     // every rank) and its scan B·T·S³ operations against the iterative adjoint's few sweeps
-    // of B·T·S·G: form it only while both stay small. GRU, 1 CPU thread, forward+backward:
-    // the scan is 7–15% faster at S = 16, the iterative adjoint 30–55% faster at S = 32, 64.
+    // of one GEMM each: form it only while both stay small. GRU, B = 1, T = 4096, 1 CPU
+    // thread, forward+backward (benchmarks/bench_layers.py --adjoint): equal at S = 4 and
+    // 8, the iterative adjoint 1.5×, 2.9× and 5.8× faster at S = 16, 32 and 64.
     int64_t T = g.size(1);
     if (shards) {
       for (int64_t q = 0; q < shards->count(); ++q) T = std::max(T, shards->length(q));

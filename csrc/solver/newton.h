@@ -81,7 +81,7 @@ struct NewtonGrads {
 // scan: forms the true Jacobian (diagonal, 2×2 blocks or dense: O(T·S²) memory) and runs
 // one transposed reverse scan. iterative: never forms it; λ is iterated with the diagonal
 // scan as preconditioner and matrix-free Aᵀλ products, to tolerance, then falls back to
-// the sequential reverse sweep. automatic: scan for structured cells or while S ≤ 16 and B·T·S² ≤ 2^24.
+// the sequential reverse sweep. automatic: scan for structured cells or while S ≤ 8 and B·T·S² ≤ 2^24.
 // λ_t = g_t + A_{t+1}ᵀ λ_{t+1} for the true Jacobian A_t = ∂f/∂s at (s_prev_t, u_t):
 // s_prev and u_flat are flattened [B·T, ...] rows, g is [B, T, S].
 // carried [B, T, 1] (or undefined): 0 where a reset step's Jacobian is zero.
