@@ -4,7 +4,10 @@ step (forward + backward), median of 5 calls after one warm-up call (which, for 
 auto, is the call that measures its choice), torch.nn and pnewton interleaved twice.
 Prints the time ratio pnewton / torch.nn and the path auto took.
 
-    python benchmarks/bench_dropin.py THREADS
+    python benchmarks/bench_dropin.py THREADS [grid]
+
+grid: instead of the named cases, single-layer GRU/LSTM/RNN over T 16, 256, 4096, B 1 and 16,
+hidden 16 and 128 (input size = hidden), float32; the worst ratio is printed last.
 """
 import statistics
 import sys
@@ -26,6 +29,9 @@ CASES = [
      torch.float32),
     ("LSTM x2, time series float64", lambda: torch.nn.LSTM(1, 51, num_layers=2), 21, 299, torch.float64),
 ]
+if sys.argv[2:] == ["grid"]:
+    CASES = [(f"{kind} hidden {D}", (lambda kind=kind, D=D: getattr(torch.nn, kind)(D, D)), B, T, torch.float32)
+             for kind in ("GRU", "LSTM", "RNN") for D in (16, 128) for B in (1, 16) for T in (16, 256, 4096)]
 
 
 def median_time(call):
@@ -53,6 +59,7 @@ def training(layer, x):
 
 
 print(f"threads {sys.argv[1]}")
+worst = (0.0, "")
 for name, make, B, T, dtype in CASES:
     ref = make().to(dtype)
     ours = pnewton.from_torch(ref)
@@ -62,4 +69,7 @@ for name, make, B, T, dtype in CASES:
              median_time(wrap(ours, x))]
         ratio = (r[1] + r[3]) / (r[0] + r[2])
         print(f"{name}, B={B} T={T} {mode}: torch.nn {1e3 * (r[0] + r[2]) / 2:.1f} ms, "
-              f"pnewton {1e3 * (r[1] + r[3]) / 2:.1f} ms, ratio {ratio:.2f}x, path {ours.last_stats.method}")
+              f"pnewton {1e3 * (r[1] + r[3]) / 2:.1f} ms, ratio {ratio:.2f}x, path {ours.last_stats.method}",
+              flush=True)
+        worst = max(worst, (ratio, f"{name}, B={B} T={T} {mode}"))
+print(f"worst ratio {worst[0]:.2f}x: {worst[1]}")

@@ -129,20 +129,20 @@ struct FusedPoint {
   V J[4];
 };
 
-// x[k]: gate k's pre-activation gi_k + gh_k + b_k, except the GRU's candidate: x[2] = gi_n
-// and hn = gh_n + b_n (r multiplies hn). h, c: the previous state; w[k]: the diagonal of
-// gate block k of W_hh. jacobian: whether J is wanted.
 template <typename V, typename M>
 PNEWTON_HD V fused_sigmoid(V v) {
   return V(1) / (V(1) + M::exp(V(0) - v));
 }
 
+// x[k]: gate k's pre-activation gi_k + gh_k + b_k, except the GRU's candidate: x[2] = gi_n
+// and hn = gh_n + b_n (r multiplies hn). h, c: the previous state; w[k]: the diagonal of
+// gate block k of W_hh. jacobian: whether J is wanted.
+
 template <typename V, typename M>
 PNEWTON_HD FusedPoint<V> fused_point(FusedCell cell, bool jacobian, const V* x, V hn, V h, V c, const V* w) {
-  const auto sigmoid = fused_sigmoid<V, M>;
   FusedPoint<V> out;
   if (cell == FusedCell::gru) {
-    const V r = sigmoid(x[0]), z = sigmoid(x[1]);
+    const V r = fused_sigmoid<V, M>(x[0]), z = fused_sigmoid<V, M>(x[1]);
     const V n = M::tanh(x[2] + r * hn);
     out.F[0] = (V(1) - z) * n + z * h;
     if (!jacobian) return out;
@@ -161,7 +161,8 @@ PNEWTON_HD FusedPoint<V> fused_point(FusedCell cell, bool jacobian, const V* x, 
     if (jacobian) out.J[0] = M::positive(x[0]) * w[0];
     return out;
   }
-  const V i = sigmoid(x[0]), f = sigmoid(x[1]), g = M::tanh(x[2]), o = sigmoid(x[3]);
+  const V i = fused_sigmoid<V, M>(x[0]), f = fused_sigmoid<V, M>(x[1]), g = M::tanh(x[2]);
+  const V o = fused_sigmoid<V, M>(x[3]);
   const V c_new = f * c + i * g, tc = M::tanh(c_new);
   out.F[0] = o * tc;
   out.F[1] = c_new;

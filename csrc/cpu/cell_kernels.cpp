@@ -1,15 +1,15 @@
-// The fused cell pass over rows, vectorised across channels with at::vec (Sleef's exp and
-// tanh, as torch's own sigmoid/tanh kernels): kernels/cell_fused.h's fused_point on
-// Vectorized<T>, with the loads, the masks and the row maxima here. Built once per CPU
-// capability (CPU_CAPABILITY = DEFAULT, AVX2, AVX512, with that capability's flags), so
-// this file includes nothing but at::vec: no inline function compiled with wider
-// instructions may be shared with the rest of the library.
+// The fused passes of a Newton iteration over rows, vectorised across channels with
+// at::vec (Sleef's exp, as torch's own sigmoid; Sleef's tanh for float64, float32's below):
+// kernels/cell_fused.h's fused_point on Vectorized<T>, with the loads, the masks and the
+// row maxima here; and the update of the states. Built once per CPU capability
+// (CPU_CAPABILITY = DEFAULT, AVX2, AVX512, with that capability's flags), so this file
+// includes nothing but at::vec: as little inline code as possible compiled with wider
+// instructions (CMakeLists.txt links these builds after the library's own objects).
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <stdexcept>
 
 #include "csrc/cpu/cell_kernels.h"
@@ -123,7 +123,7 @@ void rows(const FusedCellParams& p, int64_t begin, int64_t end) {
         }
       }
       const FusedPoint<V> out = fused_point<V, VecMath>(p.cell, jacobian, x, hn, h, c, w);
-      // Lanes past the row's end hold values of zero inputs: kept out of the maxima.
+      // Lanes past the row's end are no part of it: kept out of the maxima.
       auto valid = [m](const V& v) { return m == L ? v : V::set(V(0), v, m); };
       if (lstm) {
         store_pairs(F + 2 * d, out.F[0], out.F[1]);
