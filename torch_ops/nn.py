@@ -13,6 +13,7 @@ call over the whole sequence (the C++ solver, csrc/solver), the whole stack one
 W_ih x_t + b_ih is one GEMM before each solve. ``DiagGRU`` and ``DiagLSTM`` have per-channel
 recurrent weights (vectors), so their Newton steps are exact with diagonal / 2×2 scans.
 """
+import os
 import warnings
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .distributed import group_name
-from .solve import SolveStats
+from .solve import SolveStats, _bit
 
 # Solver options accepted by the layers, with their defaults (see newton_rnn in csrc/ops.cpp).
 SOLVER_DEFAULTS = dict(method="auto", max_iter=None, atol=None, rtol=None, damping=0.0, clip=0.0,
@@ -98,6 +99,44 @@ def _pop_solver_options(layer, kwargs):
     return {name: kwargs.pop(name) for name in list(kwargs) if name in known}
 
 
+# Below this many steps auto runs torch's fused loop without measuring (csrc/solver/auto_plan.h).
+_MIN_PARALLEL_STEPS = 256
+_TORCH_FORWARD = {"gru": nn.GRU.forward, "lstm": nn.LSTM.forward, "lstm_proj": nn.LSTM.forward,
+                  "rnn_tanh": nn.RNN.forward, "rnn_relu": nn.RNN.forward}
+
+
+class _LoopRecord:
+    """The diagnostics of a call torch.nn's forward ran, made on access as rnn_stack's fused
+    loop makes them (csrc/solver/rnn_stack.cpp, with_loop_stats): every step exact
+    (iterations = the lengths), converged where the final states are finite, in the order
+    the solver sees the batch (a PackedSequence's sorted order)."""
+
+    def __init__(self, input, final, steps, layer):
+        self.input, self.final, self.steps = input, final, steps
+        self.rows = layer.num_layers * (2 if layer.bidirectional else 1)
+        self.method = layer.solver_options.get("method", "auto")
+
+    def stats(self):
+        final = self.final if isinstance(self.final, tuple) else (self.final,)
+        if final[0].dim() == 2:  # unbatched
+            final = tuple(f.unsqueeze(1) for f in final)
+        B = final[0].size(1)
+        if isinstance(self.input, PackedSequence):
+            order = self.input.sorted_indices
+            if order is not None:
+                final = tuple(f.index_select(1, order) for f in final)
+            batch_sizes = self.input.batch_sizes
+            steps = (batch_sizes.unsqueeze(0) > torch.arange(B).unsqueeze(1)).sum(1)
+        else:
+            steps = torch.full((B,), self.steps, dtype=torch.long)
+        device = final[0].device
+        converged = torch.stack([f.isfinite().all(-1).all(0) for f in final]).all(0)
+        residual = torch.where(converged, 0.0, float("nan")).to(final[0].dtype)
+        path = torch.full((self.rows, B), _bit("fused_loop"), dtype=torch.long, device=device)
+        return (steps.to(device).expand(self.rows, B), residual.expand(self.rows, B),
+                converged.expand(self.rows, B), path, self.method)
+
+
 class _NewtonLayer:
     """What a pnewton layer adds to its torch.nn class: the solver options and a forward that
     solves every layer and direction with one ``torch.ops.pnewton.rnn_stack`` call. Listed
@@ -120,10 +159,14 @@ class _NewtonLayer:
         # default: reading the flag costs a host synchronisation.
         self.warn_on_fallback = False
 
+    def _raw_stats(self):
+        raw = self.__dict__.get("_last_raw")  # (absent from layers pickled before it existed)
+        return raw.stats() if isinstance(raw, _LoopRecord) else raw
+
     @property
     def last_stats(self):
         """The last call's diagnostics, the worst over the layers and directions, per sequence."""
-        raw = self.__dict__.get("_last_raw")  # (absent from layers pickled before it existed)
+        raw = self._raw_stats()
         if raw is None:
             return None
         return SolveStats.worst_stacked(*raw)
@@ -131,7 +174,7 @@ class _NewtonLayer:
     @property
     def last_layer_stats(self):
         """One SolveStats per (layer, direction) of the last call, in parameter order."""
-        raw = self.__dict__.get("_last_raw")
+        raw = self._raw_stats()
         if raw is None:
             return None
         *stats, method = raw
@@ -185,10 +228,40 @@ class _NewtonLayer:
         return h, torch.zeros(self.num_layers * directions, batch, self.hidden_size, dtype=input.dtype,
                               device=input.device)
 
+    def _torch_loop_steps(self, input):
+        """The steps of a call that auto (or method="sequential") would hand to torch's fused
+        loop without measuring — fewer than _MIN_PARALLEL_STEPS steps, no trace, no group —
+        else None. rnn_stack decides the same (csrc/solver/auto_plan.h); either way the
+        result is torch.nn's, so a mismatch would cost speed only."""
+        o = self.solver_options
+        method = o.get("method", "auto")
+        if self._cell not in _TORCH_FORWARD or self.sequence_group is not None or o.get("fixed_iterations"):
+            return None
+        if method not in ("auto", "sequential") or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return None
+        if isinstance(input, PackedSequence):
+            steps, empty = input.batch_sizes.numel(), input.data.numel() == 0
+        else:
+            if input.dim() not in (2, 3):
+                return None  # the full forward raises torch.nn's error
+            steps, empty = input.size(1 if self.batch_first and input.dim() == 3 else 0), input.numel() == 0
+        if empty or steps == 0:
+            return None
+        if method == "auto" and (steps >= _MIN_PARALLEL_STEPS or os.environ.get("PNEWTON_AUTO") == "parallel"):
+            return None
+        return steps
+
     def forward(self, input, hx=None):
         """torch.nn's forward: ``input`` [T, B, in] ([B, T, in] if batch_first), [T, in]
         unbatched, or a PackedSequence; ``hx`` the initial state (LSTM: ``(h0, c0)``).
         Returns ``(output, h_n)`` (LSTM: ``(output, (h_n, c_n))``)."""
+        steps = self._torch_loop_steps(input)
+        if steps is not None:
+            # torch.nn's own forward (the at::gru/at::lstm/at::rnn_* call rnn_stack makes for
+            # these calls), without the wrapper's per-call cost: short sequences are common.
+            out, final = _TORCH_FORWARD[self._cell](self, input, hx)
+            self._last_raw = _LoopRecord(input, final, steps, self)
+            return out, final
         packed = isinstance(input, PackedSequence)
         batched, lengths, batch_sizes, sorted_indices, unsorted_indices = True, None, None, None, None
         if packed:

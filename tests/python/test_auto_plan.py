@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import pnewton
 
@@ -115,3 +115,34 @@ def test_compiled_layers_trace_the_solver(measured):
     out_ref, (h_ref, c_ref) = ref(x)
     torch.testing.assert_close(out, out_ref)
     torch.testing.assert_close(c, c_ref)
+
+
+@pytest.mark.parametrize("kind,options", CONFIGS)
+def test_short_calls_run_torch_nn_forward_with_the_loops_diagnostics(kind, options, measured, monkeypatch):
+    # Below 256 steps the layer calls torch.nn's own forward (no rnn_stack wrapper); its
+    # outputs, states and diagnostics are those of rnn_stack's fused loop, for padded,
+    # packed (unsorted) and unbatched input, with a non-finite sequence.
+    ref, ours = _pair(kind, options)
+    x = torch.randn(4, 30, 4) if ours.batch_first else torch.randn(30, 4, 4)
+    x[(2, 3, 1) if ours.batch_first else (3, 2, 1)] = float("nan")
+    packed = pack_padded_sequence(x, torch.tensor([30, 12, 30, 5]), batch_first=ours.batch_first,
+                                  enforce_sorted=False)
+    for inp in (x, packed, x[0] if ours.batch_first else x[:, 0]):
+        results = []
+        for stack in (False, True):
+            if stack:  # the rnn_stack route the short path replaces
+                monkeypatch.setattr(ours, "_torch_loop_steps", lambda input: None)
+            out, final = ours(inp)
+            stats = [(s.iterations.tolist(), s.converged.tolist(), s.path.tolist(), s.residual.isnan().tolist())
+                     for s in ours.last_layer_stats]
+            results.append((out, final, stats, ours.last_stats.method))
+            monkeypatch.undo()
+            monkeypatch.setenv("PNEWTON_AUTO", "measure")
+        (out, final, stats, method), (out_s, final_s, stats_s, method_s) = results
+        expected, expected_final = ref(inp)
+        for a, b in ((out, out_s), (out, expected)):
+            a, b = (a.data, b.data) if isinstance(a, PackedSequence) else (a, b)
+            assert torch.equal(a.nan_to_num(9), b.nan_to_num(9))
+        for a, b in zip(torch.utils._pytree.tree_leaves(final), torch.utils._pytree.tree_leaves(final_s)):
+            assert torch.equal(a.nan_to_num(9), b.nan_to_num(9))
+        assert stats == stats_s and method == method_s == "fused_loop"
