@@ -247,9 +247,30 @@ class _NewtonLayer:
             steps, empty = input.size(1 if self.batch_first and input.dim() == 3 else 0), input.numel() == 0
         if empty or steps == 0:
             return None
-        if method == "auto" and (steps >= _MIN_PARALLEL_STEPS or os.environ.get("PNEWTON_AUTO") == "parallel"):
-            return None
+        if method == "auto":
+            if os.environ.get("PNEWTON_AUTO") == "parallel":
+                return None
+            if steps >= _MIN_PARALLEL_STEPS and not self.__dict__.get("_loop_plans", {}).get(self._plan_key(input)):
+                return None
         return steps
+
+    def _plan_key(self, input):
+        """The call's shape, as fine as rnn_stack's shape class or finer (auto_plan.h)."""
+        packed = isinstance(input, PackedSequence)
+        x = input.data if packed else input
+        shape = (input.batch_sizes.numel(), int(input.batch_sizes[0])) if packed else tuple(input.shape)
+        return (x.device, x.dtype, torch.get_num_threads(), torch.is_grad_enabled(), packed, shape)
+
+    def _remember_plan(self, input, path):
+        """After an auto call of at least _MIN_PARALLEL_STEPS steps through rnn_stack: whether
+        its measured plan was torch's loop (one host read per shape, the first time), so that
+        later calls of the shape take torch.nn's forward directly."""
+        if self.solver_options.get("method", "auto") != "auto" or self._torch_loop_steps(input) is not None:
+            return
+        plans = self.__dict__.setdefault("_loop_plans", {})
+        key = self._plan_key(input)
+        if key not in plans and path.numel() > 0:
+            plans[key] = bool((path == _bit("fused_loop")).all())
 
     def forward(self, input, hx=None):
         """torch.nn's forward: ``input`` [T, B, in] ([B, T, in] if batch_first), [T, in]
@@ -301,6 +322,8 @@ class _NewtonLayer:
             o["damping"], o["clip"], o["init"], o["fixed_iterations"], o["fallback"], o["adjoint"], lengths, None,
             self._sequence_group_name())
         self._last_raw = (iterations, residual, converged, path, o["method"])
+        if not torch.compiler.is_compiling():
+            self._remember_plan(input, path)
         if self.warn_on_fallback and self.last_stats.fallback:
             layers = [i for i, stats in enumerate(self.last_layer_stats) if stats.fallback]
             warnings.warn(f"pnewton.{type(self).__name__}: the sequential fallback computed "

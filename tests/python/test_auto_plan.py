@@ -146,3 +146,25 @@ def test_short_calls_run_torch_nn_forward_with_the_loops_diagnostics(kind, optio
         for a, b in zip(torch.utils._pytree.tree_leaves(final), torch.utils._pytree.tree_leaves(final_s)):
             assert torch.equal(a.nan_to_num(9), b.nan_to_num(9))
         assert stats == stats_s and method == method_s == "fused_loop"
+
+
+def test_a_shape_whose_plan_is_the_loop_then_runs_torch_nn_forward(monkeypatch):
+    # From 256 steps the first call of a shape goes through rnn_stack; once its plan is the
+    # loop, the layer remembers it and later calls of the shape take torch.nn's forward.
+    monkeypatch.setenv("PNEWTON_AUTO", "fused_loop")
+    ref, ours = _pair(torch.nn.LSTM, dict(num_layers=2))
+    x = torch.randn(300, 3, 4)
+    first, (h1, c1) = ours(x)
+    stats = ours.last_stats
+    assert list(ours._loop_plans.values()) == [True]
+    assert ours._torch_loop_steps(x) == 300
+    second, (h2, c2) = ours(x)
+    expected, (h_ref, c_ref) = ref(x)
+    for a, b, c in ((first, second, expected), (h1, h2, h_ref), (c1, c2, c_ref)):
+        assert torch.equal(a, b) and torch.equal(b, c)
+    for name in ("iterations", "residual", "converged", "path"):
+        assert torch.equal(getattr(ours.last_stats, name), getattr(stats, name))
+    # A shape not seen yet, or another grad mode, goes through rnn_stack again.
+    assert ours._torch_loop_steps(torch.randn(301, 3, 4)) is None
+    with torch.no_grad():
+        assert ours._torch_loop_steps(x) is None
