@@ -112,7 +112,11 @@ class _LoopRecord:
     the solver sees the batch (a PackedSequence's sorted order)."""
 
     def __init__(self, input, final, steps, layer):
-        self.input, self.final, self.steps = input, final, steps
+        # A PackedSequence's batch sizes and order, not the input itself (kept until the next call).
+        packed = isinstance(input, PackedSequence)
+        self.batch_sizes = input.batch_sizes if packed else None
+        self.sorted_indices = input.sorted_indices if packed else None
+        self.final, self.steps = final, steps
         self.rows = layer.num_layers * (2 if layer.bidirectional else 1)
         self.method = layer.solver_options.get("method", "auto")
 
@@ -121,12 +125,10 @@ class _LoopRecord:
         if final[0].dim() == 2:  # unbatched
             final = tuple(f.unsqueeze(1) for f in final)
         B = final[0].size(1)
-        if isinstance(self.input, PackedSequence):
-            order = self.input.sorted_indices
-            if order is not None:
-                final = tuple(f.index_select(1, order) for f in final)
-            batch_sizes = self.input.batch_sizes
-            steps = (batch_sizes.unsqueeze(0) > torch.arange(B).unsqueeze(1)).sum(1)
+        if self.batch_sizes is not None:
+            if self.sorted_indices is not None:
+                final = tuple(f.index_select(1, self.sorted_indices) for f in final)
+            steps = (self.batch_sizes.unsqueeze(0) > torch.arange(B).unsqueeze(1)).sum(1)
         else:
             steps = torch.full((B,), self.steps, dtype=torch.long)
         device = final[0].device

@@ -171,15 +171,14 @@ bool fused_cells_enabled() {
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
-// A dense float32/float64 CPU or CUDA tensor that no torch.func transform wraps.
+const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+}  // namespace
+
 bool plain(const at::Tensor& t, const at::Tensor& like) {
   return t.layout() == at::kStrided && (t.is_cpu() || t.is_cuda()) && t.device() == like.device() &&
          t.scalar_type() == like.scalar_type() && !t.key_set().has_any(c10::functorch_transforms_ks);
 }
-
-const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
-
-}  // namespace
 
 bool Cell::fusable(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const {
   if (is_projected() || !fused_cells_enabled()) return false;

@@ -33,6 +33,10 @@ struct CellShape {
 CellShape cell_shape(const char* op, CellKind kind, const at::Tensor& W_hh, const c10::optional<at::Tensor>& b_hh,
                      const c10::optional<at::Tensor>& W_hr);
 
+// A dense CPU or CUDA tensor on like's device, of like's dtype, that no torch.func transform
+// wraps: what the fused passes read by pointer.
+bool plain(const at::Tensor& t, const at::Tensor& like);
+
 class Cell : public CellFunction {
  public:
   // Checks W_hh, b_hh (and W_hr, the projection of lstm_proj only) against the cell and

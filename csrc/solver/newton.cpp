@@ -61,9 +61,8 @@ std::pair<at::Tensor, at::Tensor> take_step(const at::Tensor& s, const at::Tenso
                                             const at::Tensor& moving, const at::Tensor& padding,
                                             Workspace* workspace) {
   const int64_t B = s.size(0), T = s.size(1), S = s.size(2);
-  const bool fused = s.is_cpu() && x.is_cpu() && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble) &&
-                     x.scalar_type() == s.scalar_type() && !s.key_set().has_any(c10::functorch_transforms_ks) &&
-                     !x.key_set().has_any(c10::functorch_transforms_ks);
+  const bool fused = s.is_cpu() && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble) &&
+                     plain(s, s) && plain(x, s);
   if (!fused) {
     const at::Tensor masked = padding.defined() ? x.masked_fill(padding, 0) : x;
     const at::Tensor next = at::nan_to_num(sign > 0 ? s + masked : s - masked, 0.0, 0.0, 0.0);
