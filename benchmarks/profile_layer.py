@@ -2,6 +2,10 @@
 backward) by total time, from torch.profiler, with the Newton iterations it took.
 
     python benchmarks/profile_layer.py [--device cuda] [--layer GRU:quasi_deer] [--B 16] [--D 64] [--T 65536]
+        [--backward] [--dtype bfloat16]
+
+--layer is a torch.nn kind (GRU, LSTM, RNN: the torch.nn layer's weights through from_torch)
+or a pnewton one (DiagGRU, DiagLSTM), then the method.
 
 On CUDA the table is device time per kernel (the gate kernel, the GEMM, the scans, the
 ATen element-wise passes of each iteration); on the CPU it is operator time. Use it
@@ -24,11 +28,17 @@ def main():
     parser.add_argument("--T", type=int, default=4096)
     parser.add_argument("--backward", action="store_true", help="profile forward+backward")
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     args = parser.parse_args()
     kind, method = args.layer.split(":")
     torch.manual_seed(0)
-    layer = pnewton.from_torch(getattr(torch.nn, kind)(args.D, args.D, batch_first=True), method=method).to(args.device)
-    x = torch.randn(args.B, args.T, args.D, device=args.device)
+    dtype = getattr(torch, args.dtype)
+    if kind.startswith("Diag"):
+        layer = getattr(pnewton, kind)(args.D, args.D, batch_first=True, method=method)
+    else:
+        layer = pnewton.from_torch(getattr(torch.nn, kind)(args.D, args.D, batch_first=True), method=method)
+    layer = layer.to(args.device, dtype)
+    x = torch.randn(args.B, args.T, args.D, device=args.device, dtype=dtype)
 
     def run():
         if args.backward:
@@ -51,6 +61,13 @@ def main():
           f"{' (forward+backward)' if args.backward else ''}: {iterations} Newton iterations, {layer.last_stats.method}")
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
+    if cuda:
+        # Host synchronisations (each a device-to-host read) and allocations of the call.
+        events = {e.key: e.count for e in prof.key_averages()}
+        syncs = sum(n for k, n in events.items() if k in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+        copies = sum(n for k, n in events.items() if k.startswith("cudaMemcpy"))
+        print(f"host syncs {syncs}, cudaMemcpy calls {copies}, kernel launches "
+              f"{sum(n for k, n in events.items() if k in ('cudaLaunchKernel', 'cudaLaunchKernelExC'))}")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,13 @@
 # One prepared GPU check: the library (built here with CUDA against this machine's torch,
 # or a carried sm_90 build), the CUDA tests (pytest marker and the C++ suites), small
 # cases under compute-sanitizer memcheck and racecheck, then the GPU benchmarks; a short
-# table last. About 5 minutes on an H200 (full); quick runs fewer layer benchmarks.
+# table last (the headline of issue 26 at the end). About 6 minutes on an H200 (full);
+# quick runs fewer layer benchmarks.
 #
-#   bash scripts/gpu_check.sh [quick|full]
+#   bash scripts/gpu_check.sh [quick|full|profile]
+#
+# profile: the library, the CUDA tests, memcheck of the fused passes, then kernel profiles
+# and the headline table of issue 26 (B=16, D=64, T=65536) only (about 2 minutes).
 #
 # PNEWTON_PREBUILT=DIR uses DIR/libpnewton.so (and DIR/tests/cpp/*) when it loads and has
 # CUDA kernels: a build made on a machine without a GPU, carried to save the build time.
@@ -68,9 +72,39 @@ for t in test_scan_kernels test_cpp_api; do
 done
 
 stage "pytest -m cuda"
-$PY -m pytest tests/python -q -m cuda -p no:cacheprovider -rfE --timeout 300 >"$OUT/pytest_cuda.txt" 2>&1 ||
+# torch.nn's module samples need expecttest, which that machine may lack (no network there).
+skip=; $PY -c "import expecttest" 2>/dev/null || skip="--ignore=tests/python/test_nn_parity.py"
+timeout 240 $PY -m pytest tests/python -q -m cuda $skip -p no:cacheprovider -rfE --timeout 300 >"$OUT/pytest_cuda.txt" 2>&1 ||
   status=1
 tail -25 "$OUT/pytest_cuda.txt"
+
+if [ "$MODE" = profile ]; then
+  # Where the headline shape's time goes (issue 26), then its table: no sanitizer, no grid.
+  stage "profiles at B=16 D=64 T=65536"
+  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 $PY -c "
+import torch, pnewton
+from torch.nn.utils.rnn import pack_padded_sequence
+for layer in (pnewton.GRU(3, 8, batch_first=True, method='quasi_deer'), pnewton.DiagGRU(3, 40, batch_first=True),
+              pnewton.LSTM(3, 5, batch_first=True, method='block_deer'), pnewton.DiagLSTM(3, 12, batch_first=True),
+              pnewton.RNN(3, 20, batch_first=True, method='quasi_deer')):
+    layer = layer.cuda()
+    x = torch.randn(3, 300, 3, device='cuda')
+    layer(x)[0].square().sum().backward()
+    packed = pack_padded_sequence(x, torch.tensor([300, 170, 9]), batch_first=True)
+    layer(packed)[0].data.square().sum().backward()
+print('ran')
+" >"$OUT/memcheck.txt" 2>&1 && echo "memcheck clean" || { status=1; tail -20 "$OUT/memcheck.txt"; }
+  grep -E "ERROR SUMMARY" "$OUT/memcheck.txt"
+  for spec in "DiagGRU:auto" "DiagGRU:auto --backward" "GRU:quasi_deer"; do
+    timeout 90 $PY benchmarks/profile_layer.py --device cuda --B 16 --D 64 --T 65536 --rows 22 --layer $spec 2>&1 |
+      tee -a "$OUT/profile.txt"
+  done
+  stage "headline"
+  timeout 200 $PY benchmarks/bench_headline.py --repeats 5 --deadline 120 --cases DiagGRU:auto:float32 DiagGRU:auto:bfloat16 GRU:quasi_deer:float32 DiagLSTM:auto:float32 LSTM:block_deer:float32 2>&1 | tee "$OUT/headline.txt"
+  stage "summary (${gpu:-no GPU})"
+  printf '%-14s %s\n' "pytest cuda" "$(tail -1 "$OUT/pytest_cuda.txt")"
+  exit $status
+fi
 
 stage "compute-sanitizer: memcheck (small scans of both algorithms, one GRU solve with backward), racecheck"
 if command -v compute-sanitizer >/dev/null 2>&1; then
@@ -137,9 +171,13 @@ else
   timeout 90 $PY benchmarks/bench_layers.py --device cuda --B 16 --D 16 64 --T 1024 16384 65536 \
     --layers DiagLSTM:auto GRU:deer DiagGRU:auto --deadline 40 2>&1 | tee -a "$OUT/bench_layers.txt"
 fi
-# Where the GRU forward's time goes, kernel by kernel (not part of the pass/fail status).
-timeout 90 $PY benchmarks/profile_layer.py --device cuda --B 16 --D 64 --T 65536 >"$OUT/profile.txt" 2>&1 ||
-  echo "profile_layer failed (see $OUT/profile.txt)"
+# Where the GRU and DiagGRU forwards' time goes, kernel by kernel (not part of the pass/fail status).
+for spec in GRU:quasi_deer DiagGRU:auto; do
+  timeout 90 $PY benchmarks/profile_layer.py --device cuda --B 16 --D 64 --T 65536 --layer $spec >>"$OUT/profile.txt" 2>&1 ||
+    echo "profile_layer $spec failed (see $OUT/profile.txt)"
+done
+# The headline of issue 26 (B=16, D=64, T=65536; its targets in the script's docstring).
+timeout 200 $PY benchmarks/bench_headline.py --repeats 5 --deadline 120 2>&1 | tee "$OUT/headline.txt"
 
 echo
 stage "summary (${gpu:-no GPU}, library from $libdir)"
@@ -149,4 +187,5 @@ sed 's/^/gtest          /' "$OUT/cpp_tests.txt" 2>/dev/null
 grep -h 'ERROR SUMMARY' "$OUT/memcheck.txt" 2>/dev/null | sed 's/^/sanitizer      /'
 cat "$OUT/bench_scan.txt"
 grep -v "^device" "$OUT/bench_layers.txt" | awk 'NR == 1 || !/^layer/'
+cat "$OUT/headline.txt"
 exit $status
