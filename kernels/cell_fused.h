@@ -31,7 +31,8 @@ PNEWTON_HD int fused_gates(FusedCell cell) {
 // each D×D gate block of W_hh (per-channel cells: W_hh itself), b [G·D] b_hh or null.
 // current [N, S] (or null: no residual) is the state s_t of each row: R = current − F,
 // zero on padding rows. reset rows (a segment's head, which reads s0) get a zero Jacobian.
-// Row maxima (CPU only; null to skip): max_s |R| and max_s |F| (0 on padding), NaN-propagating.
+// Row reductions (null to skip): max_s |R| and max_s |F| (0 on padding), NaN-propagating,
+// and Σ_s R² (the merit's part).
 // Shifted reads (T > 0, the solver's iteration): s and gh hold the rows' own states (and
 // their W_hh h), and row n = b·T + t reads row n − 1, its sequence's entering state first[b]
 // (first_gh[b]) at t = 0, s0[b] (s0_gh[b]) on a reset row — so the previous states are
@@ -53,8 +54,12 @@ struct FusedCellParams {
   void* F = nullptr;  // [N, S]
   void* J = nullptr;  // [N, S] or [N, D, 2, 2]; unused for FusedPart::none
   void* R = nullptr;  // [N, S] when current is given
-  void* row_residual = nullptr;  // [N]
-  void* row_scale = nullptr;     // [N]
+  // The row reductions, each as [N, row_parts] partial results over parts of the row's
+  // channels (a CUDA kernel's warps: fused_row_parts), which the caller combines.
+  void* row_residual = nullptr;
+  void* row_scale = nullptr;
+  void* row_square = nullptr;    // Σ_s R² (0 on padding rows)
+  int64_t row_parts = 1;
   int64_t T = 0;
   const void* first = nullptr;     // [B, S]
   const void* first_gh = nullptr;  // [B, G·D] (dense weights)
@@ -83,10 +88,11 @@ PNEWTON_HD void fused_sources(const FusedCellParams& p, int64_t n, int64_t S, co
   gh = ghs ? ghs + row * GD : nullptr;
 }
 
-// The Newton update of rows of S numbers, N = B·T rows, T per sequence (CPU): for a step x
+// The Newton update of rows of S numbers, N = B·T rows, T per sequence: for a step x
 // (x = −δ for the Newton methods, sign −1) next = s + sign·x with non-finite numbers set to
 // 0, where the row's sequence is moving, and next = s where it is not; x counts as 0 on
-// padding rows. row_step [N]: max_s |x| (0 on padding rows), NaN propagating.
+// padding rows. row_step [N, row_parts]: max_s |x| (0 on padding rows), NaN propagating,
+// in partial results as FusedCellParams' row reductions.
 struct NewtonUpdateParams {
   int64_t N = 0, T = 0, S = 0;
   double sign = -1;
@@ -95,7 +101,8 @@ struct NewtonUpdateParams {
   const bool* moving = nullptr;   // [B]
   const bool* padding = nullptr;  // [N] or null
   void* next = nullptr;           // [N, S]
-  void* row_step = nullptr;       // [N]
+  void* row_step = nullptr;       // [N, row_parts]
+  int64_t row_parts = 1;
 };
 
 // exp and tanh of a scalar; the CPU loop supplies the same for at::vec vectors.
@@ -176,55 +183,232 @@ PNEWTON_HD FusedPoint<V> fused_point(FusedCell cell, bool jacobian, const V* x, 
   return out;
 }
 
-// Channel d of row n, scalar (the CUDA kernel's thread). No row maxima.
+// ---- the vector-Jacobian product of the backward (DESIGN §1, gradients) ----
+
+// The cotangents of one channel's step for a cotangent (v_h, v_c) of its outputs (h', c'):
+// of the gate pre-activations through gi (gi[k]) and through gh = W_hh h + b_hh (gh[k]: the
+// same but for the GRU's n gate, which r scales), and of the previous (h, c) through the
+// step's direct paths (GRU: z·v_h; LSTM's c: f·dc), W_hh's path left to the caller.
+template <typename V>
+struct FusedVjpPoint {
+  V gi[4], gh[4], h, c;
+};
+
+template <typename V, typename M>
+PNEWTON_HD FusedVjpPoint<V> fused_vjp_point(FusedCell cell, const V* x, V hn, V h, V c, V v_h, V v_c) {
+  FusedVjpPoint<V> out;
+  out.h = V(0), out.c = V(0);
+  if (cell == FusedCell::gru) {
+    const V r = fused_sigmoid<V, M>(x[0]), z = fused_sigmoid<V, M>(x[1]);
+    const V n = M::tanh(x[2] + r * hn);
+    const V da_n = v_h * (V(1) - z) * (V(1) - n * n);
+    out.gi[0] = out.gh[0] = da_n * hn * r * (V(1) - r);
+    out.gi[1] = out.gh[1] = v_h * (h - n) * z * (V(1) - z);
+    out.gi[2] = da_n, out.gh[2] = da_n * r;
+    out.h = v_h * z;
+    return out;
+  }
+  if (cell == FusedCell::rnn_tanh || cell == FusedCell::rnn_relu) {
+    const V y = cell == FusedCell::rnn_tanh ? M::tanh(x[0]) : V(0);
+    out.gi[0] = out.gh[0] = cell == FusedCell::rnn_tanh ? v_h * (V(1) - y * y) : v_h * M::positive(x[0]);
+    return out;
+  }
+  const V i = fused_sigmoid<V, M>(x[0]), f = fused_sigmoid<V, M>(x[1]), g = M::tanh(x[2]);
+  const V o = fused_sigmoid<V, M>(x[3]);
+  const V tc = M::tanh(f * c + i * g);
+  const V dc = v_c + v_h * o * (V(1) - tc * tc);
+  out.gi[0] = out.gh[0] = dc * g * i * (V(1) - i);
+  out.gi[1] = out.gh[1] = dc * c * f * (V(1) - f);
+  out.gi[2] = out.gh[2] = dc * i * (V(1) - g * g);
+  out.gi[3] = out.gh[3] = v_h * tc * o * (V(1) - o);
+  out.c = dc * f;
+  return out;
+}
+
+// The VJP of the cell at rows (s, gi) for cotangents v [N, S] (rows as FusedCellParams',
+// no shifted reads): grad_gi [N, G·D]; grad_gh [N, G·D], or null where it equals grad_gi
+// (every cell but the GRU); grad_s [N, S]: the direct paths, plus Σ_k w_k grad_gh_k for
+// per-channel weights (complete then; dense weights add grad_gh W_hh after).
+struct FusedVjpParams {
+  FusedCell cell = FusedCell::gru;
+  bool diagonal_weights = false;
+  int64_t N = 0, D = 0;
+  const void* gi = nullptr;
+  const void* gh = nullptr;  // [N, G·D] W_hh h without b_hh (dense weights), else null
+  const void* b = nullptr;
+  const void* w = nullptr;   // per-channel weights [G·D] (diagonal_weights only)
+  const void* s = nullptr;
+  const void* v = nullptr;
+  void* grad_gi = nullptr;
+  void* grad_gh = nullptr;
+  void* grad_s = nullptr;
+};
+
+// ---- the scalar form: the CUDA kernels' threads (and their CPU mirror in the tests) ----
+
+// max(a, b), NaN propagating: a NaN in either stays (NaN > x and x > NaN are both false).
 template <typename T>
-PNEWTON_HD void fused_cell_element(const FusedCellParams& p, int64_t n, int64_t d) {
+PNEWTON_HD T nan_max(T a, T b) {
+  return b > a || b != b ? b : a;
+}
+
+// What one thread's share of a row adds to the row's reductions: max |R|, max |F|
+// (NaN propagating) and Σ R².
+template <typename T>
+struct FusedRowShare {
+  T residual = T(0), scale = T(0), square = T(0);
+
+  PNEWTON_HD void add(const FusedRowShare& o) {
+    residual = nan_max(residual, o.residual), scale = nan_max(scale, o.scale), square += o.square;
+  }
+};
+
+// Channels first, first + stride, ... < D of row n: F, J and R written, the share of the
+// row's reductions returned. A CUDA kernel gives each row a group of `stride` threads
+// (coalesced: neighbouring threads read neighbouring channels); stride 1 is the whole row.
+template <typename T>
+PNEWTON_HD FusedRowShare<T> fused_cell_row_share(const FusedCellParams& p, int64_t n, int64_t first, int64_t stride) {
   const int64_t D = p.D;
   const int G = fused_gates(p.cell);
-  const bool lstm = p.cell == FusedCell::lstm;
+  const bool lstm = p.cell == FusedCell::lstm, jacobian = p.part != FusedPart::none;
   const int64_t S = lstm ? 2 * D : D;
   const T* gi = static_cast<const T*>(p.gi) + n * G * D;
   const T *s, *gh;  // gh: null for per-channel weights
   fused_sources<T>(p, n, S, s, gh);
   const T* b = static_cast<const T*>(p.b);
   const T* wd = static_cast<const T*>(p.w);
-  const T h = lstm ? s[2 * d] : s[d], c = lstm ? s[2 * d + 1] : T(0);
-  T x[4], w[4], hn = T(0);
-  PNEWTON_UNROLL
-  for (int k = 0; k < 4; ++k) {
-    if (k >= G) break;
-    w[k] = wd[k * D + d];
-    const T hk = (p.diagonal_weights ? w[k] * h : gh[k * D + d]) + (b ? b[k * D + d] : T(0));
-    if (p.cell == FusedCell::gru && k == 2) {
-      hn = hk, x[k] = gi[k * D + d];
+  const T* cur = p.current ? static_cast<const T*>(p.current) + n * S : nullptr;
+  T* F = static_cast<T*>(p.F) + n * S;
+  T* R = p.R ? static_cast<T*>(p.R) + n * S : nullptr;
+  T* J = jacobian ? static_cast<T*>(p.J) + n * (p.part == FusedPart::block2 ? 4 * D : S) : nullptr;
+  const bool padded = p.padding && p.padding[n], reset = p.reset && p.reset[n];
+  const int states = lstm ? 2 : 1;
+  FusedRowShare<T> share;
+  for (int64_t d = first; d < D; d += stride) {
+    const T h = lstm ? s[2 * d] : s[d], c = lstm ? s[2 * d + 1] : T(0);
+    T x[4], w[4], hn = T(0);
+    PNEWTON_UNROLL
+    for (int k = 0; k < 4; ++k) {
+      if (k >= G) break;
+      w[k] = wd[k * D + d];
+      const T hk = (p.diagonal_weights ? w[k] * h : gh[k * D + d]) + (b ? b[k * D + d] : T(0));
+      if (p.cell == FusedCell::gru && k == 2) {
+        hn = hk, x[k] = gi[k * D + d];
+      } else {
+        x[k] = gi[k * D + d] + hk;
+      }
+    }
+    const FusedPoint<T> out = fused_point<T, ScalarMath>(p.cell, jacobian, x, hn, h, c, w);
+    for (int k = 0; k < states; ++k) {
+      const int64_t i = lstm ? 2 * d + k : d;
+      F[i] = out.F[k];
+      share.scale = nan_max(share.scale, out.F[k] < T(0) ? -out.F[k] : out.F[k]);
+      if (cur) {
+        const T r = padded ? T(0) : cur[i] - out.F[k];
+        R[i] = r;
+        share.residual = nan_max(share.residual, r < T(0) ? -r : r);
+        share.square += r * r;
+      }
+    }
+    if (!jacobian) continue;
+    if (p.part == FusedPart::block2) {
+      PNEWTON_UNROLL
+      for (int k = 0; k < 4; ++k) J[4 * d + k] = reset ? T(0) : out.J[k];
+    } else if (lstm) {
+      J[2 * d] = reset ? T(0) : out.J[0];
+      J[2 * d + 1] = reset ? T(0) : out.J[3];
     } else {
-      x[k] = gi[k * D + d] + hk;
+      J[d] = reset ? T(0) : out.J[0];
     }
   }
-  const bool jacobian = p.part != FusedPart::none;
-  const FusedPoint<T> out = fused_point<T, ScalarMath>(p.cell, jacobian, x, hn, h, c, w);
-  const bool padded = p.padding && p.padding[n], reset = p.reset && p.reset[n];
-  T* F = static_cast<T*>(p.F);
-  T* R = static_cast<T*>(p.R);
-  const T* cur = static_cast<const T*>(p.current);
-  T* J = static_cast<T*>(p.J);
-  const int states = lstm ? 2 : 1;
-  for (int k = 0; k < states; ++k) {
-    const int64_t i = n * S + (lstm ? 2 * d + k : d);
-    F[i] = out.F[k];
-    if (cur) R[i] = padded ? T(0) : cur[i] - out.F[k];
-  }
-  if (!jacobian) return;
-  if (p.part == FusedPart::block2) {
-    T* blk = J + (n * D + d) * 4;
+  return share;
+}
+
+// Partial result `part` of row n's reductions from the shares it combines (0 on padding
+// rows), where asked for.
+template <typename T>
+PNEWTON_HD void fused_cell_row_finish(const FusedCellParams& p, int64_t n, int64_t part, const FusedRowShare<T>& row) {
+  const bool padded = p.padding && p.padding[n];
+  const int64_t i = n * p.row_parts + part;
+  if (p.row_residual) static_cast<T*>(p.row_residual)[i] = padded ? T(0) : row.residual;
+  if (p.row_scale) static_cast<T*>(p.row_scale)[i] = padded ? T(0) : row.scale;
+  if (p.row_square) static_cast<T*>(p.row_square)[i] = padded ? T(0) : row.square;
+}
+
+// Channels first, first + stride, ... of row n of the VJP (shares as fused_cell_row_share's;
+// nothing to reduce).
+template <typename T>
+PNEWTON_HD void fused_vjp_row_share(const FusedVjpParams& p, int64_t n, int64_t first, int64_t stride) {
+  const int64_t D = p.D;
+  const int G = fused_gates(p.cell);
+  const bool lstm = p.cell == FusedCell::lstm;
+  const int64_t S = lstm ? 2 * D : D;
+  const T* gi = static_cast<const T*>(p.gi) + n * G * D;
+  const T* gh = p.gh ? static_cast<const T*>(p.gh) + n * G * D : nullptr;
+  const T* b = static_cast<const T*>(p.b);
+  const T* w = static_cast<const T*>(p.w);
+  const T* s = static_cast<const T*>(p.s) + n * S;
+  const T* v = static_cast<const T*>(p.v) + n * S;
+  T* grad_gi = static_cast<T*>(p.grad_gi) + n * G * D;
+  T* grad_gh = p.grad_gh ? static_cast<T*>(p.grad_gh) + n * G * D : nullptr;
+  T* grad_s = static_cast<T*>(p.grad_s) + n * S;
+  for (int64_t d = first; d < D; d += stride) {
+    const T h = lstm ? s[2 * d] : s[d], c = lstm ? s[2 * d + 1] : T(0);
+    T x[4], hn = T(0);
     PNEWTON_UNROLL
-    for (int k = 0; k < 4; ++k) blk[k] = reset ? T(0) : out.J[k];
-  } else if (lstm) {
-    J[n * S + 2 * d] = reset ? T(0) : out.J[0];
-    J[n * S + 2 * d + 1] = reset ? T(0) : out.J[3];
-  } else {
-    J[n * S + d] = reset ? T(0) : out.J[0];
+    for (int k = 0; k < 4; ++k) {
+      if (k >= G) break;
+      const T hk = (p.diagonal_weights ? w[k * D + d] * h : gh[k * D + d]) + (b ? b[k * D + d] : T(0));
+      if (p.cell == FusedCell::gru && k == 2) {
+        hn = hk, x[k] = gi[k * D + d];
+      } else {
+        x[k] = gi[k * D + d] + hk;
+      }
+    }
+    const FusedVjpPoint<T> out =
+        fused_vjp_point<T, ScalarMath>(p.cell, x, hn, h, c, lstm ? v[2 * d] : v[d], lstm ? v[2 * d + 1] : T(0));
+    T through_h = out.h;
+    PNEWTON_UNROLL
+    for (int k = 0; k < 4; ++k) {
+      if (k >= G) break;
+      grad_gi[k * D + d] = out.gi[k];
+      if (grad_gh) grad_gh[k * D + d] = out.gh[k];
+      if (p.diagonal_weights) through_h += w[k * D + d] * out.gh[k];
+    }
+    if (lstm) {
+      grad_s[2 * d] = through_h, grad_s[2 * d + 1] = out.c;
+    } else {
+      grad_s[d] = through_h;
+    }
   }
+}
+
+// The update's share of row n (as fused_cell_row_share): next written, max |x| returned.
+template <typename T>
+PNEWTON_HD T newton_update_row_share(const NewtonUpdateParams& p, int64_t n, int64_t first, int64_t stride) {
+  const int64_t S = p.S;
+  const T* s = static_cast<const T*>(p.s) + n * S;
+  const T* x = static_cast<const T*>(p.x) + n * S;
+  T* next = static_cast<T*>(p.next) + n * S;
+  const bool padded = p.padding && p.padding[n], moving = p.moving[n / p.T] && !padded;
+  const T sign = static_cast<T>(p.sign);
+  T largest = T(0);
+  for (int64_t d = first; d < S; d += stride) {
+    if (padded) {
+      next[d] = s[d];
+      continue;
+    }
+    const T xd = x[d];
+    largest = nan_max(largest, xd < T(0) ? -xd : xd);
+    const T v = s[d] + sign * xd;
+    next[d] = !moving ? s[d] : v - v == T(0) ? v : T(0);  // v − v is 0 iff v is finite
+  }
+  return largest;
+}
+
+template <typename T>
+PNEWTON_HD void newton_update_row_finish(const NewtonUpdateParams& p, int64_t n, int64_t part, T largest) {
+  static_cast<T*>(p.row_step)[n * p.row_parts + part] = p.padding && p.padding[n] ? T(0) : largest;
 }
 
 }  // namespace pnewton

@@ -1,7 +1,7 @@
 // The fused passes of a Newton iteration over rows, vectorised across channels with
 // at::vec (Sleef's exp, as torch's own sigmoid; Sleef's tanh for float64, float32's below):
 // kernels/cell_fused.h's fused_point on Vectorized<T>, with the loads, the masks and the
-// row maxima here; and the update of the states. Built once per CPU capability
+// row reductions here; and the update of the states. Built once per CPU capability
 // (CPU_CAPABILITY = DEFAULT, AVX2, AVX512, with that capability's flags), so this file
 // includes nothing but at::vec: as little inline code as possible compiled with wider
 // instructions (CMakeLists.txt links these builds after the library's own objects).
@@ -72,6 +72,16 @@ T lane_max(const Vectorized<T>& v) {
   return best;
 }
 
+// The sum of the lanes.
+template <typename T>
+T lane_sum(const Vectorized<T>& v) {
+  T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T sum = 0;
+  for (int64_t j = 0; j < Vectorized<T>::size(); ++j) sum += lanes[j];
+  return sum;
+}
+
 template <typename T>
 void rows(const FusedCellParams& p, int64_t begin, int64_t end) {
   using V = Vectorized<T>;
@@ -90,7 +100,7 @@ void rows(const FusedCellParams& p, int64_t begin, int64_t end) {
     T* R = p.R ? static_cast<T*>(p.R) + n * S : nullptr;
     T* J = jacobian ? static_cast<T*>(p.J) + n * (p.part == FusedPart::block2 ? 4 * D : S) : nullptr;
     const bool padded = p.padding && p.padding[n], reset = p.reset && p.reset[n];
-    V max_r(0), max_f(0);
+    V max_r(0), max_f(0), square(0);
     for (int64_t d = 0; d < D; d += L) {
       const int64_t m = std::min(L, D - d);
       auto load = [m](const T* ptr) { return m == L ? V::loadu(ptr) : V::loadu(ptr, m); };
@@ -138,10 +148,12 @@ void rows(const FusedCellParams& p, int64_t begin, int64_t end) {
           const V rh = padded ? V(0) : ch - out.F[0], rc = padded ? V(0) : cc - out.F[1];
           store_pairs(R + 2 * d, rh, rc);
           max_r = at::vec::maximum(max_r, at::vec::maximum(valid(rh).abs(), valid(rc).abs()));
+          square = square + valid(rh) * valid(rh) + valid(rc) * valid(rc);
         } else {
           const V r = padded ? V(0) : load(cur + d) - out.F[0];
           r.store(R + d, m);
           max_r = at::vec::maximum(max_r, valid(r).abs());
+          square = square + valid(r) * valid(r);
         }
       }
       if (!jacobian) continue;
@@ -159,6 +171,7 @@ void rows(const FusedCellParams& p, int64_t begin, int64_t end) {
     }
     if (p.row_residual) static_cast<T*>(p.row_residual)[n] = padded ? T(0) : lane_max(max_r);
     if (p.row_scale) static_cast<T*>(p.row_scale)[n] = padded ? T(0) : lane_max(max_f);
+    if (p.row_square) static_cast<T*>(p.row_square)[n] = padded ? T(0) : lane_sum(square);
   }
 }
 

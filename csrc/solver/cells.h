@@ -68,12 +68,13 @@ class Cell : public CellFunction {
   // states [B, T, S], each step reading the previous one (its sequence's `entering` state
   // [B, S] at t = 0, s0 [B, S] at `reset` steps; undefined entering: s0), F = f(previous,
   // gi), J in `part` (zero at reset steps), R = states − F (zero on `padding` steps), and
-  // per step max |R| and max |F| ([B·T], 0 on padding, NaN propagating). padding, reset:
+  // per step max |R|, max |F| (NaN propagating) and Σ R², the merit's part ([B·T], 0 on
+  // padding). padding, reset:
   // [B·T] bool or undefined. The previous states are read in place, never copied; the
   // outputs (and the GEMM's) are buffers of `workspace` when one is given. nullopt where the
   // pass does not apply (then: evaluate and ATen ops).
   struct Iteration {
-    at::Tensor F, J, R, row_residual, row_scale;
+    at::Tensor F, J, R, row_residual, row_scale, row_square;
   };
   std::optional<Iteration> iterate(const at::Tensor& states, const at::Tensor& s0, const at::Tensor& entering,
                                    const at::Tensor& gi, std::optional<JacobianPart> part, const at::Tensor& padding,
@@ -108,6 +109,9 @@ class Cell : public CellFunction {
   at::Tensor hidden_of(const at::Tensor& s) const;
 
  private:
+  // The VJP in one fused CUDA pass (kernels/cell_fused.h) after W_hh's GEMM, where the
+  // pass applies (as `fusable`, on CUDA); nullopt elsewhere.
+  std::optional<Vjp> fused_vjp(const at::Tensor& s, const at::Tensor& gi, const at::Tensor& v) const;
   // Whether the fused pass applies to these tensors and this part.
   bool fusable(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const;
   // The fused pass. Without `shift`: rows [N, S] are the states each row reads, F and J

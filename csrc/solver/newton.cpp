@@ -1,17 +1,14 @@
 #include "csrc/solver/newton.h"
 
-#include <ATen/Parallel.h>
-#include <ATen/record_function.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
 #include <vector>
 
-#include "csrc/cpu/cell_kernels.h"
 #include "csrc/solver/elk.h"
 #include "csrc/solver/segments.h"
+#include "csrc/solver/update.h"
 #include "pnewton/scan.h"
 
 namespace pnewton {
@@ -37,50 +34,9 @@ at::Tensor clip_jacobian(const at::Tensor& a, JacobianPart part, double clip) {
   return a * at::clamp_max(clip / norm.clamp_min(1e-30), 1.0);
 }
 
-// max_t |x_t| per sequence of x [B, T, S], NaN propagating: one reduction kernel on CUDA;
-// abs then amax on the CPU, where ATen's ∞-norm is 2.5× slower ([16, 4096, 64] float32).
-at::Tensor max_abs_per_sequence(const at::Tensor& x) {
-  if (x.size(1) == 0) return at::zeros({x.size(0)}, x.options());  // an empty time shard
-  return x.is_cuda() ? at::linalg_vector_norm(x, INFINITY, at::IntArrayRef{1, 2}) : x.abs().amax({1, 2});
-}
-
 // max_s |x_{t,s}| per step of x [B, T, S], NaN propagating: [B, T].
 at::Tensor max_abs_per_step(const at::Tensor& x) {
   return x.is_cuda() ? at::linalg_vector_norm(x, INFINITY, at::IntArrayRef{2}) : x.abs().amax(2);
-}
-
-// max over t of x [B, T] per sequence (0 for an empty time shard).
-at::Tensor max_over_time(const at::Tensor& x) {
-  return x.size(1) == 0 ? at::zeros({x.size(0)}, x.options()) : x.amax(1);
-}
-
-// The step's update: next = s + sign·x with non-finite numbers reset to 0, for the moving
-// sequences (s for the others), x counted as 0 on padding; and max_t |x_t| per sequence.
-// One vectorised pass on the CPU (kernels/cell_fused.h), ATen ops elsewhere.
-std::pair<at::Tensor, at::Tensor> take_step(const at::Tensor& s, const at::Tensor& x, double sign,
-                                            const at::Tensor& moving, const at::Tensor& padding,
-                                            Workspace* workspace) {
-  const int64_t B = s.size(0), T = s.size(1), S = s.size(2);
-  const bool fused = s.is_cpu() && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble) &&
-                     plain(s, s) && plain(x, s);
-  if (!fused) {
-    const at::Tensor masked = padding.defined() ? x.masked_fill(padding, 0) : x;
-    const at::Tensor next = at::nan_to_num(sign > 0 ? s + masked : s - masked, 0.0, 0.0, 0.0);
-    return {at::where(moving.view({B, 1, 1}), next, s), max_abs_per_sequence(masked)};
-  }
-  const at::Tensor s_c = s.contiguous(), x_c = x.contiguous(), moving_c = moving.contiguous();
-  const at::Tensor pad = padding.defined() ? padding.contiguous() : at::Tensor();
-  at::Tensor next = empty_in(workspace, {B, T, S}, s_c.options()), row_step = empty_in(workspace, {B, T}, s_c.options());
-  NewtonUpdateParams p;
-  p.N = B * T, p.T = T, p.S = S, p.sign = sign;
-  p.s = s_c.const_data_ptr(), p.x = x_c.const_data_ptr(), p.moving = moving_c.const_data_ptr<bool>();
-  p.padding = pad.defined() ? pad.const_data_ptr<bool>() : nullptr;
-  p.next = next.mutable_data_ptr(), p.row_step = row_step.mutable_data_ptr();
-  const DType dtype = s.scalar_type() == at::kFloat ? DType::f32 : DType::f64;
-  RECORD_FUNCTION("pnewton::newton_update", std::vector<c10::IValue>());
-  at::parallel_for(0, B * T, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(S, 1)),
-                   [&](int64_t begin, int64_t end) { cpu::newton_update_cpu(p, dtype, begin, end); });
-  return {next, max_over_time(row_step)};
 }
 
 // The scans of the solver, over the whole sequence: the sharded scans with time shards.
@@ -276,6 +232,11 @@ at::Tensor loop_states(const CellFunction& cell, const at::Tensor& gi, const at:
 struct Progress {
   at::Tensor s, F, iterations, residual, converged, path, stuck;
   std::shared_ptr<Workspace> workspace;  // the solve's reused buffers
+  // Where the last stage started: its states, F there, and the residual and converged
+  // flags of its first test.
+  struct Entry {
+    at::Tensor s, F, residual, converged;
+  } entry;
 };
 
 // The auto method's per-stage budget, c·log₂T iterations, and its stall test: a stage
@@ -325,8 +286,9 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
   const Cell* builtin = dynamic_cast<const Cell*>(&cell);
   // The cell at states s: F, J in the method's part, the residual r = s − F and the per-step
   // maxima. A built-in cell does all of it in one fused pass after its recurrent GEMM.
+  // r_square: Σ_s r² per step [B, T] where the fused pass gives it (the merit's part).
   struct Evaluation {
-    at::Tensor F, J, r, r_per_step, F_per_step;
+    at::Tensor F, J, r, r_per_step, F_per_step, r_square;
   };
   auto evaluate = [&](const at::Tensor& s, bool with_jacobian) {
     const at::Tensor entering = entering_state(shards, s0, s);
@@ -337,7 +299,7 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
       const at::Tensor rows_reset = o.resets.defined() ? o.resets.reshape({B * T}) : at::Tensor();
       if (auto it = builtin->iterate(s, s0, entering, gi_flat, want, rows_padding, rows_reset, p.workspace.get())) {
         return Evaluation{it->F.view({B, T, S}), it->J.defined() ? it->J.view(shape) : it->J, it->R.view({B, T, S}),
-                          it->row_residual.view({B, T}), it->row_scale.view({B, T})};
+                          it->row_residual.view({B, T}), it->row_scale.view({B, T}), it->row_square.view({B, T})};
       }
     }
     const at::Tensor prev = previous_steps(s0, s, o.resets, entering);
@@ -394,20 +356,24 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
     if (p.converged.defined()) done = done | p.converged;
     p.converged = finite & done;
   };
-  auto merit = [&](const at::Tensor& x) {
-    at::Tensor m = 0.5 * x.square().sum({1, 2});
+  // ½‖x‖² per sequence, from its squares summed per step where the fused pass gave them.
+  auto merit = [&](const at::Tensor& x, const at::Tensor& square_per_step = at::Tensor()) {
+    at::Tensor m = square_per_step.defined() ? 0.5 * (T > 0 ? square_per_step.sum(1) : at::zeros({B}, x.options()))
+                                             : 0.5 * x.square().sum({1, 2});
     if (shards) m = shards->sum(m);
     return at::where(m.isfinite(), m, at::full_like(m, INFINITY));
   };
+  // ½‖r‖² per sequence, where something reads it (the stall test, the ELK step).
+  const bool track_merit = stop_on_stall || elk;
+  at::Tensor phi;
   {
     const Evaluation e = evaluate(p.s, budget > 0);
     F = e.F, J = e.J, r = e.r, r_per_step = e.r_per_step, F_per_step = e.F_per_step;
+    if (track_merit) phi = merit(r, e.r_square);
   }
   check(at::Tensor(), at::Tensor());
-  // ½‖r‖² per sequence, where something reads it (the stall test, the ELK step): a pass
-  // over r that the plain methods skip.
-  const bool track_merit = stop_on_stall || elk;
-  at::Tensor phi = track_merit ? merit(r) : at::Tensor();
+  // Where the stage starts, for method="auto"'s choice between its end and its start.
+  p.entry = Progress::Entry{p.s, F, p.residual, p.converged};
   std::vector<at::Tensor> history{phi};
   for (int64_t it = 0; it < budget; ++it) {
     const at::Tensor settled = p.converged | p.stuck;
@@ -451,7 +417,7 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
     const at::Tensor &F_new = e.F, &J_new = e.J, &r_new = e.r;
     p.iterations += moving.to(at::kLong);
     if (adaptive) {
-      const at::Tensor phi_new = merit(r_new);
+      const at::Tensor phi_new = merit(r_new, e.r_square);
       const at::Tensor rho = (phi - phi_new) / predicted.clamp_min(std::numeric_limits<float>::min());
       const at::Tensor accept = moving & phi_new.isfinite() & (rho > kAccept);
       const at::Tensor poor = moving & ((rho < 0.25) | rho.isfinite().logical_not());
@@ -468,7 +434,7 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
       step = at::where(accept, step, INFINITY);  // a rejected step moved nothing
     } else {
       p.s = next, F = F_new, J = J_new, r = r_new, r_per_step = e.r_per_step, F_per_step = e.F_per_step;
-      if (track_merit) phi = merit(r);
+      if (track_merit) phi = merit(r, e.r_square);
     }
     check(step, phi);
     history.push_back(phi);
@@ -593,16 +559,16 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
     run_stage(cell, gi_flat, s0, first, o.max_iter, false, o.damping, o, atol, rtol, padding, p);
   } else {
     int64_t left = o.max_iter < 0 ? std::numeric_limits<int64_t>::max() : o.max_iter;
-    run_stage(cell, gi_flat, s0, o.method, 0, false, 0, o, atol, rtol, padding, p);  // the residual at the start
     for (const Method m : auto_stages(cell, B * steps_all * S * S, shards != nullptr)) {
       const int64_t budget = std::min(auto_budget(steps_all), left);
       const at::Tensor before = p.iterations.max();
-      const Progress start = p;
       run_stage(cell, gi_flat, s0, m, budget, true, is_elk(m) ? kAutoLambda : o.damping, o, atol, rtol, padding, p);
-      // A stage that left a sequence worse than it found it hands the next stage its start.
-      {
-        const at::Tensor worse =
-            p.stuck.logical_not() & ((p.residual > start.residual) | p.residual.isfinite().logical_not());
+      // A stage that left a sequence worse than it found it hands the next stage its start
+      // (read once: the states are moved only when one did).
+      const Progress::Entry& start = p.entry;
+      const at::Tensor worse =
+          p.stuck.logical_not() & ((p.residual > start.residual) | p.residual.isfinite().logical_not());
+      if (worse.any().item<bool>()) {
         p.s = at::where(worse.view({B, 1, 1}), start.s, p.s);
         p.F = at::where(worse.view({B, 1, 1}), start.F, p.F);
         p.residual = at::where(worse, start.residual, p.residual);
@@ -616,7 +582,14 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
   res.residual = p.residual;
   res.converged = p.converged;
   res.path = p.path;
-  if (o.fallback && !o.fixed_iterations && !res.converged.all().item<bool>()) {
+  // Whether every sequence converged and whether one is stuck: one host read (fixed mode
+  // reads nothing, and takes both as possible).
+  bool all_converged = false, any_stuck = true;
+  if (!o.fixed_iterations) {
+    const at::Tensor flags = at::stack({res.converged.all(), p.stuck.any()}).cpu();
+    all_converged = flags[0].item<bool>(), any_stuck = flags[1].item<bool>();
+  }
+  if (o.fallback && !o.fixed_iterations && !all_converged) {
     res.states = lengths.defined() ? held_states(p.s, s0, lengths, shards) : p.s;
     const at::Tensor redo = at::logical_not(res.converged).nonzero().squeeze(1);
     const at::Tensor s0_redo = s0.index_select(0, redo);
@@ -637,7 +610,7 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
   // pattern (the states the iteration reset to finite values are no part of the answer).
   // (Fixed mode computes it unconditionally: it reads nothing back to the host.)
   at::Tensor states = p.s;
-  if (o.fixed_iterations || p.stuck.any().item<bool>()) {
+  if (any_stuck) {
     const at::Tensor pattern =
         nonfinite_pattern(p.F, cell.structure(), o.resets, padding, shards) & p.stuck.view({B, 1, 1});
     states = states.masked_fill(pattern, NAN);

@@ -163,11 +163,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         if (d) h = reversed(h);
         outs.push_back(h.transpose(0, 1));
       }
-      x = at::cat(outs, -1);
+      x = outs.size() == 1 ? outs[0] : at::cat(outs, -1);  // one direction: no copy
       if (L.defined()) x = x * padding_mask;  // torch.nn's zero padding
-      if (dropout > 0 && train && layer + 1 < num_layers) x = at::dropout(x, dropout, /*train=*/true);
+      // (Dropout draws its mask in x's memory order: time-major and contiguous, as torch.nn's.)
+      if (dropout > 0 && train && layer + 1 < num_layers) x = at::dropout(x.contiguous(), dropout, /*train=*/true);
     }
-    return StackOutputs{batch_first ? x.transpose(0, 1) : x, at::stack(finals), at::stack(iterations),
+    // Contiguous, as torch.nn's output (one direction's may still be a view of its states).
+    return StackOutputs{(batch_first ? x.transpose(0, 1) : x).contiguous(), at::stack(finals), at::stack(iterations),
                         at::stack(residual), at::stack(converged), at::stack(path)};
   };
   // A trace (torch.compile, export: fake tensors) keeps the solver's own ops: torch's fused

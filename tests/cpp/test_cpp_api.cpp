@@ -396,11 +396,14 @@ TEST(CppApi, BadInputRaisesErrorsNamingTheArgument) {
 
 }  // namespace
 
-// The CUDA kernel's per-thread code (fused_cell_element, kernels/cell_fused.h), run on the
-// host, against the vectorised CPU pass of the ATen capability in use: the same F, J, R for
-// every cell and part, with padding and reset rows and a hidden size off the vector width;
-// and the shifted reads of the iteration (each step reads the previous row, the entering
-// state at t = 0, s0 at resets) against the same pass given those previous rows copied out.
+// The CUDA kernel's per-thread code (fused_cell_row_share and _finish, kernels/cell_fused.h),
+// run on the host as the kernel runs a wide row (64 threads: each warp's 32 shares
+// combined as the shuffles combine them into one of the row's two partial results),
+// against the vectorised CPU pass of the ATen
+// capability in use: the same F, J, R and row reductions for every cell and part, with
+// padding and reset rows and a hidden size off the vector width; and the shifted reads of
+// the iteration (each step reads the previous row, the entering state at t = 0, s0 at
+// resets) against the same pass given those previous rows copied out.
 template <typename T>
 void expect_mirrors_the_vector_pass(pnewton::FusedCell cell, pnewton::FusedPart part, bool diagonal_weights,
                                     double tol) {
@@ -441,18 +444,34 @@ void expect_mirrors_the_vector_pass(pnewton::FusedCell cell, pnewton::FusedPart 
     auto& o = out[variant];
     o = {torch::full({N, S}, NAN, opts), torch::full({N, J_size}, NAN, opts), torch::full({N, S}, NAN, opts)};
     p.F = o[0].data_ptr(), p.J = o[1].data_ptr(), p.R = o[2].data_ptr();
-    const auto row_residual = torch::empty({N}, opts), row_scale = torch::empty({N}, opts);
+    constexpr int kWarp = 32, kParts = 2;
+    const int64_t parts = variant == thread ? kParts : 1;
+    auto row_residual = torch::empty({N, parts}, opts), row_scale = torch::empty({N, parts}, opts);
+    auto row_square = torch::empty({N, parts}, opts);
+    p.row_residual = row_residual.data_ptr(), p.row_scale = row_scale.data_ptr(), p.row_square = row_square.data_ptr();
+    p.row_parts = parts;
     if (variant == thread) {
       for (int64_t n = 0; n < N; ++n) {
-        for (int64_t d = 0; d < D; ++d) fused_cell_element<T>(p, n, d);
+        for (int part = 0; part < kParts; ++part) {
+          FusedRowShare<T> shares[kWarp];
+          for (int lane = 0; lane < kWarp; ++lane) {
+            shares[lane] = fused_cell_row_share<T>(p, n, part * kWarp + lane, kParts * kWarp);
+          }
+          for (int offset = kWarp / 2; offset > 0; offset /= 2) {  // the shuffles' butterfly
+            for (int lane = 0; lane < offset; ++lane) shares[lane].add(shares[lane + offset]);
+          }
+          fused_cell_row_finish<T>(p, n, part, shares[0]);
+        }
       }
-      continue;
+    } else {
+      cpu::fused_cell_cpu(p, dtype, 0, N);
     }
-    p.row_residual = row_residual.data_ptr(), p.row_scale = row_scale.data_ptr();
-    cpu::fused_cell_cpu(p, dtype, 0, N);
+    row_residual = row_residual.amax(1), row_scale = row_scale.amax(1), row_square = row_square.sum(1);
     const auto masked = [&](const torch::Tensor& x) { return x.masked_fill(padding.unsqueeze(1), 0); };
     expect_close(row_residual, masked(o[2]).abs().amax(1), 0);
     expect_close(row_scale, masked(o[0]).abs().amax(1), 0);
+    const auto square = masked(o[2]).square().sum(1);  // summed in another order: relative
+    expect_close(row_square, square, (std::is_same_v<T, float> ? 1e-6 : 1e-14) * (1 + square.max().template item<double>()));
     if (part != FusedPart::none) EXPECT_EQ(o[1].index({reset}).abs().max().template item<double>(), 0.0);
     EXPECT_EQ(o[2].index({padding}).abs().max().template item<double>(), 0.0);
   }
@@ -473,6 +492,47 @@ void expect_mirrors_the_vector_pass(pnewton::FusedCell cell, pnewton::FusedPart 
   }
 }
 
+// The CUDA update's per-thread code against the vectorised CPU update: next = s + sign·x
+// (non-finite reset to 0) on moving sequences, s elsewhere and on padding; max |x| per row.
+template <typename T>
+void expect_update_mirrors_the_vector_pass() {
+  using namespace pnewton;
+  torch::manual_seed(2);
+  const int64_t B = 3, Tn = 7, N = B * Tn, S = 19;
+  const auto opts = torch::TensorOptions().dtype(std::is_same_v<T, float> ? torch::kFloat : torch::kDouble);
+  const DType dtype = std::is_same_v<T, float> ? DType::f32 : DType::f64;
+  auto s = torch::randn({N, S}, opts), x = torch::randn({N, S}, opts);
+  x.index_put_({4, 2}, NAN), x.index_put_({9, 0}, INFINITY), s.index_put_({11, 3}, 1e308 * 1e308);
+  const auto moving = torch::tensor({true, false, true}), padding = torch::arange(N) % 6 == 5;
+  torch::Tensor next[2], step[2];
+  for (int variant = 0; variant < 2; ++variant) {
+    next[variant] = torch::full({N, S}, 7.0, opts), step[variant] = torch::full({N}, 7.0, opts);
+    NewtonUpdateParams p;
+    p.N = N, p.T = Tn, p.S = S, p.sign = -1;
+    p.s = s.data_ptr(), p.x = x.data_ptr(), p.moving = moving.data_ptr<bool>(), p.padding = padding.data_ptr<bool>();
+    p.next = next[variant].data_ptr(), p.row_step = step[variant].data_ptr();
+    if (variant == 0) {
+      cpu::newton_update_cpu(p, dtype, 0, N);
+      continue;
+    }
+    constexpr int kLanes = 4;
+    for (int64_t n = 0; n < N; ++n) {
+      T largest = 0;
+      for (int lane = 0; lane < kLanes; ++lane) largest = nan_max(largest, newton_update_row_share<T>(p, n, lane, kLanes));
+      newton_update_row_finish<T>(p, n, 0, largest);
+    }
+  }
+  EXPECT_TRUE(torch::equal(next[0], next[1]));
+  EXPECT_TRUE(torch::equal(step[0].isnan(), step[1].isnan()));
+  EXPECT_TRUE(torch::equal(step[0].nan_to_num(0), step[1].nan_to_num(0)));
+  EXPECT_TRUE(step[1].isnan().any().item<bool>());  // the NaN step propagates
+}
+
+TEST(FusedCellPass, CudaUpdateThreadCodeMirrorsTheVectorisedCpuUpdate) {
+  expect_update_mirrors_the_vector_pass<double>();
+  expect_update_mirrors_the_vector_pass<float>();
+}
+
 TEST(FusedCellPass, CudaThreadCodeMirrorsTheVectorisedCpuPass) {
   using pnewton::FusedCell, pnewton::FusedPart;
   for (const auto& [cell, diagonal] : std::vector<std::pair<FusedCell, bool>>{
@@ -485,5 +545,84 @@ TEST(FusedCellPass, CudaThreadCodeMirrorsTheVectorisedCpuPass) {
       expect_mirrors_the_vector_pass<double>(cell, part, diagonal, 1e-13);
       expect_mirrors_the_vector_pass<float>(cell, part, diagonal, 2e-6);  // Sleef/ours vs libm
     }
+  }
+}
+
+// The CUDA VJP's per-thread code (fused_vjp_row_share), run on the host as the kernel runs
+// it (rows split into shares of 4 threads), against autograd through torch's own cells
+// (torch::gru_cell, lstm_cell, rnn_*_cell with W_ih = I, so that their input is gi): the
+// cotangents of gi, of the previous state (the pass's direct part plus grad_gh W_hh for
+// dense weights) and of W_hh and b_hh (Σ_n grad_gh ⊗ h and Σ_n grad_gh). Per-channel
+// weights as the dense W_hh whose gate blocks are diag(w_k).
+template <typename T>
+void expect_vjp_mirrors_autograd(pnewton::FusedCell cell, bool diagonal_weights, double tol) {
+  using namespace pnewton;
+  torch::manual_seed(3);
+  const int64_t N = 13, D = 11, G = fused_gates(cell);
+  const bool lstm = cell == FusedCell::lstm;
+  const int64_t S = lstm ? 2 * D : D;
+  const auto opts = torch::TensorOptions().dtype(std::is_same_v<T, float> ? torch::kFloat : torch::kDouble);
+  const auto gi = torch::randn({N, G * D}, opts), b = torch::randn({G * D}, opts) * 0.1;
+  const auto w = torch::randn({G * D}, opts) * 0.5;
+  std::vector<torch::Tensor> blocks;  // diag(w_k), the dense form of per-channel weights
+  for (const auto& wk : w.view({G, D}).unbind(0)) blocks.push_back(torch::diag(wk));
+  const auto W = diagonal_weights ? torch::cat(blocks, 0) : torch::randn({G * D, D}, opts) * 0.3;
+  const auto s = torch::randn({N, S}, opts), v = torch::randn({N, S}, opts);
+  // The pass's outputs.
+  const auto h = lstm ? s.view({N, D, 2}).select(2, 0).contiguous() : s;
+  const auto gh = torch::mm(h, W.t());  // W_hh h without b_hh
+  auto grad_gi = torch::full({N, G * D}, NAN, opts), grad_gh = torch::full({N, G * D}, NAN, opts);
+  auto grad_s = torch::full({N, S}, NAN, opts);
+  FusedVjpParams p;
+  p.cell = cell, p.diagonal_weights = diagonal_weights, p.N = N, p.D = D;
+  p.gi = gi.data_ptr(), p.gh = diagonal_weights ? nullptr : gh.data_ptr(), p.b = b.data_ptr();
+  p.w = diagonal_weights ? w.data_ptr() : nullptr, p.s = s.data_ptr(), p.v = v.data_ptr();
+  p.grad_gi = grad_gi.data_ptr(), p.grad_s = grad_s.data_ptr();
+  p.grad_gh = cell == FusedCell::gru ? grad_gh.data_ptr() : nullptr;
+  constexpr int kLanes = 4;
+  for (int64_t n = 0; n < N; ++n) {
+    for (int lane = 0; lane < kLanes; ++lane) fused_vjp_row_share<T>(p, n, lane, kLanes);
+  }
+  if (cell != FusedCell::gru) grad_gh = grad_gi;
+  const auto grad_h_total = diagonal_weights ? (lstm ? grad_s.view({N, D, 2}).select(2, 0) : grad_s)
+                                             : (lstm ? grad_s.view({N, D, 2}).select(2, 0) : grad_s) +
+                                                   torch::mm(grad_gh, W);
+  // Autograd through torch's cell.
+  const auto x = gi.clone().requires_grad_(true), W_hh = W.clone().requires_grad_(true);
+  const auto b_hh = b.clone().requires_grad_(true), h0 = h.clone().requires_grad_(true);
+  const auto eye = torch::eye(G * D, opts), zero = torch::zeros({G * D}, opts);
+  torch::Tensor loss, c0;
+  if (lstm) {
+    c0 = s.view({N, D, 2}).select(2, 1).contiguous().requires_grad_(true);
+    const auto out = torch::lstm_cell(x, {h0, c0}, eye, W_hh, zero, b_hh);
+    const auto vv = v.view({N, D, 2});
+    loss = (std::get<0>(out) * vv.select(2, 0)).sum() + (std::get<1>(out) * vv.select(2, 1)).sum();
+  } else if (cell == FusedCell::gru) {
+    loss = (torch::gru_cell(x, h0, eye, W_hh, zero, b_hh) * v).sum();
+  } else if (cell == FusedCell::rnn_tanh) {
+    loss = (torch::rnn_tanh_cell(x, h0, eye, W_hh, zero, b_hh) * v).sum();
+  } else {
+    loss = (torch::rnn_relu_cell(x, h0, eye, W_hh, zero, b_hh) * v).sum();
+  }
+  loss.backward();
+  expect_close(grad_gi, x.grad(), tol);
+  expect_close(grad_h_total, h0.grad(), tol);
+  if (lstm) expect_close(grad_s.view({N, D, 2}).select(2, 1), c0.grad(), tol);
+  expect_close(grad_gh.sum(0), b_hh.grad(), tol);
+  if (!diagonal_weights) expect_close(torch::mm(grad_gh.t(), h), W_hh.grad(), tol);
+  if (diagonal_weights) {  // the diagonals of W_hh's gate blocks
+    const auto per_channel = (grad_gh.view({N, G, D}) * h.unsqueeze(1)).sum(0).view({G * D});
+    expect_close(per_channel, W_hh.grad().view({G, D, D}).diagonal(0, 1, 2).reshape({G * D}), tol);
+  }
+}
+
+TEST(FusedCellPass, CudaVjpThreadCodeMatchesAutogradThroughTorchsCells) {
+  using pnewton::FusedCell;
+  for (const auto& [cell, diagonal] : std::vector<std::pair<FusedCell, bool>>{
+           {FusedCell::gru, false}, {FusedCell::gru, true}, {FusedCell::lstm, false}, {FusedCell::lstm, true},
+           {FusedCell::rnn_tanh, false}, {FusedCell::rnn_relu, false}}) {
+    SCOPED_TRACE(testing::Message() << "cell " << int(cell) << " diagonal " << diagonal);
+    expect_vjp_mirrors_autograd<double>(cell, diagonal, 1e-12);
+    expect_vjp_mirrors_autograd<float>(cell, diagonal, 1e-5);
   }
 }
