@@ -28,6 +28,10 @@ TORCH_LIBRARY(pnewton, m) {
   // [collectives, bytes of their results] this process ran over time shards since the last
   // reset (benchmarks/bench_distributed.py).
   m.def("shard_traffic(bool reset=False) -> int[]");
+  // Raises `message` (an error of `op`'s argument checks on this rank) on every rank of
+  // `group`, in the call the other ranks are making: this rank's part of their agreement
+  // (TimeShards::agree), for checks made before any op of the call (the layers' own).
+  m.def("shards_raise(str group, str op, str message) -> ()");
 
   // The ELK (Levenberg–Marquardt) step by Kalman filtering and smoothing, for the generic
   // solver: a is the diagonal [B, T, S] or the dense [B, T, S, S] Jacobian approximation,

@@ -13,6 +13,7 @@ call over the whole sequence (the C++ solver, csrc/solver), the whole stack one
 W_ih x_t + b_ih is one GEMM before each solve. ``DiagGRU`` and ``DiagLSTM`` have per-channel
 recurrent weights (vectors), so their Newton steps are exact with diagonal / 2×2 scans.
 """
+import contextlib
 import os
 import warnings
 
@@ -108,14 +109,14 @@ _TORCH_FORWARD = {"gru": nn.GRU.forward, "lstm": nn.LSTM.forward, "lstm_proj": n
 class _LoopRecord:
     """The diagnostics of a call torch.nn's forward ran, made on access as rnn_stack's fused
     loop makes them (csrc/solver/rnn_stack.cpp, with_loop_stats): every step exact
-    (iterations = the lengths), converged where the final states are finite, in the order
-    the solver sees the batch (a PackedSequence's sorted order)."""
+    (iterations = the lengths), converged where the final states are finite, in the
+    caller's order of the batch (a PackedSequence's unsorted order, as its final states)."""
 
     def __init__(self, input, final, steps, layer):
         # A PackedSequence's batch sizes and order, not the input itself (kept until the next call).
         packed = isinstance(input, PackedSequence)
         self.batch_sizes = input.batch_sizes if packed else None
-        self.sorted_indices = input.sorted_indices if packed else None
+        self.unsorted_indices = input.unsorted_indices if packed else None
         self.final, self.steps = final, steps
         self.rows = layer.num_layers * (2 if layer.bidirectional else 1)
         self.method = layer.solver_options.get("method", "auto")
@@ -126,9 +127,9 @@ class _LoopRecord:
             final = tuple(f.unsqueeze(1) for f in final)
         B = final[0].size(1)
         if self.batch_sizes is not None:
-            if self.sorted_indices is not None:
-                final = tuple(f.index_select(1, self.sorted_indices) for f in final)
-            steps = (self.batch_sizes.unsqueeze(0) > torch.arange(B).unsqueeze(1)).sum(1)
+            steps = (self.batch_sizes.unsqueeze(0) > torch.arange(B).unsqueeze(1)).sum(1)  # sorted order
+            if self.unsorted_indices is not None:
+                steps = steps.index_select(0, self.unsorted_indices.cpu())
         else:
             steps = torch.full((B,), self.steps, dtype=torch.long)
         device = final[0].device
@@ -137,6 +138,34 @@ class _LoopRecord:
         path = torch.full((self.rows, B), _bit("fused_loop"), dtype=torch.long, device=device)
         return (steps.to(device).expand(self.rows, B), residual.expand(self.rows, B),
                 converged.expand(self.rows, B), path, self.method)
+
+
+_SHARDED_TRACE = ("pnewton.{layer}: a layer with a sequence_group (sequence parallelism) cannot be traced by "
+                  "torch.compile or torch.export: its ranks agree on the shapes at run time; call it outside the "
+                  "compiled region (torch.compiler.disable)")
+
+
+# torch's packing ops read their sizes' values, which a torch.compile trace does not have
+# (torch.nn's own packed forward breaks the graph there too): they run eagerly, between graphs.
+@torch.compiler.disable
+def _unpacked(data, batch_sizes):
+    """A PackedSequence's steps as a padded time-major batch in sorted order, and its lengths."""
+    return pad_packed_sequence(PackedSequence(data, batch_sizes))
+
+
+@torch.compiler.disable
+def _packed_data(padded, lengths):
+    """The packed data of a padded time-major batch in sorted order."""
+    return pack_padded_sequence(padded, lengths).data
+
+
+class _Call:
+    """One forward call as the stack takes it (_NewtonLayer._prepare)."""
+
+    def __init__(self, packed):
+        self.packed, self.batched, self.lengths = packed, True, None
+        self.batch_sizes = self.sorted_indices = self.unsorted_indices = None
+        self.x, self.batch_first, self.batch_dim, self.hx = None, False, 0, None
 
 
 class _NewtonLayer:
@@ -257,11 +286,22 @@ class _NewtonLayer:
         return steps
 
     def _plan_key(self, input):
-        """The call's shape, as fine as rnn_stack's shape class or finer (auto_plan.h)."""
+        """The call's shape class, rnn_stack's (auto_plan.h: T and B in powers of two, so that a
+        layer called at many lengths keeps few plans) or finer."""
         packed = isinstance(input, PackedSequence)
         x = input.data if packed else input
-        shape = (input.batch_sizes.numel(), int(input.batch_sizes[0])) if packed else tuple(input.shape)
-        return (x.device, x.dtype, torch.get_num_threads(), torch.is_grad_enabled(), packed, shape)
+        if packed:
+            T, B = input.batch_sizes.numel(), int(input.batch_sizes[0])
+        elif x.dim() == 3:
+            T, B = (x.size(1), x.size(0)) if self.batch_first else (x.size(0), x.size(1))
+        else:
+            T, B = x.size(0), 1
+
+        def bucket(n):  # ⌈log₂ n⌉, 0 for n ≤ 1 (log2_bucket in auto_plan.cpp)
+            return max(n - 1, 0).bit_length()
+
+        return (x.device, x.dtype, torch.get_num_threads(), torch.is_grad_enabled(), packed, x.dim(), bucket(T),
+                bucket(B))
 
     def _remember_plan(self, input, path):
         """After an auto call of at least _MIN_PARALLEL_STEPS steps through rnn_stack: whether
@@ -285,31 +325,62 @@ class _NewtonLayer:
             out, final = _TORCH_FORWARD[self._cell](self, input, hx)
             self._last_raw = _LoopRecord(input, final, steps, self)
             return out, final
-        packed = isinstance(input, PackedSequence)
-        batched, lengths, batch_sizes, sorted_indices, unsorted_indices = True, None, None, None, None
-        if packed:
-            data, batch_sizes, sorted_indices, unsorted_indices = input
-            batch = int(batch_sizes[0])
-            hx = self._zero_state(data, batch) if hx is None else self.permute_hidden(hx, sorted_indices)
-            self.check_forward_args(data, hx, batch_sizes)
-            # The packed steps as a padded time-major batch in sorted order, with its lengths.
-            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
-            batch_first = False
+        if self.__dict__.get("sequence_group") is not None and torch.compiler.is_compiling():
+            raise RuntimeError(_SHARDED_TRACE.format(layer=type(self).__name__))
+        with self._raised_on_every_rank():
+            call = self._prepare(input, hx)
+        return self._solve(input, call)
+
+    @contextlib.contextmanager
+    def _raised_on_every_rank(self):
+        """Over time shards (a sequence_group): an error of this rank's own argument checks
+        (torch.nn's, made before any op) is raised on every rank of the group, in this call
+        (this rank's part of the ranks' agreement in rnn_stack), so that no rank's next
+        collective pairs with another call's."""
+        if self.__dict__.get("sequence_group") is None:
+            yield
+            return
+        try:
+            yield
+        except Exception as error:
+            torch.ops.pnewton.shards_raise(self._sequence_group_name(), f"pnewton.{type(self).__name__}",
+                                           f"{type(error).__name__}: {error}")
+            raise  # (shards_raise raises)
+
+    def _prepare(self, input, hx):
+        """torch.nn's checks of a call, and its input as the stack takes it."""
+        call = _Call(packed=isinstance(input, PackedSequence))
+        if call.packed:
+            data, call.batch_sizes, call.sorted_indices, call.unsorted_indices = input
+            batch = int(call.batch_sizes[0])
+            hx = self._zero_state(data, batch) if hx is None else self.permute_hidden(hx, call.sorted_indices)
+            self.check_forward_args(data, hx, call.batch_sizes)
+            call.x, call.lengths = _unpacked(data, call.batch_sizes)
+            call.batch_first = False
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got {input.dim()}D instead")
-            batched = input.dim() == 3
-            batch_dim = 0 if self.batch_first else 1
+            call.batched = input.dim() == 3
+            call.batch_dim = 0 if self.batch_first else 1
             if hx is not None:
-                self._check_hx_dims(hx, batched)
-            if not batched:
-                input = input.unsqueeze(batch_dim)
+                self._check_hx_dims(hx, call.batched)
+            if not call.batched:
+                input = input.unsqueeze(call.batch_dim)
                 if hx is not None:
                     hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1)) if self._is_lstm else hx.unsqueeze(1)
             if hx is None:
-                hx = self._zero_state(input, input.size(batch_dim))
+                hx = self._zero_state(input, input.size(call.batch_dim))
             self.check_forward_args(input, hx, None)
-            x, batch_first = input, self.batch_first
+            call.x, call.batch_first = input, self.batch_first
+        call.hx = hx
+        return call
+
+    def _solve(self, input, call):
+        """The stack's solve of a prepared call, and torch.nn's outputs."""
+        packed, batched, lengths, x, batch_first, hx = (call.packed, call.batched, call.lengths, call.x,
+                                                        call.batch_first, call.hx)
+        batch_sizes, sorted_indices, unsorted_indices = call.batch_sizes, call.sorted_indices, call.unsorted_indices
+        batch_dim = call.batch_dim
         # The LSTM cells solve (h_i, c_i) interleaved per channel; the projected LSTM [h | c].
         if not self._is_lstm:
             state0 = hx
@@ -323,6 +394,9 @@ class _NewtonLayer:
             self.bidirectional, batch_first, o["method"], *_limits(o["max_iter"], o["atol"], o["rtol"]),
             o["damping"], o["clip"], o["init"], o["fixed_iterations"], o["fallback"], o["adjoint"], lengths, None,
             self._sequence_group_name())
+        if packed and unsorted_indices is not None:  # the diagnostics in the caller's order of the batch
+            iterations, residual, converged, path = (t.index_select(1, unsorted_indices)
+                                                     for t in (iterations, residual, converged, path))
         self._last_raw = (iterations, residual, converged, path, o["method"])
         if not torch.compiler.is_compiling():
             self._remember_plan(input, path)
@@ -333,13 +407,16 @@ class _NewtonLayer:
                           f"layer·direction {layers} (path {self.last_stats.method}); see last_layer_stats",
                           stacklevel=2)
         if self.proj_size:
-            final = (final[..., :self.proj_size].contiguous(), final[..., self.proj_size:].contiguous())
+            # Under CPU autocast torch.nn's projected LSTM keeps c in c0's dtype (only its matmuls
+            # run in the lower precision); elsewhere this is no cast. (cuDNN: all in the autocast dtype.)
+            c = final[..., self.proj_size:]
+            c = c.to(hx[1].dtype) if c.device.type == "cpu" else c
+            final = (final[..., :self.proj_size].contiguous(), c.contiguous())
         elif self._is_lstm:
             pairs = final.unflatten(-1, (self.hidden_size, 2))
             final = (pairs[..., 0].contiguous(), pairs[..., 1].contiguous())
         if packed:
-            out = PackedSequence(pack_padded_sequence(out, lengths).data, batch_sizes, sorted_indices,
-                                 unsorted_indices)
+            out = PackedSequence(_packed_data(out, lengths), batch_sizes, sorted_indices, unsorted_indices)
             return out, self.permute_hidden(final, unsorted_indices)
         if not batched:
             out = out.squeeze(batch_dim)

@@ -111,18 +111,18 @@ std::vector<int64_t> descriptor(const at::Tensor& b, const std::optional<at::Ten
 at::Tensor scan_diag_sharded(const at::Tensor& a, const at::Tensor& b, c10::string_view group,
                              const std::optional<at::Tensor>& x0, bool reverse) {
   constexpr const char* op = "pnewton.scan_diag_sharded";
-  check_diag_args(op, a, b, x0);
+  const std::string error = failed_checks([&] { check_diag_args(op, a, b, x0); });  // raised on every rank
   TimeShards shards(std::string(group), false);
-  shards.agree(op, descriptor(b, x0, reverse, false), 1, b);
+  shards.agree(op, error.empty() ? descriptor(b, x0, reverse, false) : std::vector<int64_t>{}, 1, b, error);
   return sharded_scan_diag(shards, a, b, x0, reverse);
 }
 
 at::Tensor scan_block_sharded(const at::Tensor& A, const at::Tensor& b, c10::string_view group,
                               const std::optional<at::Tensor>& x0, bool reverse, bool transpose) {
   constexpr const char* op = "pnewton.scan_block_sharded";
-  check_block_args(op, A, b, x0);
+  const std::string error = failed_checks([&] { check_block_args(op, A, b, x0); });  // raised on every rank
   TimeShards shards(std::string(group), false);
-  shards.agree(op, descriptor(b, x0, reverse, transpose), 1, b);
+  shards.agree(op, error.empty() ? descriptor(b, x0, reverse, transpose) : std::vector<int64_t>{}, 1, b, error);
   return sharded_scan_block(shards, A, b, x0, reverse, transpose);
 }
 

@@ -5,7 +5,9 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <numeric>
 #include <sstream>
 
@@ -93,19 +95,50 @@ at::Tensor tie(const at::Tensor& x, const at::Tensor& rows) {
   return rows.requires_grad() ? TieFunction::apply(x, rows) : x;
 }
 
+std::string failed_checks(const std::function<void()>& checks) {
+  try {
+    checks();
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return {};
+}
+
 std::vector<int64_t> TimeShards::agree(const char* op, const std::vector<int64_t>& descriptor, size_t time_index,
-                                       const at::Tensor& like) {
-  // The descriptor's own length first: ranks calling with different ranks of tensors differ there.
+                                       const at::Tensor& like, const std::string& local_error) {
+  // The descriptor's own length first: ranks calling with different ranks of tensors differ
+  // there. The last entry: whether this rank's checks failed.
   constexpr int64_t kMax = 24;
-  TORCH_CHECK(static_cast<int64_t>(descriptor.size()) < kMax, op, ": too many sizes to agree on");
-  at::Tensor mine = at::full({kMax}, -1, at::kLong);
-  mine[0] = static_cast<int64_t>(descriptor.size());
-  for (size_t i = 0; i < descriptor.size(); ++i) mine[i + 1] = descriptor[i];
   const auto pg = c10d::resolve_process_group(group_);
   const bool nccl = pg->getBackendType() == c10d::ProcessGroup::BackendType::NCCL;
-  TORCH_CHECK(!nccl || like.is_cuda(), op, ": group '", group_, "' is an NCCL group, which moves CUDA tensors only; ",
-              "got tensors on ", like.device(), " (use a gloo group for CPU tensors)");
-  at::Tensor gathered = all_gather(*pg, mine.to(like.device())).cpu();
+  std::string error = local_error;
+  if (error.empty() && nccl && !like.is_cuda()) {
+    error = c10::str(op, ": group '", group_, "' is an NCCL group, which moves CUDA tensors only; got tensors on ",
+                     like.device(), " (use a gloo group for CPU tensors)");
+  }
+  if (error.empty() && static_cast<int64_t>(descriptor.size()) >= kMax - 1) error = c10::str(op, ": too many sizes to agree on");
+  at::Tensor mine = at::full({kMax}, -1, at::kLong);
+  if (error.empty()) {
+    mine[0] = static_cast<int64_t>(descriptor.size());
+    for (size_t i = 0; i < descriptor.size(); ++i) mine[i + 1] = descriptor[i];
+  }
+  mine[kMax - 1] = !error.empty();
+  // NCCL moves CUDA tensors only: the current device's where this rank's are elsewhere.
+  const at::Device device = nccl && !like.is_cuda() ? at::Device(at::kCUDA) : like.device();
+  at::Tensor gathered = all_gather(*pg, mine.to(device)).cpu();
+  // A rank whose checks failed: every rank raises its error (the lowest such rank's).
+  for (int64_t rank = 0; rank < count_; ++rank) {
+    if (gathered[rank][kMax - 1].item<int64_t>() == 0) continue;
+    constexpr int64_t kMessage = 4096;
+    at::Tensor text = at::zeros({kMessage}, at::kByte);
+    std::memcpy(text.data_ptr(), error.data(), std::min<size_t>(error.size(), kMessage - 1));
+    const at::Tensor texts = all_gather(*pg, text.to(device)).cpu();
+    const std::string message(reinterpret_cast<const char*>(texts[rank].data_ptr()));
+    TORCH_CHECK(false, message, " [the arguments of rank ", rank, " of group '", group_,
+                "': every rank of the group raises this error]");
+  }
   if (reversed_) gathered = gathered.flip(0).contiguous();
   const auto all = gathered.accessor<int64_t, 2>();
   lengths_.assign(count_, 0);
@@ -206,8 +239,17 @@ std::vector<int64_t> shard_traffic(bool reset) {
   return counts;
 }
 
+void shards_raise(c10::string_view group, c10::string_view op, c10::string_view message) {
+  const std::string name(op);
+  const std::string text = message.empty() ? name + ": an argument check failed" : std::string(message);
+  TimeShards(std::string(group), false).agree(name.c_str(), {}, 0, at::empty({0}), text);  // raises
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pnewton, CatchAll, m) { m.impl("shard_traffic", &shard_traffic); }
+TORCH_LIBRARY_IMPL(pnewton, CatchAll, m) {
+  m.impl("shard_traffic", &shard_traffic);
+  m.impl("shards_raise", &shards_raise);
+}
 
 }  // namespace pnewton

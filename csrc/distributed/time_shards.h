@@ -10,6 +10,7 @@
 // direction of a bidirectional layer, whose every rank flips its own shard.
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -30,8 +31,11 @@ class TimeShards {
   // time_index) and raises the same error on every rank where they differ. Returns each
   // rank's T in time order; remembers them for offset(), total() and the halo. `like`: a
   // tensor of the call, whose device the group's backend must be able to move (NCCL: CUDA).
+  // local_error: what this rank's own argument checks raised (failed_checks), "" if none;
+  // then every rank raises the first failing rank's error, in this same call (one more
+  // gather, of the message), so that no rank's next collective pairs with another call's.
   std::vector<int64_t> agree(const char* op, const std::vector<int64_t>& descriptor, size_t time_index,
-                             const at::Tensor& like);
+                             const at::Tensor& like, const std::string& local_error = {});
   int64_t length(int64_t position) const { return lengths_.at(position); }
   int64_t offset() const;  // the global index of this shard's first step
   int64_t total() const;   // the whole sequence's length
@@ -59,6 +63,11 @@ class TimeShards {
   int64_t position_, count_;
   std::vector<int64_t> lengths_;
 };
+
+// Runs this rank's argument checks of a sharded call: the message of the error they raise,
+// "" when they pass. Checks that can fail on one rank alone must run so, and their outcome
+// go to TimeShards::agree, before any collective.
+std::string failed_checks(const std::function<void()>& checks);
 
 // x [B, T, ...] one step along time over the whole sequence: x_{t+1} (next) or x_{t−1},
 // `fill` beyond either end; over time shards the neighbouring shard's first (last) step

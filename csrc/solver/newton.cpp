@@ -563,11 +563,13 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
       const int64_t budget = std::min(auto_budget(steps_all), left);
       const at::Tensor before = p.iterations.max();
       run_stage(cell, gi_flat, s0, m, budget, true, is_elk(m) ? kAutoLambda : o.damping, o, atol, rtol, padding, p);
-      // A stage that left a sequence worse than it found it hands the next stage its start
-      // (read once: the states are moved only when one did).
+      // A stage that left an unconverged sequence worse than it found it hands the next stage
+      // its start (read once: the states are moved only when one did). A converged one stays:
+      // its step passed the stop test, and at the rounding floor a confirming step may move
+      // the residual up by an ulp.
       const Progress::Entry& start = p.entry;
-      const at::Tensor worse =
-          p.stuck.logical_not() & ((p.residual > start.residual) | p.residual.isfinite().logical_not());
+      const at::Tensor worse = p.stuck.logical_not() & p.converged.logical_not() &
+                               ((p.residual > start.residual) | p.residual.isfinite().logical_not());
       if (worse.any().item<bool>()) {
         p.s = at::where(worse.view({B, 1, 1}), start.s, p.s);
         p.F = at::where(worse.view({B, 1, 1}), start.F, p.F);

@@ -5,7 +5,9 @@
 // The backward is the adjoint λ_t = g_t + A_{t+1}ᵀ λ_{t+1} with the true Jacobian A.
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <string>
+#include <vector>
 
 #include "csrc/distributed/time_shards.h"
 #include "csrc/solver/cells.h"
@@ -110,9 +112,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> newton_rn
     const c10::optional<at::Tensor>& resets, c10::string_view group, bool reversed_ranks);
 
 // The time shards of `group` ("": null), after every rank agreed on the call's sizes,
-// options and lengths (TimeShards::agree): the solver ops' one entry to sequence parallelism.
+// options (read only where this rank's checks passed) and lengths (TimeShards::agree): the
+// solver ops' one entry to sequence parallelism. local_error: what this rank's argument
+// checks raised (failed_checks): then every rank raises it.
 SharedShards solver_shards(const char* op, c10::string_view group, bool reversed_ranks, const at::Tensor& gi,
-                           const at::Tensor& s0, std::vector<int64_t> options,
+                           const at::Tensor& s0, const std::string& local_error,
+                           const std::function<std::vector<int64_t>()>& options,
                            const c10::optional<at::Tensor>& lengths);
 
 }  // namespace pnewton

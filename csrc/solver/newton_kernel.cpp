@@ -88,15 +88,21 @@ Outputs newton_rnn_kernel(c10::string_view cell_name_, const at::Tensor& gi, con
                           bool fallback, c10::string_view adjoint, const c10::optional<at::Tensor>& lengths,
                           const c10::optional<at::Tensor>& W_hr, const c10::optional<at::Tensor>& resets,
                           c10::string_view group, bool reversed_ranks) {
-  const CellShape shape = checked_args(kOp, cell_name_, gi, W_hh, b_hh, s0, W_hr, lengths, resets);
-  NewtonOptions o = checked_options(gi, shape, method, max_iter, atol, rtol, damping, clip, init, init_states,
-                                    fixed_iterations, fallback, adjoint);
-  check_sharded(kOp, group, method, cell_name_);
-  o.shards = solver_shards(kOp, group, reversed_ranks, gi, s0,
-                           {static_cast<int64_t>(o.method), o.max_iter, o.fixed_iterations, o.fallback,
-                            init_states.has_value(), resets.has_value(), W_hr.has_value(),
-                            static_cast<int64_t>(parse_cell(std::string(cell_name_)))},
-                           lengths);
+  CellShape shape;
+  NewtonOptions o;
+  auto checks = [&] {
+    shape = checked_args(kOp, cell_name_, gi, W_hh, b_hh, s0, W_hr, lengths, resets);
+    o = checked_options(gi, shape, method, max_iter, atol, rtol, damping, clip, init, init_states, fixed_iterations,
+                        fallback, adjoint);
+    check_sharded(kOp, group, method, cell_name_);
+  };
+  // Over time shards every rank raises together (solver_shards).
+  const std::string error = group.empty() ? (checks(), std::string()) : failed_checks(checks);
+  o.shards = solver_shards(kOp, group, reversed_ranks, gi, s0, error, [&] {
+    return std::vector<int64_t>{static_cast<int64_t>(o.method), o.max_iter, o.fixed_iterations, o.fallback,
+                                init_states.has_value(), resets.has_value(), W_hr.has_value(),
+                                static_cast<int64_t>(parse_cell(std::string(cell_name_)))};
+  }, lengths);
   const at::ScalarType type = compute_type(gi.scalar_type());
   const Cell cell(parse_cell(std::string(cell_name_)), W_hh.to(type), widen(b_hh, type), widen(W_hr, type));
   if (init_states.has_value()) o.init_states = init_states->to(type);
@@ -155,17 +161,21 @@ at::Tensor cell_step(c10::string_view cell_name_, const at::Tensor& s, const at:
 }  // namespace
 
 SharedShards solver_shards(const char* op, c10::string_view group, bool reversed_ranks, const at::Tensor& gi,
-                           const at::Tensor& s0, std::vector<int64_t> options,
+                           const at::Tensor& s0, const std::string& local_error,
+                           const std::function<std::vector<int64_t>()>& options,
                            const c10::optional<at::Tensor>& lengths) {
   if (group.empty()) return nullptr;
   auto shards = std::make_shared<TimeShards>(std::string(group), reversed_ranks);
-  std::vector<int64_t> descriptor{gi.size(0), gi.size(1), gi.size(2), s0.size(1),
-                                  static_cast<int64_t>(gi.scalar_type())};
-  descriptor.insert(descriptor.end(), options.begin(), options.end());
-  // The lengths count the whole sequence: every rank passes the same (their sum and largest).
-  descriptor.push_back(lengths.has_value() ? lengths->sum().item<int64_t>() : -1);
-  descriptor.push_back(lengths.has_value() && lengths->numel() ? lengths->max().item<int64_t>() : -1);
-  shards->agree(op, descriptor, /*time_index=*/1, gi);
+  std::vector<int64_t> descriptor;
+  if (local_error.empty()) {  // (else the arguments may not even have the ranks read here)
+    descriptor = {gi.size(0), gi.size(1), gi.size(2), s0.size(1), static_cast<int64_t>(gi.scalar_type())};
+    const std::vector<int64_t> more = options();
+    descriptor.insert(descriptor.end(), more.begin(), more.end());
+    // The lengths count the whole sequence: every rank passes the same (their sum and largest).
+    descriptor.push_back(lengths.has_value() ? lengths->sum().item<int64_t>() : -1);
+    descriptor.push_back(lengths.has_value() && lengths->numel() ? lengths->max().item<int64_t>() : -1);
+  }
+  shards->agree(op, descriptor, /*time_index=*/1, gi, local_error);
   return shards;
 }
 
@@ -175,13 +185,16 @@ Outputs newton_rnn_backward_kernel(const at::Tensor& grad_states, c10::string_vi
                                    const c10::optional<at::Tensor>& lengths, const c10::optional<at::Tensor>& W_hr,
                                    const c10::optional<at::Tensor>& resets, c10::string_view group,
                                    bool reversed_ranks) {
-  const CellShape shape = checked_args(kBackwardOp, cell_name_, gi, W_hh, b_hh, s0, W_hr, lengths, resets);
-  check_backward_tensors(grad_states, gi, states, shape);
-  check_sharded(kBackwardOp, group, "auto", cell_name_);
-  const SharedShards shards =
-      solver_shards(kBackwardOp, group, reversed_ranks, gi, s0,
-                    {resets.has_value(), W_hr.has_value(), static_cast<int64_t>(parse_cell(std::string(cell_name_)))},
-                    lengths);
+  auto checks = [&] {
+    const CellShape shape = checked_args(kBackwardOp, cell_name_, gi, W_hh, b_hh, s0, W_hr, lengths, resets);
+    check_backward_tensors(grad_states, gi, states, shape);
+    check_sharded(kBackwardOp, group, "auto", cell_name_);
+  };
+  const std::string error = group.empty() ? (checks(), std::string()) : failed_checks(checks);
+  const SharedShards shards = solver_shards(kBackwardOp, group, reversed_ranks, gi, s0, error, [&] {
+    return std::vector<int64_t>{resets.has_value(), W_hr.has_value(),
+                                static_cast<int64_t>(parse_cell(std::string(cell_name_)))};
+  }, lengths);
   const at::ScalarType type = compute_type(gi.scalar_type());
   const Cell cell(parse_cell(std::string(cell_name_)), W_hh.to(type), widen(b_hh, type), widen(W_hr, type));
   const at::Tensor L =

@@ -39,6 +39,16 @@ StackOutputs with_loop_stats(const at::Tensor& output, const at::Tensor& final, 
           converged.expand({n, B}).contiguous(), at::full({n, B}, method_bit(Method::fused_loop), long_options)};
 }
 
+// Dropout between layers with torch.nn's mask for the same seed: drawn in the memory order
+// of its time-major output, contiguous; over a packed batch (lengths, sorted as a
+// PackedSequence's), over its packed data: the valid steps in time-major order, padding zero.
+at::Tensor dropped_out(const at::Tensor& x, double p, const at::Tensor& lengths) {
+  if (!lengths.defined()) return at::dropout(x.contiguous(), p, /*train=*/true);
+  const at::Tensor valid = valid_steps(lengths, x.sym_size(0), at::kBool).squeeze(-1).transpose(0, 1);  // [T, B]
+  const c10::List<std::optional<at::Tensor>> rows{std::optional<at::Tensor>(valid)};
+  return at::zeros_like(x, at::MemoryFormat::Contiguous).index_put(rows, at::dropout(x.index(rows), p, true));
+}
+
 }  // namespace
 
 
@@ -50,42 +60,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& resets, c10::string_view group) {
   const char* op = "pnewton.rnn_stack";
   const int64_t dirs = bidirectional ? 2 : 1, weights = has_biases ? 4 : 2;
-  TORCH_CHECK(num_layers > 0, op, ": num_layers must be positive, got ", num_layers);
-  TORCH_CHECK(dropout >= 0 && dropout <= 1, op, ": dropout must be a probability in [0, 1], got ", dropout);
-  check_floating(op, "input", input, 3, "[T, B, in] ([B, T, in] if batch_first)");
-  check_floating(op, "state0", state0, 3, "[layers * dirs, B, S]");
-  check_like(op, "state0", state0, input, "input");
-  for (size_t i = 0; i < params.size(); ++i) {
-    check_floating(op, "params", params[i]);
-    check_like(op, "params", params[i], input, "input");
-  }
   // As in torch's _VF.lstm, one more tensor per layer and direction is LSTM's projection W_hr.
   const int64_t n = static_cast<int64_t>(params.size());
   const bool projected = cell == "lstm" && n == num_layers * dirs * (weights + 1);
   const int64_t per = projected ? weights + 1 : weights;
-  TORCH_CHECK(n == num_layers * dirs * per, op, ": params must hold ", num_layers * dirs * per, " tensors (W_ih, W_hh",
-              has_biases ? ", b_ih, b_hh" : "", cell == "lstm" ? "[, W_hr]" : "", " per layer and direction), got ",
-              n);
   const std::string solved_cell = projected ? "lstm_proj" : std::string(cell);
-  TORCH_CHECK(state0.dim() == 3 && state0.sym_size(0) == num_layers * dirs, op, ": state0 must be [",
-              num_layers * dirs, ", B, S], got ", state0.sym_sizes());
-  // Sizes stay symbolic (SymInt) where nothing needs their value, so that torch.compile and
-  // export trace one graph for every T and B.
-  const c10::SymInt T = input.sym_size(batch_first ? 1 : 0);
-  // Sequence parallelism: input, resets and output are this rank's time shard; every rank
-  // agrees on the rest first (csrc/distributed/time_shards.h).
-  std::optional<TimeShards> shards;
-  if (!group.empty()) {
+  // A call over time shards agrees on its shapes at run time, by a collective: a trace
+  // (torch.compile, export) has no values to exchange.
+  TORCH_CHECK(group.empty() || !is_traced(input), op, ": a layer with a sequence_group (sequence parallelism over ",
+              "process group '", group, "') cannot be traced by torch.compile or torch.export: its ranks agree on ",
+              "the shapes at run time; call it outside the compiled region (torch.compiler.disable)");
+  auto checks = [&] {
+    TORCH_CHECK(num_layers > 0, op, ": num_layers must be positive, got ", num_layers);
+    TORCH_CHECK(dropout >= 0 && dropout <= 1, op, ": dropout must be a probability in [0, 1], got ", dropout);
+    check_floating(op, "input", input, 3, "[T, B, in] ([B, T, in] if batch_first)");
+    check_floating(op, "state0", state0, 3, "[layers * dirs, B, S]");
+    check_like(op, "state0", state0, input, "input");
+    for (size_t i = 0; i < params.size(); ++i) {
+      check_floating(op, "params", params[i]);
+      check_like(op, "params", params[i], input, "input");
+    }
+    TORCH_CHECK(n == num_layers * dirs * per, op, ": params must hold ", num_layers * dirs * per,
+                " tensors (W_ih, W_hh", has_biases ? ", b_ih, b_hh" : "", cell == "lstm" ? "[, W_hr]" : "",
+                " per layer and direction), got ", n);
+    TORCH_CHECK(state0.dim() == 3 && state0.sym_size(0) == num_layers * dirs, op, ": state0 must be [",
+                num_layers * dirs, ", B, S], got ", state0.sym_sizes());
+    if (group.empty()) return;
     TORCH_CHECK(!lengths.has_value(), op, ": lengths (packed sequences) are not supported by a stack over time ",
                 "shards (a process group); segments (resets) are, and pnewton.newton_rnn takes lengths");
     TORCH_CHECK(!(resets.has_value() && bidirectional), op, ": a bidirectional stack over time shards (a process ",
                 "group) takes no resets: its reverse direction would read segments across shards");
+  };
+  // Sequence parallelism: input, resets and output are this rank's time shard; every rank
+  // agrees on the rest first (csrc/distributed/time_shards.h), and raises together where
+  // one rank's arguments fail their checks.
+  std::optional<TimeShards> shards;
+  if (group.empty()) {
+    checks();
+  } else {
+    const std::string error = failed_checks(checks);
     shards.emplace(std::string(group), false);
-    shards->agree(op, {input.size(0), input.size(1), input.size(2), state0.size(1), state0.size(2),
-                       static_cast<int64_t>(input.scalar_type()), num_layers, dirs, static_cast<int64_t>(params.size()),
-                       resets.has_value()},
-                  batch_first ? 1 : 0, input);
+    shards->agree(op,
+                  error.empty() ? std::vector<int64_t>{input.size(0), input.size(1), input.size(2), state0.size(1),
+                                                       state0.size(2), static_cast<int64_t>(input.scalar_type()),
+                                                       num_layers, dirs, n, resets.has_value()}
+                                : std::vector<int64_t>{},
+                  batch_first ? 1 : 0, input, error);
   }
+  // Sizes stay symbolic (SymInt) where nothing needs their value, so that torch.compile and
+  // export trace one graph for every T and B.
+  const c10::SymInt T = input.sym_size(batch_first ? 1 : 0);
   // torch.nn's own wording for an empty sequence (a time shard may be empty, the sequence not).
   if (shards) {
     TORCH_CHECK(shards->total() > 0, "Expected sequence length to be larger than 0 in RNN");
@@ -165,8 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
       x = outs.size() == 1 ? outs[0] : at::cat(outs, -1);  // one direction: no copy
       if (L.defined()) x = x * padding_mask;  // torch.nn's zero padding
-      // (Dropout draws its mask in x's memory order: time-major and contiguous, as torch.nn's.)
-      if (dropout > 0 && train && layer + 1 < num_layers) x = at::dropout(x.contiguous(), dropout, /*train=*/true);
+      if (dropout > 0 && train && layer + 1 < num_layers) x = dropped_out(x, dropout, L);
     }
     // Contiguous, as torch.nn's output (one direction's may still be a view of its states).
     return StackOutputs{(batch_first ? x.transpose(0, 1) : x).contiguous(), at::stack(finals), at::stack(iterations),

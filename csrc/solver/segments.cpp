@@ -9,6 +9,8 @@ at::Tensor lengths_on(const char* op, const at::Tensor& lengths, const c10::SymI
               " sequence lengths, got shape ", lengths.sym_sizes());
   TORCH_CHECK(at::isIntegralType(lengths.scalar_type(), /*includeBool=*/false), op,
               ": lengths must be an integer tensor, got ", lengths.scalar_type());
+  TORCH_CHECK(!lengths.is_meta() || device.is_meta(), op, ": lengths must hold values (on the CPU or on the ",
+              "inputs' device ", device, "), got a tensor on the meta device");
   return lengths.to(device, at::kLong);
 }
 
@@ -66,6 +68,8 @@ at::Tensor checked_resets(const char* op, const at::Tensor& resets, const c10::S
   TORCH_CHECK(resets.dim() == 2 && resets.sym_size(0) == B && resets.sym_size(1) == T, op,
               ": resets must be a [B, T] = [", B, ", ", T, "] tensor, got shape ", resets.sym_sizes());
   TORCH_CHECK(resets.scalar_type() == at::kBool, op, ": resets must be a bool tensor, got ", resets.scalar_type());
+  TORCH_CHECK(!resets.is_meta() || device.is_meta(), op, ": resets must hold values (on the CPU or on the inputs' ",
+              "device ", device, "), got a tensor on the meta device");
   return resets.to(device);
 }
 

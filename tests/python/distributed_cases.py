@@ -257,6 +257,64 @@ def case_mismatch(rank, world, group):
         raise AssertionError("different lengths did not raise")
 
 
+def _raises_alike(call, *fragments):
+    """call() raises a RuntimeError naming every fragment (on every rank: each runs this)."""
+    try:
+        call()
+    except RuntimeError as e:
+        assert all(f in str(e) for f in fragments), str(e)
+    else:
+        raise AssertionError(f"no error (wanted {fragments})")
+
+
+def case_one_rank_failing_its_checks(rank, world, group):
+    """Arguments that fail their checks on one rank alone raise the same error on every rank,
+    in that call, and the group stays in step: the next call is right everywhere (before, the
+    other ranks' call paired with the failing rank's next one and returned wrong states)."""
+    import pnewton
+    gi, W, b, s0 = _cell_problem("gru")
+    T = gi.shape[1]
+    lo, hi = cuts(T, world)[rank:rank + 2]
+    last = world - 1
+    ref, _ = pnewton.newton_rnn("gru", gi, W, b, s0)
+    bad_W = W[:, :3] if rank == last else W
+    _raises_alike(lambda: pnewton.newton_rnn("gru", gi[:, lo:hi], bad_W, b, s0, group=group),
+                  "W_hh", f"rank {last}")
+    out, _ = pnewton.newton_rnn("gru", gi[:, lo:hi], W, b, s0, group=group)
+    close(out, ref[:, lo:hi], "the solve after a failed one")
+    # The backward op's own checks, and the sharded scans'.
+    states, g = out.detach(), torch.randn_like(out)
+    bad_g = g[:, :, :2] if rank == last else g
+    _raises_alike(lambda: torch.ops.pnewton.newton_rnn_backward(bad_g, "gru", gi[:, lo:hi], W, b, s0, states, "auto",
+                                                                None, None, None, pnewton.distributed.group_name(group),
+                                                                False), "grad_states", f"rank {last}")
+    a = torch.rand(2, hi - lo, 3, dtype=torch.float64)
+    bad_b = torch.rand(2, hi - lo, 4 if rank == last else 3, dtype=torch.float64)
+    _raises_alike(lambda: pnewton.distributed.scan_diag(a, bad_b, group=group), f"rank {last}")
+    x = pnewton.distributed.scan_diag(a, a, group=group)
+    assert x.shape == a.shape
+    # A layer: torch.nn's own checks (made in Python, before any op) fail on one rank.
+    torch.manual_seed(9)
+    layer = pnewton.GRU(4, 6, dtype=torch.float64, batch_first=True)
+    xs = torch.randn(3, T, 4, dtype=torch.float64)
+    full, _ = layer(xs)
+    layer.sequence_group = group
+    bad_x = xs[:, lo:hi, :3] if rank == last else xs[:, lo:hi]
+    _raises_alike(lambda: layer(bad_x), "input.size(-1) must be equal to input_size", f"rank {last}")
+    mine, _ = layer(xs[:, lo:hi])
+    close(mine, full[:, lo:hi], "the layer's call after a failed one")
+
+
+def case_compile_of_a_sharded_layer(rank, world, group):
+    """torch.compile of a layer over time shards (not supported: its ranks agree on the
+    shapes at run time) raises pnewton's message naming sequence_group, on every rank."""
+    import pnewton
+    layer = pnewton.GRU(3, 4, dtype=torch.float64, sequence_group=group)
+    x = torch.randn(300, 2, 3, dtype=torch.float64)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    _raises_alike(lambda: compiled(x), "sequence_group", "torch.compile")
+
+
 def case_ddp_mesh(rank, world, group):
     """DDP over data parallelism × sequence parallelism on a 2 × 2 mesh."""
     if world != 4:

@@ -164,7 +164,10 @@ def test_a_shape_whose_plan_is_the_loop_then_runs_torch_nn_forward(monkeypatch):
         assert torch.equal(a, b) and torch.equal(b, c)
     for name in ("iterations", "residual", "converged", "path"):
         assert torch.equal(getattr(ours.last_stats, name), getattr(stats, name))
-    # A shape not seen yet, or another grad mode, goes through rnn_stack again.
-    assert ours._torch_loop_steps(torch.randn(301, 3, 4)) is None
+    # A shape of its class (T and B in the same powers of two) takes the plan too; one of
+    # another class, or another grad mode, goes through rnn_stack again.
+    assert ours._torch_loop_steps(torch.randn(301, 4, 4)) == 301
+    assert ours._torch_loop_steps(torch.randn(600, 3, 4)) is None
+    assert ours._torch_loop_steps(torch.randn(300, 5, 4)) is None
     with torch.no_grad():
         assert ours._torch_loop_steps(x) is None
