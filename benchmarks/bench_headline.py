@@ -72,6 +72,8 @@ def main():
         try:
             ours, ref = make(kind, method, D, dev, dtype)
             x = torch.randn(B, T, D, device=dev, dtype=dtype)
+            if ref is not None:
+                ref.flatten_parameters()  # cuDNN's weights in one buffer (else it compacts them every call)
             chunked = Chunked(ref, 32768) if ref is not None and T > 32768 else ref
             with torch.no_grad():
                 out = ours(x)[0]
