@@ -1,6 +1,6 @@
 // Autocast kernels of the layer stack: torch.nn's AMP behaviour for recurrent layers.
 // Under autocast, cuDNN's RNN runs in the autocast dtype (ATen casts _cudnn_rnn's
-// arguments). On the CPU (torch 2.11, measured: tests/python/test_reliability.py) the lstm
+// arguments). On the CPU (torch 2.11, measured: tests/python/test_call_edges.py) the lstm
 // op on padded input and rnn_tanh/rnn_relu run in the autocast dtype, while gru, and lstm on
 // packed input (its packed overload is not on autocast's list), return their input's dtype
 // (float32 for a float32 input, bfloat16 for the output of an autocast linear); the
