@@ -91,8 +91,7 @@ PNEWTON_HD void fused_sources(const FusedCellParams& p, int64_t n, int64_t S, co
 // The Newton update of rows of S numbers, N = B·T rows, T per sequence: for a step x
 // (x = −δ for the Newton methods, sign −1) next = s + sign·x with non-finite numbers set to
 // 0, where the row's sequence is moving, and next = s where it is not; x counts as 0 on
-// padding rows. row_step [N, row_parts]: max_s |x| (0 on padding rows), NaN propagating,
-// in partial results as FusedCellParams' row reductions.
+// padding rows. row_step [N]: max_s |x| (0 on padding rows), NaN propagating.
 struct NewtonUpdateParams {
   int64_t N = 0, T = 0, S = 0;
   double sign = -1;
@@ -101,8 +100,7 @@ struct NewtonUpdateParams {
   const bool* moving = nullptr;   // [B]
   const bool* padding = nullptr;  // [N] or null
   void* next = nullptr;           // [N, S]
-  void* row_step = nullptr;       // [N, row_parts]
-  int64_t row_parts = 1;
+  void* row_step = nullptr;       // [N]
 };
 
 // exp and tanh of a scalar; the CPU loop supplies the same for at::vec vectors.
@@ -252,6 +250,27 @@ PNEWTON_HD T nan_max(T a, T b) {
   return b > a || b != b ? b : a;
 }
 
+// Channel d's gate inputs from a row's gi and W_hh h (gh, null for per-channel weights,
+// whose w ⊙ h is formed here), b_hh (or null) and the per-gate weights wd [G·D] (the
+// diagonals of W_hh's gate blocks): x[k] as fused_point takes them, w[k], and the GRU's hn.
+template <typename T>
+PNEWTON_HD void gate_inputs(FusedCell cell, bool diagonal_weights, int64_t D, int64_t d, const T* gi, const T* gh,
+                            const T* b, const T* wd, T h, T* x, T* w, T& hn) {
+  const int G = fused_gates(cell);
+  hn = T(0);
+  PNEWTON_UNROLL
+  for (int k = 0; k < 4; ++k) {
+    if (k >= G) break;
+    w[k] = wd ? wd[k * D + d] : T(0);
+    const T hk = (diagonal_weights ? w[k] * h : gh[k * D + d]) + (b ? b[k * D + d] : T(0));
+    if (cell == FusedCell::gru && k == 2) {
+      hn = hk, x[k] = gi[k * D + d];
+    } else {
+      x[k] = gi[k * D + d] + hk;
+    }
+  }
+}
+
 // What one thread's share of a row adds to the row's reductions: max |R|, max |F|
 // (NaN propagating) and Σ R².
 template <typename T>
@@ -286,18 +305,8 @@ PNEWTON_HD FusedRowShare<T> fused_cell_row_share(const FusedCellParams& p, int64
   FusedRowShare<T> share;
   for (int64_t d = first; d < D; d += stride) {
     const T h = lstm ? s[2 * d] : s[d], c = lstm ? s[2 * d + 1] : T(0);
-    T x[4], w[4], hn = T(0);
-    PNEWTON_UNROLL
-    for (int k = 0; k < 4; ++k) {
-      if (k >= G) break;
-      w[k] = wd[k * D + d];
-      const T hk = (p.diagonal_weights ? w[k] * h : gh[k * D + d]) + (b ? b[k * D + d] : T(0));
-      if (p.cell == FusedCell::gru && k == 2) {
-        hn = hk, x[k] = gi[k * D + d];
-      } else {
-        x[k] = gi[k * D + d] + hk;
-      }
-    }
+    T x[4], w[4], hn;
+    gate_inputs<T>(p.cell, p.diagonal_weights, D, d, gi, gh, b, wd, h, x, w, hn);
     const FusedPoint<T> out = fused_point<T, ScalarMath>(p.cell, jacobian, x, hn, h, c, w);
     for (int k = 0; k < states; ++k) {
       const int64_t i = lstm ? 2 * d + k : d;
@@ -354,17 +363,8 @@ PNEWTON_HD void fused_vjp_row_share(const FusedVjpParams& p, int64_t n, int64_t 
   T* grad_s = static_cast<T*>(p.grad_s) + n * S;
   for (int64_t d = first; d < D; d += stride) {
     const T h = lstm ? s[2 * d] : s[d], c = lstm ? s[2 * d + 1] : T(0);
-    T x[4], hn = T(0);
-    PNEWTON_UNROLL
-    for (int k = 0; k < 4; ++k) {
-      if (k >= G) break;
-      const T hk = (p.diagonal_weights ? w[k * D + d] * h : gh[k * D + d]) + (b ? b[k * D + d] : T(0));
-      if (p.cell == FusedCell::gru && k == 2) {
-        hn = hk, x[k] = gi[k * D + d];
-      } else {
-        x[k] = gi[k * D + d] + hk;
-      }
-    }
+    T x[4], wk[4], hn;
+    gate_inputs<T>(p.cell, p.diagonal_weights, D, d, gi, gh, b, w, h, x, wk, hn);
     const FusedVjpPoint<T> out =
         fused_vjp_point<T, ScalarMath>(p.cell, x, hn, h, c, lstm ? v[2 * d] : v[d], lstm ? v[2 * d + 1] : T(0));
     T through_h = out.h;
@@ -373,7 +373,7 @@ PNEWTON_HD void fused_vjp_row_share(const FusedVjpParams& p, int64_t n, int64_t 
       if (k >= G) break;
       grad_gi[k * D + d] = out.gi[k];
       if (grad_gh) grad_gh[k * D + d] = out.gh[k];
-      if (p.diagonal_weights) through_h += w[k * D + d] * out.gh[k];
+      if (p.diagonal_weights) through_h += wk[k] * out.gh[k];
     }
     if (lstm) {
       grad_s[2 * d] = through_h, grad_s[2 * d + 1] = out.c;
@@ -407,8 +407,8 @@ PNEWTON_HD T newton_update_row_share(const NewtonUpdateParams& p, int64_t n, int
 }
 
 template <typename T>
-PNEWTON_HD void newton_update_row_finish(const NewtonUpdateParams& p, int64_t n, int64_t part, T largest) {
-  static_cast<T*>(p.row_step)[n * p.row_parts + part] = p.padding && p.padding[n] ? T(0) : largest;
+PNEWTON_HD void newton_update_row_finish(const NewtonUpdateParams& p, int64_t n, T largest) {
+  static_cast<T*>(p.row_step)[n] = p.padding && p.padding[n] ? T(0) : largest;
 }
 
 }  // namespace pnewton

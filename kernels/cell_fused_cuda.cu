@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kThreads) newton_update_kernel(NewtonUpdatePar
   T largest = T(0);
   if (n < p.N) largest = newton_update_row_share<T>(p, n, lane, lanes);
   largest = group_max<WIDTH>(largest);
-  if (n < p.N && lane % WIDTH == 0) newton_update_row_finish<T>(p, n, lane / WIDTH, largest);
+  if (n < p.N && lane == 0) newton_update_row_finish<T>(p, n, largest);  // one warp per row
 }
 
 template <typename T, int WIDTH>
@@ -138,7 +138,6 @@ cudaError_t fused_vjp_cuda(const FusedVjpParams& p, DType dtype, cudaStream_t st
 }
 
 cudaError_t newton_update_cuda(const NewtonUpdateParams& p, DType dtype, cudaStream_t stream) {
-  if (p.row_parts != 1) return cudaErrorInvalidValue;
   return launch_rows<UpdateKernel>(p, p.N, p.S, true, dtype, stream);
 }
 

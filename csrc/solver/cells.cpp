@@ -173,6 +173,13 @@ bool fused_cells_enabled() {
 
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
+// The fused passes' name of a cell (the per-channel cells are their dense kin with diagonal weights).
+FusedCell fused_cell_of(const Cell& cell) {
+  if (cell.is_lstm()) return FusedCell::lstm;
+  if (cell.kind() == CellKind::rnn_tanh) return FusedCell::rnn_tanh;
+  return cell.kind() == CellKind::rnn_relu ? FusedCell::rnn_relu : FusedCell::gru;
+}
+
 }  // namespace
 
 bool plain(const at::Tensor& t, const at::Tensor& like) {
@@ -229,10 +236,7 @@ Cell::Iteration Cell::fused(const at::Tensor& rows, const at::Tensor& gi, std::o
     it.row_square = empty_in(workspace, {N, parts}, opts);
   }
   FusedCellParams p;
-  p.cell = is_lstm() ? FusedCell::lstm
-           : kind_ == CellKind::rnn_tanh ? FusedCell::rnn_tanh
-           : kind_ == CellKind::rnn_relu ? FusedCell::rnn_relu
-                                         : FusedCell::gru;
+  p.cell = fused_cell_of(*this);
   p.part = !part ? FusedPart::none : *part == JacobianPart::diagonal ? FusedPart::diagonal : FusedPart::block2;
   p.diagonal_weights = diagonal_weights();
   p.N = N, p.D = D_;
@@ -439,10 +443,7 @@ std::optional<Cell::Vjp> Cell::fused_vjp(const at::Tensor& s, const at::Tensor& 
   out.gh = kind_ == CellKind::gru || kind_ == CellKind::diag_gru ? at::empty({N, gate_size()}, opts) : out.gi;
   at::Tensor direct = at::empty({N, S}, opts);
   FusedVjpParams p;
-  p.cell = is_lstm() ? FusedCell::lstm
-           : kind_ == CellKind::rnn_tanh ? FusedCell::rnn_tanh
-           : kind_ == CellKind::rnn_relu ? FusedCell::rnn_relu
-                                         : FusedCell::gru;
+  p.cell = fused_cell_of(*this);
   p.diagonal_weights = diagonal_weights();
   p.N = N, p.D = D_;
   p.gi = gi_c.const_data_ptr(), p.gh = data_or_null(gh), p.b = data_or_null(b), p.w = data_or_null(w);

@@ -519,7 +519,7 @@ void expect_update_mirrors_the_vector_pass() {
     for (int64_t n = 0; n < N; ++n) {
       T largest = 0;
       for (int lane = 0; lane < kLanes; ++lane) largest = nan_max(largest, newton_update_row_share<T>(p, n, lane, kLanes));
-      newton_update_row_finish<T>(p, n, 0, largest);
+      newton_update_row_finish<T>(p, n, largest);
     }
   }
   EXPECT_TRUE(torch::equal(next[0], next[1]));
