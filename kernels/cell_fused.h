@@ -67,6 +67,18 @@ struct FusedCellParams {
   const void* s0_gh = nullptr;     // [B, G·D]
 };
 
+// The sequence b = n / T of row n and its step n − b·T. A GPU divides 64-bit integers in
+// software (about a hundred instructions, as much as a GRU channel's math): 32 bits where
+// the numbers fit, which the whole warp decides alike.
+PNEWTON_HD void row_sequence(int64_t n, int64_t T, int64_t& b, int64_t& t) {
+  if ((n | T) >> 32 == 0) {
+    const uint32_t n32 = static_cast<uint32_t>(n), T32 = static_cast<uint32_t>(T);
+    b = n32 / T32, t = n32 - static_cast<uint32_t>(b) * T32;
+  } else {
+    b = n / T, t = n - b * T;
+  }
+}
+
 // The state row [S] and W_hh h row [G·D] (null for per-channel weights) that row n reads.
 template <typename T>
 PNEWTON_HD void fused_sources(const FusedCellParams& p, int64_t n, int64_t S, const T*& s, const T*& gh) {
@@ -75,10 +87,11 @@ PNEWTON_HD void fused_sources(const FusedCellParams& p, int64_t n, int64_t S, co
   const T* ghs = static_cast<const T*>(p.gh);
   int64_t row = n;
   if (p.T > 0) {
-    const int64_t b = n / p.T;
+    int64_t b, t;
+    row_sequence(n, p.T, b, t);
     if (p.reset && p.reset[n]) {
       states = static_cast<const T*>(p.s0), ghs = static_cast<const T*>(p.s0_gh), row = b;
-    } else if (n % p.T == 0) {
+    } else if (t == 0) {
       states = static_cast<const T*>(p.first), ghs = static_cast<const T*>(p.first_gh), row = b;
     } else {
       row = n - 1;
@@ -291,15 +304,19 @@ PNEWTON_HD FusedRowShare<T> fused_cell_row_share(const FusedCellParams& p, int64
   const int G = fused_gates(p.cell);
   const bool lstm = p.cell == FusedCell::lstm, jacobian = p.part != FusedPart::none;
   const int64_t S = lstm ? 2 * D : D;
-  const T* gi = static_cast<const T*>(p.gi) + n * G * D;
-  const T *s, *gh;  // gh: null for per-channel weights
-  fused_sources<T>(p, n, S, s, gh);
-  const T* b = static_cast<const T*>(p.b);
-  const T* wd = static_cast<const T*>(p.w);
-  const T* cur = p.current ? static_cast<const T*>(p.current) + n * S : nullptr;
-  T* F = static_cast<T*>(p.F) + n * S;
-  T* R = p.R ? static_cast<T*>(p.R) + n * S : nullptr;
-  T* J = jacobian ? static_cast<T*>(p.J) + n * (p.part == FusedPart::block2 ? 4 * D : S) : nullptr;
+  // Restricted: the outputs alias no input, so a thread's loads for its next channel need
+  // not wait for its stores.
+  const T* __restrict__ gi = static_cast<const T*>(p.gi) + n * G * D;
+  const T *s_row, *gh_row;  // gh: null for per-channel weights
+  fused_sources<T>(p, n, S, s_row, gh_row);
+  const T* __restrict__ s = s_row;
+  const T* __restrict__ gh = gh_row;
+  const T* __restrict__ b = static_cast<const T*>(p.b);
+  const T* __restrict__ wd = static_cast<const T*>(p.w);
+  const T* __restrict__ cur = p.current ? static_cast<const T*>(p.current) + n * S : nullptr;
+  T* __restrict__ F = static_cast<T*>(p.F) + n * S;
+  T* __restrict__ R = p.R ? static_cast<T*>(p.R) + n * S : nullptr;
+  T* __restrict__ J = jacobian ? static_cast<T*>(p.J) + n * (p.part == FusedPart::block2 ? 4 * D : S) : nullptr;
   const bool padded = p.padding && p.padding[n], reset = p.reset && p.reset[n];
   const int states = lstm ? 2 : 1;
   FusedRowShare<T> share;
@@ -352,15 +369,15 @@ PNEWTON_HD void fused_vjp_row_share(const FusedVjpParams& p, int64_t n, int64_t 
   const int G = fused_gates(p.cell);
   const bool lstm = p.cell == FusedCell::lstm;
   const int64_t S = lstm ? 2 * D : D;
-  const T* gi = static_cast<const T*>(p.gi) + n * G * D;
-  const T* gh = p.gh ? static_cast<const T*>(p.gh) + n * G * D : nullptr;
-  const T* b = static_cast<const T*>(p.b);
-  const T* w = static_cast<const T*>(p.w);
-  const T* s = static_cast<const T*>(p.s) + n * S;
-  const T* v = static_cast<const T*>(p.v) + n * S;
-  T* grad_gi = static_cast<T*>(p.grad_gi) + n * G * D;
-  T* grad_gh = p.grad_gh ? static_cast<T*>(p.grad_gh) + n * G * D : nullptr;
-  T* grad_s = static_cast<T*>(p.grad_s) + n * S;
+  const T* __restrict__ gi = static_cast<const T*>(p.gi) + n * G * D;
+  const T* __restrict__ gh = p.gh ? static_cast<const T*>(p.gh) + n * G * D : nullptr;
+  const T* __restrict__ b = static_cast<const T*>(p.b);
+  const T* __restrict__ w = static_cast<const T*>(p.w);
+  const T* __restrict__ s = static_cast<const T*>(p.s) + n * S;
+  const T* __restrict__ v = static_cast<const T*>(p.v) + n * S;
+  T* __restrict__ grad_gi = static_cast<T*>(p.grad_gi) + n * G * D;
+  T* __restrict__ grad_gh = p.grad_gh ? static_cast<T*>(p.grad_gh) + n * G * D : nullptr;
+  T* __restrict__ grad_s = static_cast<T*>(p.grad_s) + n * S;
   for (int64_t d = first; d < D; d += stride) {
     const T h = lstm ? s[2 * d] : s[d], c = lstm ? s[2 * d + 1] : T(0);
     T x[4], wk[4], hn;
@@ -387,10 +404,12 @@ PNEWTON_HD void fused_vjp_row_share(const FusedVjpParams& p, int64_t n, int64_t 
 template <typename T>
 PNEWTON_HD T newton_update_row_share(const NewtonUpdateParams& p, int64_t n, int64_t first, int64_t stride) {
   const int64_t S = p.S;
-  const T* s = static_cast<const T*>(p.s) + n * S;
-  const T* x = static_cast<const T*>(p.x) + n * S;
-  T* next = static_cast<T*>(p.next) + n * S;
-  const bool padded = p.padding && p.padding[n], moving = p.moving[n / p.T] && !padded;
+  const T* __restrict__ s = static_cast<const T*>(p.s) + n * S;
+  const T* __restrict__ x = static_cast<const T*>(p.x) + n * S;
+  T* __restrict__ next = static_cast<T*>(p.next) + n * S;
+  int64_t b, t;
+  row_sequence(n, p.T, b, t);
+  const bool padded = p.padding && p.padding[n], moving = p.moving[b] && !padded;
   const T sign = static_cast<T>(p.sign);
   T largest = T(0);
   for (int64_t d = first; d < S; d += stride) {
