@@ -8,6 +8,7 @@
 
 #include "pnewton/nn.h"
 
+#include "csrc/solver/newton.h"
 #include "csrc/solver/rnn_stack.h"
 
 namespace pnewton::nn {
@@ -60,6 +61,7 @@ void RNNStack::reset(torch::nn::Module& module, StackOptions new_options) {
   TORCH_CHECK(o.dropout >= 0 && o.dropout <= 1, "pnewton.nn: dropout must be in [0, 1], got ", o.dropout);
   TORCH_CHECK(o.proj_size >= 0 && o.proj_size < D, "pnewton.nn: proj_size must be in [0, hidden_size), got ",
               o.proj_size);
+  newton_options(o.solver);  // the solver's options, checked at construction as at every call
   const int64_t out = o.proj_size > 0 ? o.proj_size : D;  // the layer's output (and h) size
   const double bound = 1.0 / std::sqrt(static_cast<double>(D));  // torch.nn's initialisation
   auto add = [&](const std::string& name, std::vector<int64_t> shape) {

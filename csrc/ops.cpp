@@ -75,6 +75,29 @@ TORCH_LIBRARY(pnewton, m) {
       "bool fixed_iterations=False, bool fallback=True, str adjoint=\"auto\", Tensor? lengths=None, "
       "Tensor? resets=None, str group=\"\") -> (Tensor output, Tensor final, Tensor iterations, Tensor residual, Tensor converged, "
       "Tensor path)");
+  // The solver's options checked as every solver op checks them (a ValueError naming the
+  // option): the layers call it at construction and before torch.nn's forward runs a call.
+  m.def(
+      "check_solver_options(str method=\"auto\", int max_iter=-1, float atol=-1.0, float rtol=-1.0, "
+      "float damping=0.0, float clip=0.0, str init=\"zeros\", bool fixed_iterations=False, bool fallback=True, "
+      "str adjoint=\"auto\") -> ()");
+  // pnewton.solve (torch_ops/solve.py) on the C++ solver: the step and Jacobian of a Python
+  // function, called back through these two ops, whose kernels torch_ops registers in
+  // Python; `handle` names the function for the duration of one call. part: 0 the diagonal
+  // [N, S], 2 the dense Jacobian [N, S, S] (JacobianPart). structure as part: the true
+  // Jacobian's.
+  m.def("user_step(int handle, Tensor s, Tensor u) -> Tensor");
+  m.def("user_jacobian(int handle, Tensor s, Tensor u, int part) -> Tensor");
+  // The solve of such a function (csrc/solver/callback_cell.cpp): newton_rnn's solver,
+  // options and diagnostics; init_states: the warm start of init="states".
+  m.def(
+      "solve_user(int handle, int structure, Tensor s0, Tensor inputs, str method=\"auto\", int max_iter=-1, "
+      "float atol=-1.0, float rtol=-1.0, float damping=0.0, float clip=0.0, str init=\"zeros\", "
+      "Tensor? init_states=None, bool fallback=True) -> (Tensor states, Tensor iterations, Tensor residual, "
+      "Tensor converged, Tensor path)");
+  // Its adjoint λ_t = g_t + A_{t+1}ᵀ λ_{t+1} at the solution: s_prev [B·T, S] the state each
+  // step read, u [B·T, ...], g [B, T, S] (solve_adjoint).
+  m.def("solve_user_adjoint(int handle, int structure, Tensor s_prev, Tensor u, Tensor g, str adjoint=\"auto\") -> Tensor");
   // One step of a built-in cell, s' = f(s, gi) for rows s [N, S], gi [N, G]: the map the
   // solver iterates, for diagnostics such as pnewton.lyapunov. Composite (differentiable).
   m.def("cell_step(str cell, Tensor s, Tensor gi, Tensor W_hh, Tensor? b_hh, Tensor? W_hr=None) -> Tensor");

@@ -31,8 +31,11 @@ PNEWTON_HD int fused_gates(FusedCell cell) {
 // each D×D gate block of W_hh (per-channel cells: W_hh itself), b [G·D] b_hh or null.
 // current [N, S] (or null: no residual) is the state s_t of each row: R = current − F,
 // zero on padding rows. reset rows (a segment's head, which reads s0) get a zero Jacobian.
-// Row reductions (null to skip): max_s |R| and max_s |F| (0 on padding), NaN-propagating,
-// and Σ_s R² (the merit's part).
+// Row reductions (null to skip): max_s |R| and the row's scale max_s |current| (max_s |F|
+// without current) (0 on padding), NaN-propagating, and Σ_s R² (the merit's part). The
+// scale is the state's, not f's: away from the solution f can be far larger than the
+// states it was evaluated at (a cubic drift at a diverged iterate), and the stop test's
+// relative tolerance must not grow with it.
 // Shifted reads (T > 0, the solver's iteration): s and gh hold the rows' own states (and
 // their W_hh h), and row n = b·T + t reads row n − 1, its sequence's entering state first[b]
 // (first_gh[b]) at t = 0, s0[b] (s0_gh[b]) on a reset row — so the previous states are
@@ -284,7 +287,7 @@ PNEWTON_HD void gate_inputs(FusedCell cell, bool diagonal_weights, int64_t D, in
   }
 }
 
-// What one thread's share of a row adds to the row's reductions: max |R|, max |F|
+// What one thread's share of a row adds to the row's reductions: max |R|, the scale
 // (NaN propagating) and Σ R².
 template <typename T>
 struct FusedRowShare {
@@ -328,7 +331,8 @@ PNEWTON_HD FusedRowShare<T> fused_cell_row_share(const FusedCellParams& p, int64
     for (int k = 0; k < states; ++k) {
       const int64_t i = lstm ? 2 * d + k : d;
       F[i] = out.F[k];
-      share.scale = nan_max(share.scale, out.F[k] < T(0) ? -out.F[k] : out.F[k]);
+      const T size = cur ? cur[i] : out.F[k];
+      share.scale = nan_max(share.scale, size < T(0) ? -size : size);
       if (cur) {
         const T r = padded ? T(0) : cur[i] - out.F[k];
         R[i] = r;

@@ -61,7 +61,7 @@ def lyapunov(f, s0, inputs, states=None, num_vectors=3, *, jacobian=None):
         B, T, D = states.shape
         if T == 0:
             raise ValueError("pnewton.lyapunov: the sequence is empty (T = 0)")
-        A = _jacobian(f, _shift(s0, states), inputs, "dense", jacobian)
+        A = _jacobian(f, _shift(s0, states), inputs, jacobian)
         k = min(num_vectors, D)
         # Random (seeded) directions: axis-aligned ones can miss the leading direction.
         gen = torch.Generator(device=states.device).manual_seed(0)

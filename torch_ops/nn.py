@@ -22,22 +22,11 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .distributed import group_name
-from .solve import SolveStats, _bit
+from .solve import SolveStats, _bit, _limits
 
 # Solver options accepted by the layers, with their defaults (see newton_rnn in csrc/ops.cpp).
 SOLVER_DEFAULTS = dict(method="auto", max_iter=None, atol=None, rtol=None, damping=0.0, clip=0.0,
                        init="zeros", fixed_iterations=False, fallback=True, adjoint="auto")
-
-
-def _limits(max_iter, atol, rtol):
-    """None (the per-dtype defaults) as the ops spell it: -1. A negative or NaN value is an
-    error here (-1 is the ops' internal spelling of None, not an option)."""
-    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0):
-        raise ValueError(f"pnewton: max_iter must be an integer >= 0 (or None: the default), got {max_iter!r}")
-    for name, value in (("atol", atol), ("rtol", rtol)):
-        if value is not None and not value >= 0:  # NaN fails too
-            raise ValueError(f"pnewton: {name} must be >= 0 (or None: the default), got {value!r}")
-    return (-1 if max_iter is None else max_iter, -1.0 if atol is None else atol, -1.0 if rtol is None else rtol)
 
 
 def newton_rnn(cell, gi, W_hh, b_hh, s0, method="auto", max_iter=None, atol=None, rtol=None, damping=0.0,
@@ -179,9 +168,8 @@ class _NewtonLayer:
         # Sequence parallelism (pnewton.distributed): the group whose ranks hold consecutive
         # time shards of every input; None: one process. Settable later, not saved.
         self.sequence_group = solver_options.pop("sequence_group", None)
-        o = {**SOLVER_DEFAULTS, **solver_options}
-        _limits(o["max_iter"], o["atol"], o["rtol"])  # the Python-side checks, at construction
         self.solver_options = dict(solver_options)
+        self._checked_options()  # at construction, as torch.nn checks its own arguments
         # The last call's diagnostics, [layers·dirs, B] each, made into SolveStats on access
         # (last_stats, last_layer_stats): a call pays nothing for records nobody reads.
         self._last_raw = None
@@ -189,6 +177,18 @@ class _NewtonLayer:
         # output (shown once per call site under Python's default warning filter). Off by
         # default: reading the flag costs a host synchronisation.
         self.warn_on_fallback = False
+
+    def _checked_options(self):
+        """Checks solver_options as every solver op does (csrc/solver/options.cpp), once per
+        value of the dict: at construction, and again before a call only where it changed,
+        so that a call torch.nn's forward runs checks them too, for about a microsecond."""
+        if self.__dict__.get("_options_checked") == self.solver_options:
+            return
+        o = {**SOLVER_DEFAULTS, **self.solver_options}
+        torch.ops.pnewton.check_solver_options(o["method"], *_limits(o["max_iter"], o["atol"], o["rtol"]),
+                                               float(o["damping"]), float(o["clip"]), o["init"],
+                                               bool(o["fixed_iterations"]), bool(o["fallback"]), o["adjoint"])
+        self._options_checked = dict(self.solver_options)
 
     def _raw_stats(self):
         raw = self.__dict__.get("_last_raw")  # (absent from layers pickled before it existed)
@@ -318,6 +318,7 @@ class _NewtonLayer:
         """torch.nn's forward: ``input`` [T, B, in] ([B, T, in] if batch_first), [T, in]
         unbatched, or a PackedSequence; ``hx`` the initial state (LSTM: ``(h0, c0)``).
         Returns ``(output, h_n)`` (LSTM: ``(output, (h_n, c_n))``)."""
+        self._checked_options()
         steps = self._torch_loop_steps(input)
         if steps is not None:
             # torch.nn's own forward (the at::gru/at::lstm/at::rnn_* call rnn_stack makes for

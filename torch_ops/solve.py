@@ -1,19 +1,21 @@
 """Parallel Newton solver for any recurrence s_t = f(s_{t-1}, u_t) written in PyTorch.
 
-Each iteration evaluates f at every step at once, forms the chosen approximation Ã_t of
-the Jacobian ∂f/∂s, and solves the linear recurrence δ_t = Ã_t δ_{t-1} − r_t with the
-scan ops (DESIGN §1). Gradients never go through the iterations: the adjoint
+The solver is the library's one C++ solver (csrc/solver), the layers' own: it calls f back
+through the ops user_step and user_jacobian (csrc/solver/callback_cell.cpp), whose kernels
+are registered here, once per iteration on every step at once. Each iteration forms the
+chosen approximation Ã_t of ∂f/∂s and solves δ_t = Ã_t δ_{t-1} − r_t with the scans
+(DESIGN §1). Gradients never go through the iterations: the adjoint
 λ_t = g_t + A_{t+1}ᵀ λ_{t+1} with the *true* Jacobian A at the solution is one reverse
 scan, and the parameter/input gradients are one vector-Jacobian product of f over all t.
 """
-import math
+import itertools
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.func import jacfwd, vmap
 
-from .scan import scan_block, scan_diag
+from . import _library  # noqa: F401  (the ops' schemas, before their Python kernels)
 
 METHODS = ("auto", "deer", "quasi_deer", "elk", "quasi_elk", "elk_filter", "quasi_elk_filter", "picard", "jacobi",
            "sequential")
@@ -92,10 +94,21 @@ def _union(path):
     return out
 
 
+def _limits(max_iter, atol, rtol):
+    """None (the per-dtype defaults) as the ops spell it: -1. A negative or NaN value is an
+    error here (-1 is the ops' internal spelling of None, not an option)."""
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0):
+        raise ValueError(f"pnewton: max_iter must be an integer >= 0 (or None: the default), got {max_iter!r}")
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None and not value >= 0:  # NaN fails too
+            raise ValueError(f"pnewton: {name} must be >= 0 (or None: the default), got {value!r}")
+    return (-1 if max_iter is None else max_iter, -1.0 if atol is None else atol, -1.0 if rtol is None else rtol)
+
+
 def default_tolerance(dtype):
-    """(atol, rtol) on the residual: a few hundred ulps of the dtype."""
-    eps = torch.finfo(dtype).eps
-    tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, max(1e-2, 100 * eps))
+    """(atol, rtol) of the stop test on the Newton step, per dtype: the solver's defaults
+    (csrc/solver/options.cpp: 1e-12 in float64, 3e-7 otherwise)."""
+    tol = 1e-12 if dtype == torch.float64 else 3e-7
     return tol, tol
 
 
@@ -122,24 +135,21 @@ def _shift(s0, s):
     return torch.cat([s0.unsqueeze(1), s[:, :-1]], 1)
 
 
-def _jacobian(f, s_prev, inputs, structure, jacobian=None, diagonal=False):
-    """∂f/∂s at every step: [B, T, D, D], or the diagonal [B, T, D] when `diagonal` or
-    structure='diag' (f elementwise in s, so the diagonal is the whole Jacobian).
-    A user `jacobian(s_prev [N, D], u [N, ...], diagonal) -> [N, D] | [N, D, D]` replaces
-    the torch.func evaluation."""
-    B, T, D = s_prev.shape
-    flat_s, flat_u = s_prev.reshape(B * T, D), inputs.reshape(B * T, *inputs.shape[2:])
-    want_diag = diagonal or structure == "diag"
+def _jacobian_rows(f, s, u, diagonal, jacobian=None):
+    """∂f/∂s at rows s [N, D], u [N, ...]: the diagonal [N, D] when `diagonal`, else [N, D, D].
+    A user ``jacobian(s, u, diagonal)`` replaces the torch.func evaluation (D forward passes)."""
     if jacobian is not None:
-        J = jacobian(flat_s, flat_u, want_diag)
-    elif structure == "diag":
-        _, J = torch.func.jvp(lambda s: f(s, flat_u), (flat_s,), (torch.ones_like(flat_s),))
-    else:
-        single = lambda s, u: f(s.unsqueeze(0), u.unsqueeze(0)).squeeze(0)  # noqa: E731
-        J = vmap(jacfwd(single))(flat_s, flat_u)
-        if want_diag:
-            J = J.diagonal(dim1=-2, dim2=-1)
-    return J.reshape(B, T, D) if want_diag else J.reshape(B, T, D, D)
+        return jacobian(s, u, diagonal)
+    single = lambda s_, u_: f(s_.unsqueeze(0), u_.unsqueeze(0)).squeeze(0)  # noqa: E731
+    J = vmap(jacfwd(single))(s, u)
+    return J.diagonal(dim1=-2, dim2=-1) if diagonal else J
+
+
+def _jacobian(f, s_prev, inputs, jacobian=None):
+    """The dense ∂f/∂s [B, T, D, D] at every step (s_prev [B, T, D], inputs [B, T, ...])."""
+    B, T, D = s_prev.shape
+    J = _jacobian_rows(f, s_prev.reshape(B * T, D), inputs.reshape(B * T, *inputs.shape[2:]), False, jacobian)
+    return J.reshape(B, T, D, D)
 
 
 def sequential(f, s0, inputs):
@@ -151,199 +161,82 @@ def sequential(f, s0, inputs):
     return torch.stack(out, 1) if out else s0.new_empty(s0.shape[0], 0, s0.shape[1])
 
 
-# The trust region on ½‖r‖² (adaptive ELK damping) and the auto method's stage budget and
-# stall test: the same rules and constants as the C++ solver (csrc/solver/newton.cpp).
-_LAMBDA_START, _LAMBDA_MIN, _LAMBDA_MAX = 1.0, 1e-12, 1e12
-_SHRINK, _GROW, _ACCEPT = 0.1, 4.0, 1e-4
-_STALL_WINDOW = 4
+# ---- the callbacks of the C++ solver (csrc/solver/callback_cell.cpp) ----------------------
+
+# JacobianPart codes (csrc/include/pnewton/cell.h).
+_DIAGONAL, _DENSE = 0, 2
 
 
-def _auto_budget(T):
-    return max(8, 4 * math.ceil(math.log2(T + 1)))
+class _Step:
+    """A step function as the solver calls it back: f and its Jacobian."""
+
+    def __init__(self, f, structure, jacobian):
+        self.f, self.structure, self.jacobian = f, structure, jacobian
+
+    def step(self, s, u):
+        return _step(self.f, s, u)
+
+    def jacobian_of(self, s, u, part):
+        diagonal = part == _DIAGONAL
+        if self.structure == "diag" and self.jacobian is None:
+            # f acts elementwise in s: one forward-mode pass gives the whole Jacobian.
+            _, J = torch.func.jvp(lambda x: self.f(x, u), (s,), (torch.ones_like(s),))
+            return J
+        J = _jacobian_rows(self.f, s, u, diagonal, self.jacobian)
+        want = (s.shape[0], s.shape[1]) if diagonal else (s.shape[0], s.shape[1], s.shape[1])
+        if not isinstance(J, torch.Tensor) or tuple(J.shape) != want:
+            got = tuple(J.shape) if isinstance(J, torch.Tensor) else type(J).__name__
+            raise ValueError(f"pnewton.solve: jacobian(s, u, diagonal={diagonal}) must return {want}, got {got}")
+        return J
 
 
-_AUTO_LAMBDA = 0.1
+_CALLBACKS = {}
+_HANDLES = itertools.count(1)
 
 
-def _auto_stages(structure, dense_size):
-    if structure == "diag":
-        return ["deer", "elk_filter"]
-    return ["quasi_deer"] + (["deer"] if dense_size <= 2 ** 24 else []) + ["quasi_elk_filter"]
+@contextmanager
+def _registered(callback):
+    """A handle that names `callback` to the ops user_step/user_jacobian while the block runs."""
+    handle = next(_HANDLES)
+    _CALLBACKS[handle] = callback
+    try:
+        yield handle
+    finally:
+        del _CALLBACKS[handle]
 
 
-def _merit(r):
-    m = 0.5 * r.square().sum((1, 2))
-    return torch.where(torch.isfinite(m), m, torch.full_like(m, float("inf")))
+def _user_step(handle, s, u):
+    return _CALLBACKS[handle].step(s, u)
 
 
-def _first_step(x):
-    """[B]: the first step t where x [B, T] is true, T where none is."""
-    T = x.shape[1]
-    t = torch.arange(T, device=x.device).expand_as(x)
-    return torch.where(x, t, T).amin(1)
+def _user_jacobian(handle, s, u, part):
+    return _CALLBACKS[handle].jacobian_of(s, u, part)
 
 
-def _stage(f, s0, inputs, state, method, structure, jacobian, budget, stall, atol, rtol, damping):
-    """Runs `method` for at most `budget` iterations from state["s"] (see run_stage in C++:
-    the same convergence test, exact-prefix cap and stuck test)."""
-    B, T = s0.shape[0], inputs.shape[1]
-    elk = method in _ELK
-    if not elk:
-        budget = min(budget, T)  # one more state exact per iteration: T iterations solve it
-    adaptive = elk and damping == 0
-    lam = torch.full((B,), _LAMBDA_START if adaptive else damping, dtype=s0.dtype, device=s0.device)
-    diagonal = method.startswith("quasi_")
-    before = state["iterations"].clone()
-    nonfinite_merit = torch.zeros(B, dtype=torch.long, device=s0.device)
-
-    def evaluate(s):
-        F = _flat(f, _shift(s0, s), inputs)
-        return F, s - F
-
-    def check(F, r, phi=None):
-        nonlocal nonfinite_merit
-        per_step = r.abs().amax(dim=2)
-        state["residual"] = per_step.amax(dim=1)
-        finite = torch.isfinite(state["residual"])
-        if not elk:
-            # A non-finite residual inside the exact prefix is the solution's own.
-            iterated = state["iterations"] - before
-            state["stuck"] = state["stuck"] | (~finite & (_first_step(~torch.isfinite(per_step)) < iterated))
-        elif phi is not None:
-            nonfinite_merit = torch.where(torch.isfinite(phi), 0, nonfinite_merit + 1)
-            state["stuck"] = state["stuck"] | (nonfinite_merit >= _STALL_WINDOW)
-        state["converged"] = finite & (state["residual"] <= atol + rtol * F.abs().amax(dim=(1, 2)))
-        state["F"] = F
-
-    s = state["s"]
-    F, r = evaluate(s)
-    check(F, r)
-    phi = _merit(r)
-    history = [phi]
-    for it in range(budget):
-        settled = state["converged"] | state["stuck"]
-        stop = settled.all()
-        if stall and it >= _STALL_WINDOW:
-            halved = phi <= 0.5 * history[-1 - _STALL_WINDOW]
-            stop = stop | (settled | ~halved).all()
-        if bool(stop):
-            break
-        moving = ~settled
-        state["path"] |= torch.where(moving, _bit(method), 0)
-        predicted = None
-        if method == "jacobi":
-            step = F
-        elif method == "picard":
-            step = s - r.cumsum(1)
-        else:
-            a = _jacobian(f, _shift(s0, s), inputs, structure, jacobian, diagonal=diagonal)
-            if elk:
-                delta = torch.ops.pnewton.elk_step(a, r, lam, method in ("elk", "quasi_elk"))
-                dp = torch.cat([torch.zeros_like(delta[:, :1]), delta[:, :-1]], 1)
-                a_dp = a * dp if a.dim() == 3 else (a @ dp.unsqueeze(-1)).squeeze(-1)
-                predicted = phi - _merit(r + delta - a_dp)
-            else:
-                if damping:
-                    a = a * (1.0 - damping)
-                delta = scan_diag(a, -r) if a.dim() == 3 else scan_block(a.unsqueeze(2), -r.unsqueeze(2)).squeeze(2)
-            step = s + delta
-        # Non-finite values beyond the exact prefix of a causal method are no part of the
-        # solution: resetting them keeps the guarantee that iteration i makes the first i
-        # states exact. Those of the solution itself make the sequence stuck (check).
-        step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
-        step = torch.where(moving[:, None, None], step, s)
-        F_new, r_new = evaluate(step)
-        state["iterations"] += moving.long()
-        if adaptive:
-            phi_new = _merit(r_new)
-            rho = (phi - phi_new) / predicted.clamp_min(torch.finfo(s.dtype).tiny)
-            accept = moving & torch.isfinite(phi_new) & (rho > _ACCEPT)
-            poor = moving & ((rho < 0.25) | ~torch.isfinite(rho))
-            lam = torch.where(moving & (rho > 0.75), lam * _SHRINK, torch.where(poor, lam * _GROW, lam))
-            lam = lam.clamp(_LAMBDA_MIN, _LAMBDA_MAX)
-            keep = accept[:, None, None]
-            s, F, r = torch.where(keep, step, s), torch.where(keep, F_new, F), torch.where(keep, r_new, r)
-            phi = torch.where(accept, phi_new, phi)
-        else:
-            s, F, r = step, F_new, r_new
-            phi = _merit(r)
-        check(F, r, phi)
-        history.append(phi)
-    state["s"] = s
-
-
-def _newton(f, s0, inputs, method, structure, jacobian, max_iter, atol, rtol, damping, init):
-    B, T, D = s0.shape[0], inputs.shape[1], s0.shape[1]
-    if init is None or init == "zeros":
-        s = s0.new_zeros(B, T, D)
-    elif init == "one_step":
-        s = _flat(f, s0.unsqueeze(1).expand(B, T, D), inputs)
-    else:
-        s = init.detach().clone()
-    state = dict(s=s, iterations=torch.zeros(B, dtype=torch.long, device=s0.device),
-                 path=torch.zeros(B, dtype=torch.long, device=s0.device),
-                 stuck=torch.zeros(B, dtype=torch.bool, device=s0.device))
-    args = (structure, jacobian)
-    if method != "auto":
-        _stage(f, s0, inputs, state, method, *args, min(T, 100) if max_iter is None else max_iter, False, atol, rtol,
-               damping)
-    else:
-        left = float("inf") if max_iter is None else max_iter
-        _stage(f, s0, inputs, state, "quasi_deer", *args, 0, False, atol, rtol, 0.0)  # the residual at the start
-        for stage in _auto_stages(structure, B * T * D * D):
-            before = int(state["iterations"].max())
-            start = dict(state)
-            _stage(f, s0, inputs, state, stage, *args, int(min(_auto_budget(T), left)), True, atol, rtol,
-                   _AUTO_LAMBDA if stage in _ELK else damping)
-            # A stage that left a sequence worse than it found it hands the next stage its start.
-            worse = ~state["stuck"] & ((state["residual"] > start["residual"]) | ~torch.isfinite(state["residual"]))
-            state["s"] = torch.where(worse[:, None, None], start["s"], state["s"])
-            state["F"] = torch.where(worse[:, None, None], start["F"], state["F"])
-            for key in ("residual", "converged"):
-                state[key] = torch.where(worse, start[key], state[key])
-            left -= int(state["iterations"].max()) - before
-            if left <= 0 or bool((state["converged"] | state["stuck"]).all()):
-                break
-    return state
-
-
-def _nonfinite_pattern(F, structure):
-    """Where the solution is not finite, from f at the returned states (exact up to the
-    first non-finite step of a stuck sequence): the entries non-finite there and, after
-    it, what the recurrence carries them to — the same entry (structure='diag') or every
-    entry (dense). The NaN pattern of the loop for NaN inputs (csrc: nonfinite_pattern)."""
-    bad = ~torch.isfinite(F)
-    spread = bad if structure == "diag" else bad.any(-1, keepdim=True)
-    T = F.shape[1]
-    t = torch.arange(T, device=F.device).view(1, T, 1)
-    last = torch.where(spread, t, -1).cummax(1).values
-    last_before = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], 1)
-    return bad | (last_before >= 0)
+_LIB = torch.library.Library("pnewton", "IMPL")
+_LIB.impl("user_step", _user_step, "CompositeImplicitAutograd")
+_LIB.impl("user_jacobian", _user_jacobian, "CompositeImplicitAutograd")
 
 
 class _Adjoint(torch.autograd.Function):
-    """Identity forward; backward maps g to λ_t = g_t + A_{t+1}ᵀ λ_{t+1} (true Jacobian A)."""
+    """Identity forward; backward maps g to λ_t = g_t + A_{t+1}ᵀ λ_{t+1} (true Jacobian A)
+    by the C++ solver's adjoint (solve_adjoint: a reverse scan, or iterated matrix-free)."""
 
     @staticmethod
-    def forward(ctx, states, jac):
-        ctx.save_for_backward(jac)
-        return states.view_as(states)
+    def forward(ctx, F, s_prev, inputs, callback):
+        ctx.save_for_backward(s_prev, inputs)
+        ctx.callback = callback
+        return F.view_as(F)
 
     @staticmethod
-    @once_differentiable  # its Jacobian is saved without a graph: double backward would be wrong
     def backward(ctx, g):
-        (jac,) = ctx.saved_tensors
-        T = g.shape[1]
-        if T <= 1:
-            return g, None
-        # λ_{T-1} = g_{T-1}; earlier steps by the reverse scan over A_{t+1} = jac[:, 1:]
-        # (a view, no shifted copy), entering from λ_{T-1}.
-        if jac.dim() == 3:
-            head = scan_diag(jac[:, 1:], g[:, :-1], g[:, -1], reverse=True)
-        else:
-            head = scan_block(jac[:, 1:].unsqueeze(2), g[:, :-1].unsqueeze(2), g[:, -1].unsqueeze(1),
-                              reverse=True, transpose=True).squeeze(2)
-        return torch.cat([head, g[:, -1:]], 1), None
+        s_prev, inputs = ctx.saved_tensors
+        B, T, D = g.shape
+        with _registered(ctx.callback) as handle:
+            structure = _DIAGONAL if ctx.callback.structure == "diag" else _DENSE
+            lam = torch.ops.pnewton.solve_user_adjoint(handle, structure, s_prev.reshape(B * T, D),
+                                                       inputs.reshape(B * T, *inputs.shape[2:]), g)
+        return lam, None, None, None
 
 
 def solve(f, s0, inputs, method="auto", *, structure="dense", jacobian=None, max_iter=None, atol=None,
@@ -369,8 +262,11 @@ def solve(f, s0, inputs, method="auto", *, structure="dense", jacobian=None, max
             without it, torch.func computes the full Jacobian (O(D) passes of f).
         max_iter: iteration budget (default min(T, 100); for auto, 4·log₂T per stage and no
             overall cap); undamped methods are exact after T.
-        atol, rtol: convergence when max_t |r_t| <= atol + rtol · max_t |f_t| per sequence
-            (defaults per dtype: :func:`default_tolerance`).
+        atol, rtol: a sequence has converged when the Newton step just taken, the error
+            estimate max_t |δ_t|, is <= atol + rtol · max_t |f_t| (defaults per dtype:
+            :func:`default_tolerance`). The residual alone would understate the error by the
+            recurrence's memory, 1/(1 − contraction): this is the stop rule of
+            ``pnewton.newton_rnn`` and the layers, whose solver this is.
         damping: κ in [0, 1): Ã is scaled by (1 − κ). For the elk methods: λ ≥ 0, the
             weight of the step penalty λ‖δ‖²; 0 (default) adapts λ per sequence by a trust
             region on ½‖r‖² (actual vs predicted decrease).
@@ -401,71 +297,32 @@ def solve(f, s0, inputs, method="auto", *, structure="dense", jacobian=None, max
     if inputs.dim() < 2 or inputs.shape[0] != s0.shape[0]:
         raise ValueError(f"pnewton.solve: inputs must be [B, T, ...] with B = {s0.shape[0]}, "
                          f"got shape {tuple(inputs.shape)}")
-    if inputs.device != s0.device:
-        raise ValueError(f"pnewton.solve: inputs must be on the device of s0 ({s0.device}), got {inputs.device}")
-    # Written so that NaN fails every test.
-    if method in _ELK and not (damping >= 0 and math.isfinite(damping)):
-        raise ValueError(f"pnewton.solve: damping (the ELK λ) must be >= 0 (0 = adaptive), got {damping}")
-    if method not in _ELK and not 0.0 <= damping < 1.0:
-        raise ValueError(f"pnewton.solve: damping must be in [0, 1), got {damping}")
     B, T, D = inputs.shape[0], inputs.shape[1], s0.shape[1]
-    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0):
-        raise ValueError(f"pnewton.solve: max_iter must be an integer >= 0 (or None: the default), got {max_iter!r}")
-    d_atol, d_rtol = default_tolerance(s0.dtype)
-    atol = d_atol if atol is None else atol
-    rtol = d_rtol if rtol is None else rtol
-    if not (atol >= 0 and rtol >= 0):
-        raise ValueError(f"pnewton.solve: atol and rtol must be >= 0, got {atol}, {rtol}")
+    init_states = None
     if isinstance(init, torch.Tensor):
         if init.shape != (B, T, D) or not init.is_floating_point():
             raise ValueError(f"pnewton.solve: init must be a floating [B, T, D] = {(B, T, D)} warm start, got "
                              f"{init.dtype} of shape {tuple(init.shape)}")
-    elif init not in (None, "zeros", "one_step"):
+        init, init_states = "states", init
+    elif init is None:
+        init = "zeros"
+    elif init not in ("zeros", "one_step"):
         raise ValueError(f"pnewton.solve: init must be 'zeros', 'one_step' or a [B, T, D] tensor, got {init!r}")
-
-    def exact(states):
-        # The loop's states are the solution, unless they are not finite: then not converged,
-        # residual NaN (one definition of converged on every path).
-        converged = torch.isfinite(states).flatten(1).all(1)
-        return converged, torch.where(converged, 0.0, math.nan).to(s0.dtype)
-
-    with torch.no_grad():
-        s0_d, inputs_d = s0.detach(), inputs.detach()
-        if T == 0:
-            empty = s0.new_zeros(B)
-            return s0.new_empty(B, 0, D), SolveStats(empty.long(), empty, empty == 0, empty.long(), method)
-        if method == "sequential" or B == 0:
-            states = sequential(f, s0_d, inputs_d)
-            converged, residual = exact(states)
-            stats = SolveStats(torch.full((B,), T, device=s0.device), residual, converged,
-                               torch.full((B,), _bit("sequential"), device=s0.device), method)
-        else:
-            state = _newton(f, s0_d, inputs_d, method, structure, jacobian, max_iter, atol, rtol, damping, init)
-            states, iterations, residual, converged, path = (state[k] for k in
-                                                             ("s", "iterations", "residual", "converged", "path"))
-            if fallback and not bool(converged.all()):
-                redo = ~converged
-                loop = sequential(f, s0_d[redo], inputs_d[redo])
-                states[redo] = loop
-                iterations = torch.where(redo, torch.full_like(iterations, T), iterations)
-                converged, residual = converged.clone(), residual.clone()
-                converged[redo], residual[redo] = exact(loop)
-                path = torch.where(redo, path | _bit("sequential"), path)
-            else:
-                # A stuck sequence returns its exact prefix and its solution's NaN pattern.
-                pattern = _nonfinite_pattern(state["F"], structure) & state["stuck"][:, None, None]
-                states = states.masked_fill(pattern, math.nan)
-            stats = SolveStats(iterations, residual, converged, path, method)
-
-    if not torch.is_grad_enabled():
+    # The other options are checked by the solver, as for every op (csrc/solver/options.cpp).
+    limits = _limits(max_iter, atol, rtol)
+    callback = _Step(f, structure, jacobian)
+    with torch.no_grad(), _registered(callback) as handle:
+        states, iterations, residual, converged, path = torch.ops.pnewton.solve_user(
+            handle, _DIAGONAL if structure == "diag" else _DENSE, s0.detach(), inputs.detach(), method, *limits,
+            float(damping), 0.0, init, init_states, fallback)
+    stats = SolveStats(iterations, residual, converged, path, method)
+    if not torch.is_grad_enabled() or T == 0:
         return states, stats
     # Reattach gradients at the solution: F = f(s*_{t-1}, u_t) carries the graph to
-    # parameters, inputs and s0 (through step 1 only); the adjoint solve maps g to λ.
+    # parameters, inputs and s0 (through step 1 only); the adjoint maps g to λ.
     s_prev = _shift(s0, states)
-    with torch.no_grad():
-        jac = _jacobian(f, s_prev.detach(), inputs_d, structure, jacobian)
-    F = _flat(f, torch.cat([s0.unsqueeze(1), states[:, :-1]], 1), inputs)
+    F = _flat(f, s_prev, inputs)
     if not F.requires_grad:
         return states, stats
-    out = _Adjoint.apply(F, jac)
+    out = _Adjoint.apply(F, s_prev.detach(), inputs.detach(), callback)
     return out + (states - out).detach(), stats

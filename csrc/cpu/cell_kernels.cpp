@@ -135,12 +135,13 @@ void rows(const FusedCellParams& p, int64_t begin, int64_t end) {
       const FusedPoint<V> out = fused_point<V, VecMath>(p.cell, jacobian, x, hn, h, c, w);
       // Lanes past the row's end are no part of it: kept out of the maxima.
       auto valid = [m](const V& v) { return m == L ? v : V::set(V(0), v, m); };
+      // The row's scale: the current states' magnitude, f's without them (cell_fused.h).
       if (lstm) {
         store_pairs(F + 2 * d, out.F[0], out.F[1]);
-        max_f = at::vec::maximum(max_f, at::vec::maximum(valid(out.F[0]).abs(), valid(out.F[1]).abs()));
+        if (!cur) max_f = at::vec::maximum(max_f, at::vec::maximum(valid(out.F[0]).abs(), valid(out.F[1]).abs()));
       } else {
         out.F[0].store(F + d, m);
-        max_f = at::vec::maximum(max_f, valid(out.F[0]).abs());
+        if (!cur) max_f = at::vec::maximum(max_f, valid(out.F[0]).abs());
       }
       if (cur) {
         if (lstm) {
@@ -148,11 +149,14 @@ void rows(const FusedCellParams& p, int64_t begin, int64_t end) {
           const V rh = padded ? V(0) : ch - out.F[0], rc = padded ? V(0) : cc - out.F[1];
           store_pairs(R + 2 * d, rh, rc);
           max_r = at::vec::maximum(max_r, at::vec::maximum(valid(rh).abs(), valid(rc).abs()));
+          max_f = at::vec::maximum(max_f, at::vec::maximum(valid(ch).abs(), valid(cc).abs()));
           square = square + valid(rh) * valid(rh) + valid(rc) * valid(rc);
         } else {
-          const V r = padded ? V(0) : load(cur + d) - out.F[0];
+          const V c_row = load(cur + d);
+          const V r = padded ? V(0) : c_row - out.F[0];
           r.store(R + d, m);
           max_r = at::vec::maximum(max_r, valid(r).abs());
+          max_f = at::vec::maximum(max_f, valid(c_row).abs());
           square = square + valid(r) * valid(r);
         }
       }

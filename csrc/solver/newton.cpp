@@ -16,12 +16,8 @@ namespace {
 
 // Adaptive λ (trust region on ½‖r‖²): the step's actual vs predicted decrease ρ. A fixed
 // λ is at most kLambdaMax too (beyond it the step is zero in any dtype).
-constexpr double kLambdaStart = 1.0, kLambdaMin = 1e-12, kLambdaMax = 1e12;
+constexpr double kLambdaStart = 1.0, kLambdaMin = 1e-12;
 constexpr double kShrink = 0.1, kGrow = 4.0, kAccept = 1e-4;
-
-bool is_elk(Method m) {
-  return m == Method::elk || m == Method::quasi_elk || m == Method::elk_filter || m == Method::quasi_elk_filter;
-}
 
 // [B, T, ...] -> [B·T, ...]: every step of every sequence as one row.
 at::Tensor flat(const at::Tensor& x) { return x.flatten(0, 1); }
@@ -117,77 +113,6 @@ JacobianPart method_part(const CellFunction& cell, Method method) {
 
 }  // namespace
 
-Method parse_method(const std::string& name) {
-  if (name == "deer") return Method::deer;
-  if (name == "quasi_deer") return Method::quasi_deer;
-  if (name == "block_deer") return Method::block_deer;
-  if (name == "picard") return Method::picard;
-  if (name == "jacobi") return Method::jacobi;
-  if (name == "sequential") return Method::sequential;
-  if (name == "elk") return Method::elk;
-  if (name == "quasi_elk") return Method::quasi_elk;
-  if (name == "elk_filter") return Method::elk_filter;
-  if (name == "quasi_elk_filter") return Method::quasi_elk_filter;
-  if (name == "auto") return Method::automatic;
-  TORCH_CHECK(false, "pnewton.newton_rnn: method must be one of auto, deer, quasi_deer, block_deer, elk, quasi_elk, ",
-              "elk_filter, quasi_elk_filter, picard, jacobi, sequential; got '", name, "'");
-}
-
-Adjoint parse_adjoint(const std::string& name) {
-  if (name == "auto") return Adjoint::automatic;
-  if (name == "scan") return Adjoint::scan;
-  if (name == "iterative") return Adjoint::iterative;
-  if (name == "sequential") return Adjoint::sequential;
-  TORCH_CHECK(false, "pnewton.newton_rnn: adjoint must be one of auto, scan, iterative, sequential; got '", name, "'");
-}
-
-SolverOptions solver_options(c10::string_view method, int64_t max_iter, double atol, double rtol, double damping,
-                             double clip, c10::string_view init, bool fixed_iterations, bool fallback,
-                             c10::string_view adjoint) {
-  SolverOptions o;
-  o.method = std::string(method);
-  o.max_iter = max_iter;
-  o.atol = atol;
-  o.rtol = rtol;
-  o.damping = damping;
-  o.clip = clip;
-  o.init = std::string(init);
-  o.fixed_iterations = fixed_iterations;
-  o.fallback = fallback;
-  o.adjoint = std::string(adjoint);
-  return o;
-}
-
-NewtonOptions newton_options(const SolverOptions& s) {
-  const char* op = "pnewton";
-  parse_adjoint(s.adjoint);  // checked here, used by the backward
-  TORCH_CHECK(s.max_iter >= -1, op, ": max_iter must be >= 0 (or -1 for the default), got ", s.max_iter);
-  TORCH_CHECK(!s.fixed_iterations || s.max_iter >= 0, op, ": fixed_iterations needs an explicit max_iter >= 0");
-  TORCH_CHECK(s.atol >= 0 || s.atol == -1.0, op, ": atol must be >= 0, got ", s.atol);
-  TORCH_CHECK(s.rtol >= 0 || s.rtol == -1.0, op, ": rtol must be >= 0, got ", s.rtol);
-  NewtonOptions o;
-  o.method = parse_method(s.method);
-  if (is_elk(o.method)) {
-    TORCH_CHECK(s.damping >= 0 && s.damping <= kLambdaMax, op, ": damping (the ELK λ) must be in [0, ", kLambdaMax,
-                "] (0 = adaptive), got ", s.damping);
-  } else {
-    TORCH_CHECK(s.damping >= 0 && s.damping < 1, op, ": damping must be in [0, 1), got ", s.damping);
-  }
-  TORCH_CHECK(s.clip >= 0, op, ": clip must be >= 0 (0 = off), got ", s.clip);
-  TORCH_CHECK(s.init == "zeros" || s.init == "one_step" || s.init == "states", op,
-              ": init must be zeros, one_step or states, got '", s.init, "'");
-  o.max_iter = s.max_iter;
-  o.atol = s.atol;
-  o.rtol = s.rtol;
-  o.damping = s.damping;
-  o.clip = s.clip;
-  o.init = s.init;
-  o.fixed_iterations = s.fixed_iterations;
-  o.fallback = s.fallback;
-  return o;
-}
-
-double default_tolerance(at::ScalarType dtype) { return dtype == at::kDouble ? 1e-12 : 3e-7; }
 
 at::Tensor sequential_states(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0,
                              const at::Tensor& resets, const at::Tensor& entering) {
@@ -275,7 +200,8 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
   const std::vector<int64_t> shape = part == JacobianPart::diagonal ? std::vector<int64_t>{B, T, S}
                                      : part == JacobianPart::block2 ? std::vector<int64_t>{B, T, S / 2, 2, 2}
                                                                     : std::vector<int64_t>{B, T, S, S};
-  at::Tensor J, r, r_per_step, F_per_step;  // per step: max_s |r|, max_s |F| (0 on padding), [B, T]
+  // per step: max_s |r| and the scale max_s |s| (0 on padding), [B, T]
+  at::Tensor J, r, r_per_step, scale_per_step;
   at::Tensor& F = p.F;
   // A reset step reads s0: its Jacobian with respect to the previous state is zero.
   const at::Tensor carried = o.resets.defined() ? carried_steps(o.resets, s0.scalar_type()) : at::Tensor();
@@ -288,7 +214,7 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
   // maxima. A built-in cell does all of it in one fused pass after its recurrent GEMM.
   // r_square: Σ_s r² per step [B, T] where the fused pass gives it (the merit's part).
   struct Evaluation {
-    at::Tensor F, J, r, r_per_step, F_per_step, r_square;
+    at::Tensor F, J, r, r_per_step, scale_per_step, r_square;
   };
   auto evaluate = [&](const at::Tensor& s, bool with_jacobian) {
     const at::Tensor entering = entering_state(shards, s0, s);
@@ -309,11 +235,12 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
     const at::Tensor F_s = e.F.view({B, T, S});
     const at::Tensor r_s = without_padding(s - F_s);
     return Evaluation{F_s, jacobian, r_s, max_abs_per_step(r_s),
-                      max_abs_per_step(padding.defined() ? F_s.masked_fill(padding, 0) : F_s)};
+                      max_abs_per_step(padding.defined() ? s.masked_fill(padding, 0) : s)};
   };
   // Converged: every state finite, and within tolerance of the solution, judged by the
   // error estimate max_t |δ_t| of the step just taken (the residual alone understates the
-  // error by the recurrence's memory, 1/(1 − contraction)); or, for the methods that make one
+  // error by the recurrence's memory, 1/(1 − contraction)), relative to the states' own
+  // scale max_t |s_t| (f's can be far larger at a diverged iterate); or, for the methods that make one
   // more state exact per iteration, as many iterations in this stage as the sequence has
   // steps; or an exact residual. Once converged, a sequence stays so (its states no longer
   // move). A finite residual s − F means finite states.
@@ -323,7 +250,7 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
   auto check = [&](at::Tensor step, const at::Tensor& phi) {
     const at::Tensor& per_step = r_per_step;
     p.residual = max_over_time(per_step);
-    at::Tensor scale = step.defined() ? max_over_time(F_per_step) : at::Tensor();
+    at::Tensor scale = step.defined() ? max_over_time(scale_per_step) : at::Tensor();
     // The first step (of the whole sequence) whose residual is not finite; steps_all if none.
     at::Tensor first_bad;
     if (exact_prefix) {
@@ -368,7 +295,7 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
   at::Tensor phi;
   {
     const Evaluation e = evaluate(p.s, budget > 0);
-    F = e.F, J = e.J, r = e.r, r_per_step = e.r_per_step, F_per_step = e.F_per_step;
+    F = e.F, J = e.J, r = e.r, r_per_step = e.r_per_step, scale_per_step = e.scale_per_step;
     if (track_merit) phi = merit(r, e.r_square);
   }
   check(at::Tensor(), at::Tensor());
@@ -428,12 +355,12 @@ void run_stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Te
       F = at::where(keep, F_new, F);
       r = at::where(keep, r_new, r);
       r_per_step = at::where(accept.view({B, 1}), e.r_per_step, r_per_step);
-      F_per_step = at::where(accept.view({B, 1}), e.F_per_step, F_per_step);
+      scale_per_step = at::where(accept.view({B, 1}), e.scale_per_step, scale_per_step);
       if (more) J = at::where(accept.view({B, 1}), J_new.reshape({B, -1}), J.reshape({B, -1})).view(shape);
       phi = at::where(accept, phi_new, phi);
       step = at::where(accept, step, INFINITY);  // a rejected step moved nothing
     } else {
-      p.s = next, F = F_new, J = J_new, r = r_new, r_per_step = e.r_per_step, F_per_step = e.F_per_step;
+      p.s = next, F = F_new, J = J_new, r = r_new, r_per_step = e.r_per_step, scale_per_step = e.scale_per_step;
       if (track_merit) phi = merit(r, e.r_square);
     }
     check(step, phi);

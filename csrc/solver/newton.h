@@ -24,6 +24,11 @@ enum class Method {
 };
 Method parse_method(const std::string& name);
 inline int64_t method_bit(Method m) { return int64_t(1) << static_cast<int>(m); }
+inline bool is_elk(Method m) {
+  return m == Method::elk || m == Method::quasi_elk || m == Method::elk_filter || m == Method::quasi_elk_filter;
+}
+// The largest ELK λ (beyond it the step is zero in any dtype): adaptive and fixed alike.
+constexpr double kLambdaMax = 1e12;
 
 struct NewtonOptions {
   Method method = Method::quasi_deer;

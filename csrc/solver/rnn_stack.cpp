@@ -119,6 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool lstm = cell == "lstm" || cell == "diag_lstm";
   SolverOptions o =
       solver_options(method, max_iter, atol, rtol, damping, clip, init, fixed_iterations, fallback, adjoint);
+  newton_options(o);  // checked whichever path runs (torch's fused loop reads none of them)
   o.group = std::string(group);
   // The reverse direction reads each sequence (each segment) backwards from its own end.
   // (The lengths' values are checked by newton_rnn, which sees them first.)

@@ -325,6 +325,11 @@ TEST(Reliability, MixedDevicesAndBadOptionsRaiseNamingTheArgument) {
       [&] { pnewton::newton_rnn("gru", torch::randn({1, 4, 15}), torch::randn({15, 5}), std::nullopt,
                                 torch::zeros({1, 5}), o); },
       "atol");
+  // A module checks its solver options at construction, whichever path its calls take.
+  o = {};
+  o.damping = 1.5;
+  expect_error_mentioning([&] { pnewton::nn::GRU(pnewton::nn::GRUOptions(3, 4).solver(o)); },
+                          "damping must be in [0, 1)");
 }
 
 TEST(Reliability, NonFiniteSequencesAreNeverConvergedAndKeepTheLoopsNaNPattern) {
@@ -469,7 +474,7 @@ void expect_mirrors_the_vector_pass(pnewton::FusedCell cell, pnewton::FusedPart 
     row_residual = row_residual.amax(1), row_scale = row_scale.amax(1), row_square = row_square.sum(1);
     const auto masked = [&](const torch::Tensor& x) { return x.masked_fill(padding.unsqueeze(1), 0); };
     expect_close(row_residual, masked(o[2]).abs().amax(1), 0);
-    expect_close(row_scale, masked(o[0]).abs().amax(1), 0);
+    expect_close(row_scale, masked(current).abs().amax(1), 0);  // the states' scale
     const auto square = masked(o[2]).square().sum(1);  // summed in another order: relative
     expect_close(row_square, square, (std::is_same_v<T, float> ? 1e-6 : 1e-14) * (1 + square.max().template item<double>()));
     if (part != FusedPart::none) EXPECT_EQ(o[1].index({reset}).abs().max().template item<double>(), 0.0);

@@ -26,6 +26,11 @@ def compare_with_aten(cell, method, D, monkeypatch, masks):
         resets[0, [1, 40, 41]] = True
         resets[1, 56] = True
         kwargs["resets"] = resets
+    if "elk" in method:
+        # The ELK methods converge to the rounding floor, where whether the last step passes
+        # the stop test (|δ| vs 1e-12) is a rounding-level comparison that two correct
+        # passes may decide differently: compare them over the same iterations.
+        kwargs.update(fixed_iterations=True, max_iter=14)
     results = []
     for fused in ("1", "0"):
         monkeypatch.setenv("PNEWTON_FUSED_CELLS", fused)
