@@ -29,6 +29,15 @@ inline bool is_elk(Method m) {
 }
 // The largest ELK λ (beyond it the step is zero in any dtype): adaptive and fixed alike.
 constexpr double kLambdaMax = 1e12;
+// The dense Jacobian (B·T·S² numbers) is affordable while it stays under this budget
+// (auto's exact-Newton stage, the automatic adjoint).
+constexpr int64_t kDenseBudget = int64_t(1) << 24;
+// The largest state size whose dense Jacobian the automatic adjoint scans (solve_adjoint).
+constexpr int64_t kDenseScanStates = 8;
+// auto's stall test: a stage ends once no unconverged sequence halved ½‖r‖² in the last
+// kStallWindow iterations (the sum, not the maximum: causal methods fix the prefix first);
+// ELK's: a merit non-finite this long stays so.
+constexpr int64_t kStallWindow = 4;
 
 struct NewtonOptions {
   Method method = Method::quasi_deer;
