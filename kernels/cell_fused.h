@@ -83,19 +83,19 @@ PNEWTON_HD void row_sequence(int64_t n, int64_t T, int64_t& b, int64_t& t) {
 }
 
 // The state row [S] and W_hh h row [G·D] (null for per-channel weights) that row n reads.
-template <typename T>
-PNEWTON_HD void fused_sources(const FusedCellParams& p, int64_t n, int64_t S, const T*& s, const T*& gh) {
-  const int64_t GD = fused_gates(p.cell) * p.D;
+template <typename T, typename I = int64_t>
+PNEWTON_HD void fused_sources(const FusedCellParams& p, I n, I S, const T*& s, const T*& gh) {
+  const I GD = fused_gates(p.cell) * static_cast<I>(p.D);
   const T* states = static_cast<const T*>(p.s);
   const T* ghs = static_cast<const T*>(p.gh);
-  int64_t row = n;
+  I row = n;
   if (p.T > 0) {
     int64_t b, t;
     row_sequence(n, p.T, b, t);
     if (p.reset && p.reset[n]) {
-      states = static_cast<const T*>(p.s0), ghs = static_cast<const T*>(p.s0_gh), row = b;
+      states = static_cast<const T*>(p.s0), ghs = static_cast<const T*>(p.s0_gh), row = static_cast<I>(b);
     } else if (t == 0) {
-      states = static_cast<const T*>(p.first), ghs = static_cast<const T*>(p.first_gh), row = b;
+      states = static_cast<const T*>(p.first), ghs = static_cast<const T*>(p.first_gh), row = static_cast<I>(b);
     } else {
       row = n - 1;
     }
@@ -269,8 +269,8 @@ PNEWTON_HD T nan_max(T a, T b) {
 // Channel d's gate inputs from a row's gi and W_hh h (gh, null for per-channel weights,
 // whose w ⊙ h is formed here), b_hh (or null) and the per-gate weights wd [G·D] (the
 // diagonals of W_hh's gate blocks): x[k] as fused_point takes them, w[k], and the GRU's hn.
-template <typename T>
-PNEWTON_HD void gate_inputs(FusedCell cell, bool diagonal_weights, int64_t D, int64_t d, const T* gi, const T* gh,
+template <typename T, typename I = int64_t>
+PNEWTON_HD void gate_inputs(FusedCell cell, bool diagonal_weights, I D, I d, const T* gi, const T* gh,
                             const T* b, const T* wd, T h, T* x, T* w, T& hn) {
   const int G = fused_gates(cell);
   hn = T(0);
@@ -298,68 +298,89 @@ struct FusedRowShare {
   }
 };
 
-// Channels first, first + stride, ... < D of row n: F, J and R written, the share of the
-// row's reductions returned. A CUDA kernel gives each row a group of `stride` threads
-// (coalesced: neighbouring threads read neighbouring channels); stride 1 is the whole row.
+// One channel d of row n as the pass reads it: the previous state (h, c), the gate inputs
+// (x, hn) and per-gate weights, and the state the row holds (cur, for the residual). A
+// thread may load several rows' channels before computing any (fused_cell_kernel's rows
+// per thread), so that more loads are in flight.
 template <typename T>
-PNEWTON_HD FusedRowShare<T> fused_cell_row_share(const FusedCellParams& p, int64_t n, int64_t first, int64_t stride) {
-  const int64_t D = p.D;
-  const int G = fused_gates(p.cell);
+struct FusedChannelIn {
+  T h, c, x[4], w[4], hn, cur[2];
+};
+
+template <typename T, typename I = int64_t>
+PNEWTON_HD FusedChannelIn<T> fused_channel_load(const FusedCellParams& p, I n, I d) {
+  const I D = static_cast<I>(p.D);
+  const bool lstm = p.cell == FusedCell::lstm;
+  const I S = lstm ? 2 * D : D;
+  const T *s, *gh;  // gh: null for per-channel weights
+  fused_sources<T, I>(p, n, S, s, gh);
+  FusedChannelIn<T> in;
+  in.h = lstm ? s[2 * d] : s[d], in.c = lstm ? s[2 * d + 1] : T(0);
+  gate_inputs<T, I>(p.cell, p.diagonal_weights, D, d, static_cast<const T*>(p.gi) + n * fused_gates(p.cell) * D, gh,
+                 static_cast<const T*>(p.b), static_cast<const T*>(p.w), in.h, in.x, in.w, in.hn);
+  if (p.current) {
+    const T* cur = static_cast<const T*>(p.current) + n * S;
+    in.cur[0] = lstm ? cur[2 * d] : cur[d], in.cur[1] = lstm ? cur[2 * d + 1] : T(0);
+  }
+  return in;
+}
+
+// Channel d of row n from its inputs: F, J and R written, its part of the row's reductions
+// added to `share`. The outputs alias no input (restricted).
+template <typename T, typename I = int64_t>
+PNEWTON_HD void fused_channel_store(const FusedCellParams& p, I n, I d, const FusedChannelIn<T>& in,
+                                    FusedRowShare<T>& share) {
+  const I D = static_cast<I>(p.D);
   const bool lstm = p.cell == FusedCell::lstm, jacobian = p.part != FusedPart::none;
-  const int64_t S = lstm ? 2 * D : D;
-  // Restricted: the outputs alias no input, so a thread's loads for its next channel need
-  // not wait for its stores.
-  const T* __restrict__ gi = static_cast<const T*>(p.gi) + n * G * D;
-  const T *s_row, *gh_row;  // gh: null for per-channel weights
-  fused_sources<T>(p, n, S, s_row, gh_row);
-  const T* __restrict__ s = s_row;
-  const T* __restrict__ gh = gh_row;
-  const T* __restrict__ b = static_cast<const T*>(p.b);
-  const T* __restrict__ wd = static_cast<const T*>(p.w);
-  const T* __restrict__ cur = p.current ? static_cast<const T*>(p.current) + n * S : nullptr;
+  const I S = lstm ? 2 * D : D;
   T* __restrict__ F = static_cast<T*>(p.F) + n * S;
   T* __restrict__ R = p.R ? static_cast<T*>(p.R) + n * S : nullptr;
   T* __restrict__ J = jacobian ? static_cast<T*>(p.J) + n * (p.part == FusedPart::block2 ? 4 * D : S) : nullptr;
   const bool padded = p.padding && p.padding[n], reset = p.reset && p.reset[n];
+  const FusedPoint<T> out = fused_point<T, ScalarMath>(p.cell, jacobian, in.x, in.hn, in.h, in.c, in.w);
   const int states = lstm ? 2 : 1;
+  for (int k = 0; k < states; ++k) {
+    const I i = lstm ? 2 * d + k : d;
+    F[i] = out.F[k];
+    const T size = p.current ? in.cur[k] : out.F[k];
+    share.scale = nan_max(share.scale, size < T(0) ? -size : size);
+    if (p.current) {
+      const T r = padded ? T(0) : in.cur[k] - out.F[k];
+      R[i] = r;
+      share.residual = nan_max(share.residual, r < T(0) ? -r : r);
+      share.square += r * r;
+    }
+  }
+  if (!jacobian) return;
+  if (p.part == FusedPart::block2) {
+    PNEWTON_UNROLL
+    for (int k = 0; k < 4; ++k) J[4 * d + k] = reset ? T(0) : out.J[k];
+  } else if (lstm) {
+    J[2 * d] = reset ? T(0) : out.J[0];
+    J[2 * d + 1] = reset ? T(0) : out.J[3];
+  } else {
+    J[d] = reset ? T(0) : out.J[0];
+  }
+}
+
+// Channels first, first + stride, ... < D of row n: F, J and R written, the share of the
+// row's reductions returned. A CUDA kernel gives each row a group of `stride` threads
+// (coalesced: neighbouring threads read neighbouring channels); stride 1 is the whole row.
+template <typename T, typename I = int64_t>
+PNEWTON_HD FusedRowShare<T> fused_cell_row_share(const FusedCellParams& p, I n, I first, I stride) {
   FusedRowShare<T> share;
-  for (int64_t d = first; d < D; d += stride) {
-    const T h = lstm ? s[2 * d] : s[d], c = lstm ? s[2 * d + 1] : T(0);
-    T x[4], w[4], hn;
-    gate_inputs<T>(p.cell, p.diagonal_weights, D, d, gi, gh, b, wd, h, x, w, hn);
-    const FusedPoint<T> out = fused_point<T, ScalarMath>(p.cell, jacobian, x, hn, h, c, w);
-    for (int k = 0; k < states; ++k) {
-      const int64_t i = lstm ? 2 * d + k : d;
-      F[i] = out.F[k];
-      const T size = cur ? cur[i] : out.F[k];
-      share.scale = nan_max(share.scale, size < T(0) ? -size : size);
-      if (cur) {
-        const T r = padded ? T(0) : cur[i] - out.F[k];
-        R[i] = r;
-        share.residual = nan_max(share.residual, r < T(0) ? -r : r);
-        share.square += r * r;
-      }
-    }
-    if (!jacobian) continue;
-    if (p.part == FusedPart::block2) {
-      PNEWTON_UNROLL
-      for (int k = 0; k < 4; ++k) J[4 * d + k] = reset ? T(0) : out.J[k];
-    } else if (lstm) {
-      J[2 * d] = reset ? T(0) : out.J[0];
-      J[2 * d + 1] = reset ? T(0) : out.J[3];
-    } else {
-      J[d] = reset ? T(0) : out.J[0];
-    }
+  for (I d = first; d < static_cast<I>(p.D); d += stride) {
+    fused_channel_store<T, I>(p, n, d, fused_channel_load<T, I>(p, n, d), share);
   }
   return share;
 }
 
 // Partial result `part` of row n's reductions from the shares it combines (0 on padding
 // rows), where asked for.
-template <typename T>
-PNEWTON_HD void fused_cell_row_finish(const FusedCellParams& p, int64_t n, int64_t part, const FusedRowShare<T>& row) {
+template <typename T, typename I = int64_t>
+PNEWTON_HD void fused_cell_row_finish(const FusedCellParams& p, I n, I part, const FusedRowShare<T>& row) {
   const bool padded = p.padding && p.padding[n];
-  const int64_t i = n * p.row_parts + part;
+  const I i = n * static_cast<I>(p.row_parts) + part;
   if (p.row_residual) static_cast<T*>(p.row_residual)[i] = padded ? T(0) : row.residual;
   if (p.row_scale) static_cast<T*>(p.row_scale)[i] = padded ? T(0) : row.scale;
   if (p.row_square) static_cast<T*>(p.row_square)[i] = padded ? T(0) : row.square;
@@ -367,12 +388,12 @@ PNEWTON_HD void fused_cell_row_finish(const FusedCellParams& p, int64_t n, int64
 
 // Channels first, first + stride, ... of row n of the VJP (shares as fused_cell_row_share's;
 // nothing to reduce).
-template <typename T>
-PNEWTON_HD void fused_vjp_row_share(const FusedVjpParams& p, int64_t n, int64_t first, int64_t stride) {
-  const int64_t D = p.D;
+template <typename T, typename I = int64_t>
+PNEWTON_HD void fused_vjp_row_share(const FusedVjpParams& p, I n, I first, I stride) {
+  const I D = static_cast<I>(p.D);
   const int G = fused_gates(p.cell);
   const bool lstm = p.cell == FusedCell::lstm;
-  const int64_t S = lstm ? 2 * D : D;
+  const I S = lstm ? 2 * D : D;
   const T* __restrict__ gi = static_cast<const T*>(p.gi) + n * G * D;
   const T* __restrict__ gh = p.gh ? static_cast<const T*>(p.gh) + n * G * D : nullptr;
   const T* __restrict__ b = static_cast<const T*>(p.b);
@@ -382,10 +403,10 @@ PNEWTON_HD void fused_vjp_row_share(const FusedVjpParams& p, int64_t n, int64_t 
   T* __restrict__ grad_gi = static_cast<T*>(p.grad_gi) + n * G * D;
   T* __restrict__ grad_gh = p.grad_gh ? static_cast<T*>(p.grad_gh) + n * G * D : nullptr;
   T* __restrict__ grad_s = static_cast<T*>(p.grad_s) + n * S;
-  for (int64_t d = first; d < D; d += stride) {
+  for (I d = first; d < D; d += stride) {
     const T h = lstm ? s[2 * d] : s[d], c = lstm ? s[2 * d + 1] : T(0);
     T x[4], wk[4], hn;
-    gate_inputs<T>(p.cell, p.diagonal_weights, D, d, gi, gh, b, w, h, x, wk, hn);
+    gate_inputs<T, I>(p.cell, p.diagonal_weights, D, d, gi, gh, b, w, h, x, wk, hn);
     const FusedVjpPoint<T> out =
         fused_vjp_point<T, ScalarMath>(p.cell, x, hn, h, c, lstm ? v[2 * d] : v[d], lstm ? v[2 * d + 1] : T(0));
     T through_h = out.h;
@@ -405,9 +426,9 @@ PNEWTON_HD void fused_vjp_row_share(const FusedVjpParams& p, int64_t n, int64_t 
 }
 
 // The update's share of row n (as fused_cell_row_share): next written, max |x| returned.
-template <typename T>
-PNEWTON_HD T newton_update_row_share(const NewtonUpdateParams& p, int64_t n, int64_t first, int64_t stride) {
-  const int64_t S = p.S;
+template <typename T, typename I = int64_t>
+PNEWTON_HD T newton_update_row_share(const NewtonUpdateParams& p, I n, I first, I stride) {
+  const I S = static_cast<I>(p.S);
   const T* __restrict__ s = static_cast<const T*>(p.s) + n * S;
   const T* __restrict__ x = static_cast<const T*>(p.x) + n * S;
   T* __restrict__ next = static_cast<T*>(p.next) + n * S;
@@ -416,7 +437,7 @@ PNEWTON_HD T newton_update_row_share(const NewtonUpdateParams& p, int64_t n, int
   const bool padded = p.padding && p.padding[n], moving = p.moving[b] && !padded;
   const T sign = static_cast<T>(p.sign);
   T largest = T(0);
-  for (int64_t d = first; d < S; d += stride) {
+  for (I d = first; d < S; d += stride) {
     if (padded) {
       next[d] = s[d];
       continue;

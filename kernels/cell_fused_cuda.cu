@@ -1,5 +1,8 @@
 #include "kernels/cell_fused_cuda.h"
 
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
 #include <type_traits>
 
 namespace pnewton {
@@ -31,8 +34,9 @@ RowGeometry row_geometry(int64_t rows, int64_t width, bool warp_rows) {
 }
 
 // The row of this thread.
-__device__ int64_t row_of(int lanes, int rows_per_block) {
-  return static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / lanes;
+template <typename I>
+__device__ I row_of(int lanes, int rows_per_block) {
+  return static_cast<I>(blockIdx.x) * rows_per_block + threadIdx.x / lanes;
 }
 
 template <int WIDTH, typename T>
@@ -60,33 +64,52 @@ __device__ FusedRowShare<T> group_total(FusedRowShare<T> share) {
 }
 
 // The cell kind is a template argument: each kernel holds one cell's math only, which cuts
-// the GRU pass from 60 registers to 40 (occupancy 50% to 75%).
-template <typename T, int WIDTH, FusedCell CELL>
+// the GRU pass from 60 registers to 40 (occupancy 50% to 75%). ROWS > 1: each thread holds
+// one channel (rows no wider than its group) of ROWS rows, rows_per_block apart, and loads
+// all of them before computing any, so that more loads are in flight per thread.
+template <typename T, int WIDTH, FusedCell CELL, int ROWS, typename I>
 __global__ void __launch_bounds__(kThreads) fused_cell_kernel(FusedCellParams p, int lanes, int rows_per_block) {
   p.cell = CELL;
-  const int64_t n = row_of(lanes, rows_per_block);
-  const int lane = threadIdx.x % lanes;
-  FusedRowShare<T> share;
-  if (n < p.N) share = fused_cell_row_share<T>(p, n, lane, lanes);
-  share = group_total<WIDTH>(share);
-  if (n < p.N && lane % WIDTH == 0) fused_cell_row_finish<T>(p, n, lane / WIDTH, share);
+  const I lane = threadIdx.x % lanes, N = static_cast<I>(p.N), D = static_cast<I>(p.D);
+  const I first = static_cast<I>(blockIdx.x) * rows_per_block * ROWS + threadIdx.x / lanes;
+  FusedRowShare<T> share[ROWS];
+  if (ROWS == 1) {
+    if (first < N) share[0] = fused_cell_row_share<T, I>(p, first, lane, lanes);
+  } else {
+    FusedChannelIn<T> in[ROWS];
+    PNEWTON_UNROLL
+    for (int r = 0; r < ROWS; ++r) {
+      const I n = first + r * rows_per_block;
+      if (n < N && lane < D) in[r] = fused_channel_load<T, I>(p, n, lane);
+    }
+    PNEWTON_UNROLL
+    for (int r = 0; r < ROWS; ++r) {
+      const I n = first + r * rows_per_block;
+      if (n < N && lane < D) fused_channel_store<T, I>(p, n, lane, in[r], share[r]);
+    }
+  }
+  PNEWTON_UNROLL
+  for (int r = 0; r < ROWS; ++r) {
+    const I n = first + r * rows_per_block;
+    const FusedRowShare<T> total = group_total<WIDTH>(share[r]);
+    if (n < N && lane % WIDTH == 0) fused_cell_row_finish<T, I>(p, n, lane / WIDTH, total);
+  }
 }
 
-template <typename T, int WIDTH>
+template <typename T, int WIDTH, typename I>
 __global__ void __launch_bounds__(kThreads) newton_update_kernel(NewtonUpdateParams p, int lanes, int rows_per_block) {
-  const int64_t n = row_of(lanes, rows_per_block);
-  const int lane = threadIdx.x % lanes;
+  const I n = row_of<I>(lanes, rows_per_block), lane = threadIdx.x % lanes;
   T largest = T(0);
-  if (n < p.N) largest = newton_update_row_share<T>(p, n, lane, lanes);
+  if (n < static_cast<I>(p.N)) largest = newton_update_row_share<T, I>(p, n, lane, lanes);
   largest = group_max<WIDTH>(largest);
   if (n < p.N && lane == 0) newton_update_row_finish<T>(p, n, largest);  // one warp per row
 }
 
-template <typename T, int WIDTH, FusedCell CELL>
+template <typename T, int WIDTH, FusedCell CELL, typename I>
 __global__ void __launch_bounds__(kThreads) fused_vjp_kernel(FusedVjpParams p, int lanes, int rows_per_block) {
   p.cell = CELL;
-  const int64_t n = row_of(lanes, rows_per_block);
-  if (n < p.N) fused_vjp_row_share<T>(p, n, threadIdx.x % lanes, lanes);
+  const I n = row_of<I>(lanes, rows_per_block);
+  if (n < static_cast<I>(p.N)) fused_vjp_row_share<T, I>(p, n, static_cast<I>(threadIdx.x % lanes), lanes);
 }
 
 // Launches Kernel<T, WIDTH> over `rows` rows of `width` channels.
@@ -95,12 +118,24 @@ cudaError_t launch_rows(const P& p, int64_t rows, int64_t width, bool warp_rows,
   if (rows == 0 || width == 0) return cudaSuccess;
   const RowGeometry g = row_geometry(rows, width, warp_rows);
   const int threads = g.rows_per_block * g.lanes;
+  // Offsets in 32 bits where every array's fit (a row holds at most 4·width numbers): the
+  // pass's address arithmetic was most of its instructions in 64 bits (ncu on the H200:
+  // issue-bound at 85% of the SM's throughput, the integer pipeline the busiest).
+  const bool narrow = rows * 4 * width < std::numeric_limits<int32_t>::max();
   auto typed = [&](auto zero) {
     using T = decltype(zero);
+    auto with_width = [&](auto width_tag) {
+      constexpr int W = decltype(width_tag)::value;
+      if (narrow) {
+        Kernel<T, W>::template launch<int32_t>(p, g, threads, stream);
+      } else {
+        Kernel<T, W>::template launch<int64_t>(p, g, threads, stream);
+      }
+    };
     switch (g.lanes) {
-      case 8: Kernel<T, 8>::launch(p, g, threads, stream); break;
-      case 16: Kernel<T, 16>::launch(p, g, threads, stream); break;
-      default: Kernel<T, 32>::launch(p, g, threads, stream); break;
+      case 8: with_width(std::integral_constant<int, 8>{}); break;
+      case 16: with_width(std::integral_constant<int, 16>{}); break;
+      default: with_width(std::integral_constant<int, 32>{}); break;
     }
   };
   switch (dtype) {
@@ -122,27 +157,52 @@ void with_cell(FusedCell cell, Fn&& fn) {
   }
 }
 
+// Rows per thread of the cell pass: 2 where a row is no wider than its group of threads
+// (H200, DiagGRU at B = 16, D = 64, T = 65536: 1.10 ms per pass against 1.21 with one row
+// and 1.17 with four, which hold 64 registers); PNEWTON_CELL_ROWS = 1, 2 or 4 for tuning.
+int cell_rows(const FusedCellParams& p, const RowGeometry& g) {
+  static const int rows = [] {
+    const char* env = std::getenv("PNEWTON_CELL_ROWS");
+    const int v = env ? std::atoi(env) : 2;
+    return v == 1 || v == 4 ? v : 2;
+  }();
+  return p.D <= g.lanes ? rows : 1;
+}
+
 template <typename T, int WIDTH>
 struct CellKernel {
+  template <typename I>
   static void launch(const FusedCellParams& p, const RowGeometry& g, int threads, cudaStream_t stream) {
+    const int rows = cell_rows(p, g);
+    const int64_t per_block = g.rows_per_block * rows, blocks = (p.N + per_block - 1) / per_block;
     with_cell(p.cell, [&](auto cell) {
-      fused_cell_kernel<T, WIDTH, decltype(cell)::value><<<g.blocks, threads, 0, stream>>>(p, g.lanes, g.rows_per_block);
+      constexpr FusedCell C = decltype(cell)::value;
+      if (rows == 4) {
+        fused_cell_kernel<T, WIDTH, C, 4, I><<<blocks, threads, 0, stream>>>(p, g.lanes, g.rows_per_block);
+      } else if (rows == 2) {
+        fused_cell_kernel<T, WIDTH, C, 2, I><<<blocks, threads, 0, stream>>>(p, g.lanes, g.rows_per_block);
+      } else {
+        fused_cell_kernel<T, WIDTH, C, 1, I><<<blocks, threads, 0, stream>>>(p, g.lanes, g.rows_per_block);
+      }
     });
   }
 };
 
 template <typename T, int WIDTH>
 struct UpdateKernel {
+  template <typename I>
   static void launch(const NewtonUpdateParams& p, const RowGeometry& g, int threads, cudaStream_t stream) {
-    newton_update_kernel<T, WIDTH><<<g.blocks, threads, 0, stream>>>(p, g.lanes, g.rows_per_block);
+    newton_update_kernel<T, WIDTH, I><<<g.blocks, threads, 0, stream>>>(p, g.lanes, g.rows_per_block);
   }
 };
 
 template <typename T, int WIDTH>
 struct VjpKernel {
+  template <typename I>
   static void launch(const FusedVjpParams& p, const RowGeometry& g, int threads, cudaStream_t stream) {
     with_cell(p.cell, [&](auto cell) {
-      fused_vjp_kernel<T, WIDTH, decltype(cell)::value><<<g.blocks, threads, 0, stream>>>(p, g.lanes, g.rows_per_block);
+      fused_vjp_kernel<T, WIDTH, decltype(cell)::value, I><<<g.blocks, threads, 0, stream>>>(p, g.lanes,
+                                                                                          g.rows_per_block);
     });
   }
 };

@@ -401,8 +401,9 @@ TEST(CppApi, BadInputRaisesErrorsNamingTheArgument) {
 
 }  // namespace
 
-// The CUDA kernel's per-thread code (fused_cell_row_share and _finish, kernels/cell_fused.h),
-// run on the host as the kernel runs a wide row (64 threads: each warp's 32 shares
+// The CUDA kernel's per-thread code (fused_cell_row_share and _finish, kernels/cell_fused.h,
+// with the 32-bit offsets the kernels take where they fit), run on the host as the kernel
+// runs a wide row (64 threads: each warp's 32 shares
 // combined as the shuffles combine them into one of the row's two partial results),
 // against the vectorised CPU pass of the ATen
 // capability in use: the same F, J, R and row reductions for every cell and part, with
@@ -460,12 +461,12 @@ void expect_mirrors_the_vector_pass(pnewton::FusedCell cell, pnewton::FusedPart 
         for (int part = 0; part < kParts; ++part) {
           FusedRowShare<T> shares[kWarp];
           for (int lane = 0; lane < kWarp; ++lane) {
-            shares[lane] = fused_cell_row_share<T>(p, n, part * kWarp + lane, kParts * kWarp);
+            shares[lane] = fused_cell_row_share<T, int32_t>(p, n, part * kWarp + lane, kParts * kWarp);
           }
           for (int offset = kWarp / 2; offset > 0; offset /= 2) {  // the shuffles' butterfly
             for (int lane = 0; lane < offset; ++lane) shares[lane].add(shares[lane + offset]);
           }
-          fused_cell_row_finish<T>(p, n, part, shares[0]);
+          fused_cell_row_finish<T, int32_t>(p, n, part, shares[0]);
         }
       }
     } else {
@@ -523,7 +524,7 @@ void expect_update_mirrors_the_vector_pass() {
     constexpr int kLanes = 4;
     for (int64_t n = 0; n < N; ++n) {
       T largest = 0;
-      for (int lane = 0; lane < kLanes; ++lane) largest = nan_max(largest, newton_update_row_share<T>(p, n, lane, kLanes));
+      for (int lane = 0; lane < kLanes; ++lane) largest = nan_max(largest, newton_update_row_share<T, int32_t>(p, n, lane, kLanes));
       newton_update_row_finish<T>(p, n, largest);
     }
   }
@@ -586,7 +587,7 @@ void expect_vjp_mirrors_autograd(pnewton::FusedCell cell, bool diagonal_weights,
   p.grad_gh = cell == FusedCell::gru ? grad_gh.data_ptr() : nullptr;
   constexpr int kLanes = 4;
   for (int64_t n = 0; n < N; ++n) {
-    for (int lane = 0; lane < kLanes; ++lane) fused_vjp_row_share<T>(p, n, lane, kLanes);
+    for (int lane = 0; lane < kLanes; ++lane) fused_vjp_row_share<T, int32_t>(p, n, lane, kLanes);
   }
   if (cell != FusedCell::gru) grad_gh = grad_gi;
   const auto grad_h_total = diagonal_weights ? (lstm ? grad_s.view({N, D, 2}).select(2, 0) : grad_s)
