@@ -108,7 +108,7 @@ at::Tensor adjoint_iterative(const CellFunction& cell, const at::Tensor& s_prev,
     const at::Tensor head = scan_diag(diag.narrow(1, 1, T - 1), rhs.narrow(1, 0, T - 1), rhs.select(1, T - 1), true);
     return at::cat({head, rhs.narrow(1, T - 1, 1)}, 1);
   };
-  // max |x| of the sweep's residual and of λ over the whole sequence: one reduction over the
+  // max |x| of the sweep's step and of λ over the whole sequence: one reduction over the
   // shards and one host read per sweep.
   auto max_abs = [&](const at::Tensor& residual, const at::Tensor& l) {
     at::Tensor m = residual.numel() ? at::stack({residual.abs().max(), l.abs().max()}) : at::zeros({2}, l.options());
@@ -124,15 +124,19 @@ at::Tensor adjoint_iterative(const CellFunction& cell, const at::Tensor& s_prev,
     if (!linear) return next_step_transpose_product(cell, s_prev, gi_flat, l, carried, shards);
     return next_steps(builtin->transpose_product(*linear, flat(l)).view({B, T, S}), shards);
   };
+  // Stops on the sweep's step max |λ' − λ|, the error estimate, as the forward solve stops
+  // on its Newton step: the residual λ − g − Aᵀλ understates the error by the adjoint
+  // recurrence's memory (float32 GRU, hidden 32, T = 256: gradients 5.4× torch.nn's own
+  // error with the residual test, the scan adjoint's 1.6× with this one).
   at::Tensor lambda = diag_solve(g);
   const int64_t budget = std::min<int64_t>(shards ? shards->total() : T, 100);
   for (int64_t it = 0; it < budget; ++it) {
-    const at::Tensor w = next_transpose_product(lambda);
-    const auto [err, scale] = max_abs(lambda - g - w, lambda);
-    if (std::isfinite(err) && err <= tol * (1 + scale)) return lambda;
     // The off-diagonal part of A_{t+1}ᵀ λ_{t+1} moves to the right-hand side.
-    const at::Tensor dl = diag * lambda;
-    lambda = diag_solve(g + w - next_steps(dl, shards));
+    const at::Tensor w = next_transpose_product(lambda);
+    const at::Tensor next = diag_solve(g + w - next_steps(diag * lambda, shards));
+    const auto [step, scale] = max_abs(next - lambda, next);
+    lambda = next;
+    if (std::isfinite(step) && step <= tol * (1 + scale)) return lambda;
   }
   return adjoint_sequential(cell, s_prev, gi_flat, g, carried, shards);
 }
