@@ -75,6 +75,9 @@ TORCH_LIBRARY(pnewton, m) {
       "bool fixed_iterations=False, bool fallback=True, str adjoint=\"auto\", Tensor? lengths=None, "
       "Tensor? resets=None, str group=\"\") -> (Tensor output, Tensor final, Tensor iterations, Tensor residual, Tensor converged, "
       "Tensor path)");
+  // What the library was built with, as "key=value" lines (version, torch, cuda,
+  // cuda_archs, cpu_capabilities, compiler, build_type): pnewton.show_config().
+  m.def("build_info() -> str[]");
   // The solver's options checked as every solver op checks them (a ValueError naming the
   // option): the layers call it at construction and before torch.nn's forward runs a call.
   m.def(

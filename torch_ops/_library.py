@@ -29,8 +29,10 @@ def _has_op(name):
 
 
 # A LibTorch program that already linked libpnewton has the ops: load only once.
+loaded_from = "linked into the process"
 if not _has_op("scan_diag"):
-    torch.ops.load_library(_library_path())
+    loaded_from = _library_path()
+    torch.ops.load_library(loaded_from)
 
 # True when the library was built with its CUDA kernels (nvcc was found at build time).
 built_with_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("pnewton::scan_diag", "CUDA")

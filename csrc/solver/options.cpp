@@ -90,6 +90,6 @@ void check_solver_options(c10::string_view method, int64_t max_iter, double atol
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pnewton, CompositeExplicitAutograd, m) { m.impl("check_solver_options", &check_solver_options); }
+TORCH_LIBRARY_IMPL(pnewton, CatchAll, m) { m.impl("check_solver_options", &check_solver_options); }
 
 }  // namespace pnewton
