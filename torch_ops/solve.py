@@ -28,7 +28,6 @@ PATH_BITS = ("deer", "quasi_deer", "block_deer", "picard", "jacobi", "sequential
 # The order in which a path is told: auto's stages come in this order, the loop last.
 _PATH_ORDER = ("quasi_deer", "block_deer", "deer", "picard", "jacobi", "elk", "quasi_elk", "elk_filter",
                "quasi_elk_filter", "sequential", "fused_loop")
-_ELK = ("elk", "quasi_elk", "elk_filter", "quasi_elk_filter")
 
 
 def _bit(method):
