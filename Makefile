@@ -9,7 +9,7 @@ SANITIZE_DIR ?= build-sanitize
 .PHONY: install demo test test-cpp test-sanitize test-python bench clean
 
 install:
-	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q -r requirements-dev.txt
 	$(PYTHON) -m pip install -q --no-build-isolation -e .
 
 demo: install

@@ -49,5 +49,5 @@ setup(
     ext_modules=[CMakeExtension("pnewton._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
-    install_requires=["torch"],
+    install_requires=["torch>=2.9,<2.12"],  # requirements.txt: the tested range
 )
