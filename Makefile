@@ -6,7 +6,7 @@ export PNEWTON_BUILD_DIR := $(abspath $(BUILD_DIR))
 
 SANITIZE_DIR ?= build-sanitize
 
-.PHONY: install demo test test-cpp test-sanitize test-python bench clean
+.PHONY: install demo test test-cpp test-sanitize test-python test-wheel bench clean
 
 install:
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
@@ -16,7 +16,7 @@ demo: install
 	$(PYTHON) examples/train_gru.py
 
 test: install
-	$(MAKE) test-cpp test-sanitize test-python
+	$(MAKE) test-cpp test-sanitize test-python test-wheel
 
 test-cpp:
 	ctest --test-dir $(BUILD_DIR) --output-on-failure --no-tests=error
@@ -30,8 +30,12 @@ test-sanitize:
 test-python:
 	$(PYTHON) -m pytest tests/python -q
 
+# The wheel, installed into a fresh virtual environment, with the C++ example built against it.
+test-wheel:
+	PYTHON=$(PYTHON) bash scripts/test_wheel.sh
+
 bench: install
 	$(PYTHON) benchmarks/bench_scan.py
 
 clean:
-	rm -rf $(BUILD_DIR) $(SANITIZE_DIR) torch_ops/_C*.so *.egg-info
+	rm -rf $(BUILD_DIR) $(SANITIZE_DIR) build-setuptools build-wheel torch_ops/_C*.so torch_ops/_build.json *.egg-info
