@@ -26,7 +26,9 @@ const at::Tensor& parameter(const torch::nn::Module& module, const std::string& 
   return *p;
 }
 
-int64_t gates(const std::string& cell) { return cell == "gru" ? 3 : cell == "lstm" ? 4 : 1; }
+int64_t gates(const std::string& cell) {
+  return cell == "gru" || cell == "head_gru" ? 3 : cell == "lstm" || cell == "head_lstm" ? 4 : 1;
+}
 
 template <typename Options>
 StackOptions common(const Options& o, std::string cell) {
@@ -52,6 +54,18 @@ StackOptions stack_options(const RNNOptions& o) {
   return common(o, std::holds_alternative<torch::enumtype::kReLU>(o.nonlinearity()) ? "rnn_relu" : "rnn_tanh");
 }
 
+StackOptions stack_options(const HeadGRUOptions& o) {
+  StackOptions s = common(o, "head_gru");
+  s.heads = o.heads();
+  return s;
+}
+
+StackOptions stack_options(const HeadLSTMOptions& o) {
+  StackOptions s = common(o, "head_lstm");
+  s.heads = o.heads();
+  return s;
+}
+
 void RNNStack::reset(torch::nn::Module& module, StackOptions new_options) {
   options = std::move(new_options);
   const StackOptions& o = options;
@@ -61,6 +75,9 @@ void RNNStack::reset(torch::nn::Module& module, StackOptions new_options) {
   TORCH_CHECK(o.dropout >= 0 && o.dropout <= 1, "pnewton.nn: dropout must be in [0, 1], got ", o.dropout);
   TORCH_CHECK(o.proj_size >= 0 && o.proj_size < D, "pnewton.nn: proj_size must be in [0, hidden_size), got ",
               o.proj_size);
+  const bool heads = o.cell == "head_gru" || o.cell == "head_lstm";
+  TORCH_CHECK(!heads || (o.heads > 0 && D % o.heads == 0), "pnewton.nn: hidden_size (", D,
+              ") must be a multiple of heads (", o.heads, ") > 0");
   newton_options(o.solver);  // the solver's options, checked at construction as at every call
   const int64_t out = o.proj_size > 0 ? o.proj_size : D;  // the layer's output (and h) size
   const double bound = 1.0 / std::sqrt(static_cast<double>(D));  // torch.nn's initialisation
@@ -73,7 +90,11 @@ void RNNStack::reset(torch::nn::Module& module, StackOptions new_options) {
     for (int64_t d = 0; d < dirs; ++d) {
       const std::string s = suffix(layer, d);
       add("weight_ih" + s, {G, layer == 0 ? o.input_size : out * dirs});
-      add("weight_hh" + s, {G, out});
+      if (heads) {
+        add("weight_hh" + s, {o.heads, G / o.heads, D / o.heads});  // [heads, gates · k, k]
+      } else {
+        add("weight_hh" + s, {G, out});
+      }
       if (o.bias) {
         add("bias_ih" + s, {G});
         add("bias_hh" + s, {G});
@@ -143,6 +164,7 @@ void RNNStack::pretty_print(std::ostream& stream, const char* name) const {
          << ", hidden_size=" << o.hidden_size << ", num_layers=" << o.num_layers << ", bias=" << o.bias
          << ", batch_first=" << o.batch_first << ", dropout=" << o.dropout << ", bidirectional=" << o.bidirectional;
   if (o.proj_size > 0) stream << ", proj_size=" << o.proj_size;
+  if (o.heads > 0) stream << ", heads=" << o.heads;
   if (o.cell == "rnn_relu") stream << ", nonlinearity=kReLU";
   stream << ", method=" << o.solver.method << ")";
 }
@@ -190,8 +212,9 @@ at::Tensor lstm_state(const detail::StackOptions& o, std::optional<std::tuple<at
                       int64_t B, const at::TensorOptions& like, const at::Tensor& permutation) {
   const int64_t D = o.hidden_size, P = o.proj_size > 0 ? o.proj_size : D;
   if (!hx) hx = std::make_tuple(torch::zeros({n, B, P}, like), torch::zeros({n, B, D}, like));
-  check_state("LSTM", "h0", std::get<0>(*hx), n, B, P);
-  check_state("LSTM", "c0", std::get<1>(*hx), n, B, D);
+  const char* name = o.heads > 0 ? "HeadLSTM" : "LSTM";
+  check_state(name, "h0", std::get<0>(*hx), n, B, P);
+  check_state(name, "c0", std::get<1>(*hx), n, B, D);
   const at::Tensor h0 = permuted(std::get<0>(*hx), permutation), c0 = permuted(std::get<1>(*hx), permutation);
   return o.proj_size > 0 ? at::cat({h0, c0}, -1) : at::stack({h0, c0}, -1).flatten(-2);
 }
@@ -271,6 +294,40 @@ std::tuple<at::Tensor, at::Tensor> RNNImpl::forward(const at::Tensor& input, at:
 std::tuple<PackedSequence, at::Tensor> RNNImpl::forward_with_packed_input(const PackedSequence& input,
                                                                           at::Tensor hx) {
   return forward_hidden_packed(stack_, *this, "RNN", input, std::move(hx));
+}
+
+HeadGRUImpl::HeadGRUImpl(const HeadGRUOptions& options_) : options(options_) { reset(); }
+
+void HeadGRUImpl::reset() { stack_.reset(*this, detail::stack_options(options)); }
+
+std::tuple<at::Tensor, at::Tensor> HeadGRUImpl::forward(const at::Tensor& input, at::Tensor hx) {
+  return forward_hidden(stack_, *this, "HeadGRU", input, std::move(hx));
+}
+
+std::tuple<PackedSequence, at::Tensor> HeadGRUImpl::forward_with_packed_input(const PackedSequence& input,
+                                                                              at::Tensor hx) {
+  return forward_hidden_packed(stack_, *this, "HeadGRU", input, std::move(hx));
+}
+
+HeadLSTMImpl::HeadLSTMImpl(const HeadLSTMOptions& options_) : options(options_) { reset(); }
+
+void HeadLSTMImpl::reset() { stack_.reset(*this, detail::stack_options(options)); }
+
+std::tuple<at::Tensor, std::tuple<at::Tensor, at::Tensor>> HeadLSTMImpl::forward(
+    const at::Tensor& input, std::optional<std::tuple<at::Tensor, at::Tensor>> hx) {
+  const auto [n, B] = state_shape(stack_.options, input, "HeadLSTM");
+  const at::Tensor state0 = lstm_state(stack_.options, std::move(hx), n, B, input.options(), {});
+  auto [out, final] = stack_.run(*this, input, state0, is_training());
+  return {out, lstm_final(stack_.options, final, {})};
+}
+
+std::tuple<PackedSequence, std::tuple<at::Tensor, at::Tensor>> HeadLSTMImpl::forward_with_packed_input(
+    const PackedSequence& input, std::optional<std::tuple<at::Tensor, at::Tensor>> hx) {
+  const auto [n, B] = packed_state_shape(stack_.options, input, "HeadLSTM");
+  const at::Tensor state0 =
+      lstm_state(stack_.options, std::move(hx), n, B, input.data().options(), input.sorted_indices());
+  auto [out, final] = stack_.run_packed(*this, input, state0, is_training());
+  return {out, lstm_final(stack_.options, final, input.unsorted_indices())};
 }
 
 }  // namespace pnewton::nn

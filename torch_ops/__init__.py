@@ -6,13 +6,14 @@ check every argument as the real kernels do).
 """
 from . import _library  # noqa: F401  (loads the ops first)
 from . import distributed
-from ._library import built_with_cuda
+from ._library import built_with_cuda, cmake_prefix_path
 from ._config import show_config
 from .lyapunov import lyapunov
-from .nn import GRU, LSTM, RNN, DiagGRU, DiagLSTM, from_torch, newton_rnn
+from .nn import GRU, LSTM, RNN, DiagGRU, DiagLSTM, HeadGRU, HeadLSTM, from_torch, newton_rnn
 from .scan import scan_block, scan_diag
 from .solve import SolveStats, solve
 
-__all__ = ["scan_diag", "scan_block", "solve", "SolveStats", "lyapunov", "newton_rnn", "GRU", "LSTM", "RNN", "DiagGRU", "DiagLSTM",
-           "from_torch", "built_with_cuda", "distributed", "show_config"]
+__all__ = ["scan_diag", "scan_block", "solve", "SolveStats", "lyapunov", "newton_rnn", "GRU", "LSTM", "RNN",
+           "DiagGRU", "DiagLSTM", "HeadGRU", "HeadLSTM",
+           "from_torch", "built_with_cuda", "cmake_prefix_path", "distributed", "show_config"]
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ def _layer_problem(layer, s0, inputs):
     """(f, s0, gi) of the first layer's forward direction of a pnewton or torch.nn RNN layer:
     f is the built-in cell's step (torch.ops.pnewton.cell_step) on the input projections."""
     mode = layer.mode
-    cell = _CELLS[mode]
+    cell = getattr(layer, "_cell", None) or _CELLS[mode]  # pnewton's layers name their cell (DiagGRU, HeadGRU, ...)
     x = inputs if layer.batch_first else inputs.transpose(0, 1)
     W_ih, W_hh = layer.weight_ih_l0, layer.weight_hh_l0
     b_ih, b_hh = (layer.bias_ih_l0, layer.bias_hh_l0) if layer.bias else (None, None)

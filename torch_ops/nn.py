@@ -11,7 +11,8 @@ and ``m.mode`` (``"GRU"``, ``"LSTM"``, ``"RNN_TANH"``, ``"RNN_RELU"``). Every la
 call over the whole sequence (the C++ solver, csrc/solver), the whole stack one
 ``torch.ops.pnewton.rnn_stack`` call (shared with the C++ modules); the input projection
 W_ih x_t + b_ih is one GEMM before each solve. ``DiagGRU`` and ``DiagLSTM`` have per-channel
-recurrent weights (vectors), so their Newton steps are exact with diagonal / 2×2 scans.
+recurrent weights (vectors), so their Newton steps are exact with diagonal / 2×2 scans;
+``HeadGRU`` and ``HeadLSTM`` block-diagonal ones over heads, exact with k×k block scans.
 """
 import contextlib
 import os
@@ -34,7 +35,8 @@ def newton_rnn(cell, gi, W_hh, b_hh, s0, method="auto", max_iter=None, atol=None
                lengths=None, W_hr=None, resets=None, group=None):
     """Solve a built-in cell over a sequence: ``(states [B, T, S], SolveStats)``.
 
-    ``cell`` is ``gru``, ``lstm``, ``rnn_tanh``, ``rnn_relu``, ``diag_gru``, ``diag_lstm`` or
+    ``cell`` is ``gru``, ``lstm``, ``rnn_tanh``, ``rnn_relu``, ``diag_gru``, ``diag_lstm``,
+    ``head_gru``, ``head_lstm`` (``W_hh`` [heads, G·k, k]: :class:`HeadGRU`) or
     ``lstm_proj`` (torch.nn's projected LSTM: ``W_hr`` [P, hidden] required, state [h | c],
     S = P + hidden); ``gi`` the input projections ``[B, T, G]``; ``s0`` ``[B, S]`` (LSTM
     cells: (h_i, c_i) interleaved, S = 2·hidden). ``method``: ``auto`` (default: the cheapest method, then
@@ -221,7 +223,7 @@ class _NewtonLayer:
 
     @property
     def _is_lstm(self):
-        return self._cell in ("lstm", "diag_lstm")
+        return self._cell in ("lstm", "diag_lstm", "head_lstm")
 
     def flatten_parameters(self):
         """A no-op: the solver reads the parameters where they are (there is no cuDNN weight
@@ -518,6 +520,83 @@ class DiagLSTM(_DiagonalLayer):
 
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", "diag_lstm", *args, **kwargs)
+
+
+class _HeadLayer(_NewtonLayer, nn.RNNBase):
+    """A torch.nn-style layer whose recurrence is block-diagonal over ``heads`` heads."""
+
+    def __init__(self, mode, cell, input_size, hidden_size, *args, heads=1, **kwargs):
+        solver = _pop_solver_options(type(self).__name__, kwargs)
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
+            raise ValueError(f"heads should be a positive integer, got {heads!r}")
+        if not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size % heads != 0:
+            raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of heads ({heads})")
+        if kwargs.get("proj_size", 0):
+            raise ValueError(f"proj_size is not supported by {type(self).__name__}")
+        self.heads = heads
+        nn.RNNBase.__init__(self, mode, input_size, hidden_size, *args, **kwargs)
+        self._head_cell = cell
+        k, gates = hidden_size // heads, self.weight_hh_l0.shape[0] // hidden_size
+        factory = {"device": self.weight_ih_l0.device, "dtype": self.weight_ih_l0.dtype}
+        for name in self._flat_weights_names:
+            if name.startswith("weight_hh"):
+                setattr(self, name, nn.Parameter(torch.empty(heads, gates * k, k, **factory)))
+        self._init_flat_weights()
+        self.reset_parameters()
+        self._init_solver(solver)
+
+    @property
+    def _cell(self):
+        return self._head_cell
+
+    @property
+    def head_size(self):
+        return self.hidden_size // self.heads
+
+    def extra_repr(self):
+        parts = super().extra_repr().split(", ")  # input_size, hidden_size, then the options
+        return ", ".join(parts[:2] + [f"heads={self.heads}"] + parts[2:])
+
+    def dense_weight_hh(self, layer=0, reverse=False):
+        """The dense recurrent weight [G·hidden, hidden] of the torch.nn layer with this layer's
+        math: head h's rows of gate g at [g·hidden + h·k + j, h·k + m], zero off the heads."""
+        w = getattr(self, f"weight_hh_l{layer}" + ("_reverse" if reverse else ""))
+        H, k = self.heads, self.head_size
+        G = w.shape[1] // k
+        blocks = w.view(H, G, k, k).transpose(0, 1)  # [G, H, k, k]
+        return torch.stack([torch.block_diag(*blocks[g]) for g in range(G)]).reshape(G * H * k, H * k)
+
+
+class HeadGRU(_HeadLayer):
+    """GRU with a multi-head (block-diagonal) recurrence, as ParaRNN's and xLSTM's heads:
+    ``HeadGRU(input_size, hidden_size, heads=H, ...)`` splits the hidden state into H heads of
+    k = hidden_size / H units, and each head's gates read only its own units.
+
+    ``weight_hh_l{n}`` is [H, 3·k, k]: head h's rows in torch.nn's gate order (r, z, n) over
+    its k units. The layer computes exactly what ``torch.nn.GRU`` computes with the dense
+    ``weight_hh`` that places them at [g·hidden + h·k + j, h·k + m] (zero elsewhere; see
+    :meth:`dense_weight_hh`); every other parameter, argument and output is torch.nn.GRU's.
+    Its Jacobian is H blocks of k×k, so exact Newton (``deer``, auto's first stage for
+    k ≤ 16) costs O(T·H·k³) and converges in a few iterations. heads = hidden_size is
+    :class:`DiagGRU`'s math, heads = 1 :class:`GRU`'s."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("GRU", "head_gru", *args, **kwargs)
+
+
+class HeadLSTM(_HeadLayer):
+    """LSTM with a multi-head (block-diagonal) recurrence: ``weight_hh_l{n}`` [H, 4·k, k], head
+    h's rows in torch.nn's gate order (i, f, g, o) over its k units; the math of
+    ``torch.nn.LSTM`` with the dense ``weight_hh`` of :meth:`dense_weight_hh`. Its Jacobian
+    is H blocks of 2k×2k over each head's (h, c), solved exactly by ``deer``; ``block_deer``
+    uses the (h_i, c_i) 2×2 blocks. heads = hidden_size is :class:`DiagLSTM`'s math."""
+
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", "head_lstm", *args, **kwargs)
 
 
 def from_torch(module, **solver_options):

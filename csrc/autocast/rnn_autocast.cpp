@@ -25,7 +25,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool fixed_iterations, bool fallback, c10::string_view adjoint, const c10::optional<at::Tensor>& lengths,
     const c10::optional<at::Tensor>& resets, c10::string_view group) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
-  const bool lstm = cell == "lstm" || cell == "diag_lstm", rnn = cell == "rnn_tanh" || cell == "rnn_relu";
+  const bool lstm = cell == "lstm" || cell == "diag_lstm" || cell == "head_lstm";
+  const bool rnn = cell == "rnn_tanh" || cell == "rnn_relu";
   const int64_t per = (has_biases ? 4 : 2) * (bidirectional ? 2 : 1) * num_layers;
   const bool projected = cell == "lstm" && static_cast<int64_t>(params.size()) == per + per / (has_biases ? 4 : 2);
   const bool lower = device == c10::DeviceType::CUDA || rnn || projected || (lstm && !lengths.has_value());

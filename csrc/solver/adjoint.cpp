@@ -18,37 +18,17 @@ namespace {
 // A_{t+1} shifted (next_steps).
 at::Tensor adjoint_by_scan(const CellFunction& cell, const at::Tensor& s_prev, const at::Tensor& gi_flat,
                            const at::Tensor& g, JacobianPart part, const at::Tensor& carried, TimeShards* shards) {
-  const int64_t B = g.size(0), T = g.size(1), S = g.size(2), D = S / 2;
-  at::Tensor head;
+  const int64_t B = g.size(0), T = g.size(1), S = g.size(2), k = block_width(part, cell);
   at::Tensor J = cell.jacobian(s_prev, gi_flat, part);
   if (carried.defined()) {
     std::vector<int64_t> mask(J.dim(), 1);
     mask[0] = B * T;
     J = J * carried.reshape(mask);
   }
-  if (shards) {
-    const at::Tensor A = next_steps(part == JacobianPart::diagonal ? J.view({B, T, S})
-                                    : part == JacobianPart::block2 ? J.view({B, T, D, 2, 2})
-                                                                   : J.view({B, T, 1, S, S}),
-                                    shards);
-    if (part == JacobianPart::diagonal) return diag_scan(shards, A, g, std::nullopt, /*reverse=*/true);
-    if (part == JacobianPart::block2) {
-      return block_scan(shards, A, g.view({B, T, D, 2}), true, /*transpose=*/true).view({B, T, S});
-    }
-    return block_scan(shards, A, g.unsqueeze(2), true, true).squeeze(2);
-  }
-  const at::Tensor g_head = g.narrow(1, 0, T - 1), g_last = g.select(1, T - 1);
-  if (part == JacobianPart::diagonal) {
-    head = scan_diag(J.view({B, T, S}).narrow(1, 1, T - 1), g_head, g_last, /*reverse=*/true);
-  } else if (part == JacobianPart::block2) {
-    head = scan_block(J.view({B, T, D, 2, 2}).narrow(1, 1, T - 1), g_head.reshape({B, T - 1, D, 2}),
-                      g_last.reshape({B, D, 2}), true, /*transpose=*/true)
-               .view({B, T - 1, S});
-  } else {
-    head = scan_block(J.view({B, T, 1, S, S}).narrow(1, 1, T - 1), g_head.unsqueeze(2), g_last.unsqueeze(1), true,
-                      true)
-               .squeeze(2);
-  }
+  J = k == 1 ? J.view({B, T, S}) : J.view({B, T, S / k, k, k});
+  if (shards) return part_scan(shards, next_steps(J, shards), g, k, std::nullopt, /*reverse=*/true, /*transpose=*/true);
+  const at::Tensor head = part_scan(nullptr, J.narrow(1, 1, T - 1), g.narrow(1, 0, T - 1), k, g.select(1, T - 1),
+                                    /*reverse=*/true, /*transpose=*/true);
   return at::cat({head, g.narrow(1, T - 1, 1)}, 1);
 }
 
@@ -157,7 +137,10 @@ at::Tensor solve_adjoint(const CellFunction& cell, const at::Tensor& s_prev, con
       for (int64_t q = 0; q < shards->count(); ++q) T = std::max(T, shards->length(q));
     }
     const bool small_dense = B * T * S * S <= kDenseBudget && S <= kDenseScanStates;
-    adjoint = cell.structure() != JacobianPart::dense || small_dense ? Adjoint::scan : Adjoint::iterative;
+    const JacobianPart structure = cell.structure();
+    const bool small_blocks = structure == JacobianPart::diagonal || structure == JacobianPart::block2 ||
+                              (structure == JacobianPart::blocks && cell.block_size() <= kBlockNewtonStates);
+    adjoint = small_blocks || small_dense ? Adjoint::scan : Adjoint::iterative;
   }
   switch (adjoint) {
     case Adjoint::scan: return adjoint_by_scan(cell, s_prev, u_flat, g, cell.structure(), carried, shards);

@@ -6,10 +6,12 @@ namespace {
 int64_t gates_of(CellKind kind) {
   switch (kind) {
     case CellKind::gru:
-    case CellKind::diag_gru: return 3;
+    case CellKind::diag_gru:
+    case CellKind::head_gru: return 3;
     case CellKind::lstm:
     case CellKind::diag_lstm:
-    case CellKind::lstm_proj: return 4;
+    case CellKind::lstm_proj:
+    case CellKind::head_lstm: return 4;
     default: return 1;
   }
 }
@@ -23,6 +25,14 @@ at::Tensor sigmoid_grad(const at::Tensor& y) { return y * one_minus(y); }
 std::pair<at::Tensor, at::Tensor> split_lstm(const at::Tensor& s, int64_t D) {
   const at::Tensor pairs = s.view({s.size(0), D, 2});
   return {pairs.select(2, 0), pairs.select(2, 1)};
+}
+
+// Blocks [N, H, b, b] as the block-diagonal matrix [N, H·b, H·b].
+at::Tensor block_diagonal(const at::Tensor& blocks) {
+  const int64_t N = blocks.size(0), H = blocks.size(1), b = blocks.size(2);
+  at::Tensor out = at::zeros({N, H, b, H, b}, blocks.options());
+  out.diagonal(0, 1, 3).copy_(blocks.permute({0, 2, 3, 1}));
+  return out.view({N, H * b, H * b});
 }
 
 at::Tensor interleave(const at::Tensor& h, const at::Tensor& c) {
@@ -39,8 +49,10 @@ CellKind parse_cell(const std::string& name) {
   if (name == "diag_gru") return CellKind::diag_gru;
   if (name == "diag_lstm") return CellKind::diag_lstm;
   if (name == "lstm_proj") return CellKind::lstm_proj;
+  if (name == "head_gru") return CellKind::head_gru;
+  if (name == "head_lstm") return CellKind::head_lstm;
   TORCH_CHECK(false, "pnewton.newton_rnn: cell must be one of gru, lstm, rnn_tanh, rnn_relu, diag_gru, diag_lstm, ",
-              "lstm_proj; got '", name, "'");
+              "lstm_proj, head_gru, head_lstm; got '", name, "'");
 }
 
 const char* cell_name(CellKind kind) {
@@ -52,6 +64,8 @@ const char* cell_name(CellKind kind) {
     case CellKind::diag_gru: return "diag_gru";
     case CellKind::diag_lstm: return "diag_lstm";
     case CellKind::lstm_proj: return "lstm_proj";
+    case CellKind::head_gru: return "head_gru";
+    case CellKind::head_lstm: return "head_lstm";
   }
   return "?";
 }
@@ -61,6 +75,7 @@ CellShape cell_shape(const char* op, CellKind kind, const at::Tensor& W_hh, cons
   const int64_t gates = gates_of(kind);
   const bool projected = kind == CellKind::lstm_proj;
   const bool diagonal = kind == CellKind::diag_gru || kind == CellKind::diag_lstm;
+  const bool heads = kind == CellKind::head_gru || kind == CellKind::head_lstm;
   TORCH_CHECK(W_hr.has_value() == projected, op, ": W_hr (the projection) is ",
               projected ? "required by" : "only for", " cell 'lstm_proj'");
   CellShape shape;
@@ -71,6 +86,11 @@ CellShape cell_shape(const char* op, CellKind kind, const at::Tensor& W_hh, cons
     TORCH_CHECK(W_hr->dim() == 2 && W_hr->sym_size(0) == shape.projection && W_hr->sym_size(1) == shape.hidden, op,
                 ": W_hr must be [proj_size, hidden] = [", shape.projection, ", ", shape.hidden, "], got shape ",
                 W_hr->sym_sizes());
+  } else if (heads) {
+    TORCH_CHECK(W_hh.dim() == 3 && W_hh.sym_size(1) == gates * W_hh.sym_size(2) && W_hh.sym_size(2) > 0, op,
+                ": W_hh of cell '", cell_name(kind), "' must be [heads, ", gates, " * head_size, head_size] with ",
+                "head_size > 0, got shape ", W_hh.sym_sizes());
+    shape.hidden = W_hh.sym_size(0) * W_hh.sym_size(2);
   } else if (diagonal) {
     TORCH_CHECK(W_hh.dim() == 1 && W_hh.sym_size(0) % gates == 0, op, ": W_hh of cell '", cell_name(kind),
                 "' must be a vector [", gates, " * hidden], got shape ", W_hh.sym_sizes());
@@ -81,7 +101,7 @@ CellShape cell_shape(const char* op, CellKind kind, const at::Tensor& W_hh, cons
     shape.hidden = W_hh.sym_size(1);
   }
   shape.gate_size = gates * shape.hidden;
-  const bool lstm = kind == CellKind::lstm || kind == CellKind::diag_lstm;
+  const bool lstm = kind == CellKind::lstm || kind == CellKind::diag_lstm || kind == CellKind::head_lstm;
   shape.state_size = lstm ? 2 * shape.hidden : projected ? shape.projection + shape.hidden : shape.hidden;
   if (b_hh.has_value()) {
     TORCH_CHECK(b_hh->dim() == 1 && b_hh->sym_size(0) == shape.gate_size, op, ": b_hh must be [", shape.gate_size,
@@ -100,7 +120,10 @@ Cell::Cell(CellKind kind, const at::Tensor& W_hh, const c10::optional<at::Tensor
   if (b_hh.has_value()) b_ = *b_hh;
   // The diagonals of the square gate blocks of W_hh, [gates, D], contiguous once per solve
   // (the diagonal Jacobians read them every iteration; a strided view broadcasts slowly).
-  if (!diagonal_weights() && !is_projected()) {
+  if (heads()) {
+    H_ = W_.size(0), k_ = W_.size(2);
+    gate_diagonals_ = W_.view({H_, gates_, k_, k_}).diagonal(0, 2, 3).transpose(0, 1).reshape({gates_, D_});
+  } else if (!diagonal_weights() && !is_projected()) {
     gate_diagonals_ = W_.view({gates_, D_, D_}).diagonal(0, 1, 2).contiguous();
   }
 }
@@ -108,6 +131,7 @@ Cell::Cell(CellKind kind, const at::Tensor& W_hh, const c10::optional<at::Tensor
 JacobianPart Cell::structure() const {
   if (kind_ == CellKind::diag_gru) return JacobianPart::diagonal;
   if (kind_ == CellKind::diag_lstm) return JacobianPart::block2;
+  if (heads()) return JacobianPart::blocks;
   return JacobianPart::dense;
 }
 
@@ -116,7 +140,23 @@ at::Tensor Cell::hidden_of(const at::Tensor& s) const {
   return is_lstm() ? s.unflatten(-1, {D_, 2}).select(-1, 0) : s;
 }
 
+// A head cell's gh [N, G·D] (gate-major, as torch.nn's) and the per-head layout [H, N, G·k]
+// its batched GEMMs use.
+namespace {
+at::Tensor heads_to_gates(const at::Tensor& x, int64_t H, int64_t G, int64_t k) {
+  return x.view({H, x.size(1), G, k}).permute({1, 2, 0, 3}).reshape({x.size(1), G * H * k});
+}
+at::Tensor gates_to_heads(const at::Tensor& x, int64_t H, int64_t G, int64_t k) {
+  return x.view({x.size(0), G, H, k}).permute({2, 0, 1, 3}).reshape({H, x.size(0), G * k});
+}
+}  // namespace
+
 at::Tensor Cell::recurrent(const at::Tensor& h) const {
+  if (heads()) {
+    const at::Tensor per_head = at::bmm(h.view({h.size(0), H_, k_}).transpose(0, 1), W_.transpose(1, 2));
+    const at::Tensor gh = heads_to_gates(per_head, H_, gates_, k_);
+    return b_.defined() ? gh + b_ : gh;
+  }
   if (diagonal_weights()) {
     at::Tensor gh = W_.view({gates_, D_}) * h.unsqueeze(1);
     gh = gh.view({h.size(0), gates_ * D_});
@@ -126,19 +166,36 @@ at::Tensor Cell::recurrent(const at::Tensor& h) const {
 }
 
 at::Tensor Cell::recurrent_vjp(const at::Tensor& grad_gh) const {
+  if (heads()) {
+    return at::bmm(gates_to_heads(grad_gh, H_, gates_, k_), W_).transpose(0, 1).reshape({grad_gh.size(0), D_});
+  }
   if (diagonal_weights()) return (grad_gh.view({-1, gates_, D_}) * W_.view({gates_, D_})).sum(1);
   return at::matmul(grad_gh, W_);
 }
 
 at::Tensor Cell::weight_grad(const at::Tensor& grad_gh, const at::Tensor& h) const {
+  if (heads()) {
+    const at::Tensor h_heads = h.reshape({h.size(0), H_, k_}).transpose(0, 1);
+    return at::bmm(gates_to_heads(grad_gh, H_, gates_, k_).transpose(1, 2), h_heads);
+  }
   if (diagonal_weights()) return (grad_gh.view({-1, gates_, D_}) * h.unsqueeze(1)).sum(0).view({gates_ * D_});
   return at::matmul(grad_gh.t(), h);
 }
 
-at::Tensor Cell::scaled_gate(const at::Tensor& c, int64_t k, bool dense) const {
+at::Tensor Cell::scaled_gate(const at::Tensor& c, int64_t k, bool matrix) const {
+  if (!matrix && !diagonal_weights()) return c * gate_diagonals_[k];
+  if (heads()) return rows(c) * W_.view({H_, gates_, k_, k_}).select(1, k);
   const at::Tensor w = diagonal_weights() ? W_.view({gates_, D_})[k] : W_.narrow(0, k * D_, D_);
-  if (diagonal_weights()) return dense ? at::diag_embed(c * w) : c * w;
-  return dense ? c.unsqueeze(-1) * w : c * gate_diagonals_[k];
+  if (diagonal_weights()) return matrix ? at::diag_embed(c * w) : c * w;
+  return rows(c) * w;
+}
+
+at::Tensor Cell::rows(const at::Tensor& x) const {
+  return heads() ? x.view({x.size(0), H_, k_, 1}) : x.unsqueeze(-1);
+}
+
+at::Tensor Cell::diagonal_matrix(const at::Tensor& x) const {
+  return at::diag_embed(heads() ? x.view({x.size(0), H_, k_}) : x);
 }
 
 at::Tensor Cell::step(const at::Tensor& s, const at::Tensor& gi) const { return evaluate(s, gi, std::nullopt).F; }
@@ -157,8 +214,17 @@ Cell::Evaluation Cell::evaluate(const at::Tensor& s, const at::Tensor& gi, std::
 
 Cell::Evaluation Cell::evaluate_aten(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const {
   if (is_projected()) return evaluate_projected(s, gi, part);
-  // Gates are computed once and serve both f and its Jacobian.
-  const bool dense = part == JacobianPart::dense;
+  TORCH_CHECK(part != JacobianPart::blocks || heads(), "pnewton.newton_rnn: cell '", cell_name(kind_),
+              "' has no Jacobian blocks per head (a head_gru or head_lstm cell has)");
+  // A head cell forms the dense Jacobian as its blocks placed on the diagonal.
+  if (heads() && part == JacobianPart::dense) {
+    Evaluation e = evaluate_aten(s, gi, JacobianPart::blocks);
+    e.J = block_diagonal(e.J);
+    return e;
+  }
+  // Gates are computed once and serve both f and its Jacobian. matrix: the dense matrix or
+  // a head cell's blocks.
+  const bool matrix = part == JacobianPart::dense || part == JacobianPart::blocks;
   if (is_lstm()) {
     auto [h, c] = split_lstm(s, D_);
     const auto a = (gi + recurrent(h)).chunk(4, -1);
@@ -172,7 +238,7 @@ Cell::Evaluation Cell::evaluate_aten(const at::Tensor& s, const at::Tensor& gi, 
       return scaled_gate(dc_i, 0, full) + scaled_gate(dc_f, 1, full) + scaled_gate(dc_g, 2, full);
     };
     auto dh_dh = [&](bool full) {
-      return scaled_gate(tc * sigmoid_grad(o), 3, full) + (full ? dh_dc.unsqueeze(-1) : dh_dc) * dc_dh(full);
+      return scaled_gate(tc * sigmoid_grad(o), 3, full) + (full ? rows(dh_dc) : dh_dc) * dc_dh(full);
     };
     if (*part == JacobianPart::diagonal) {
       e.J = interleave(dh_dh(false), f);
@@ -180,11 +246,12 @@ Cell::Evaluation Cell::evaluate_aten(const at::Tensor& s, const at::Tensor& gi, 
       // [[∂h'_i/∂h_i, ∂h'_i/∂c_i], [∂c'_i/∂h_i, ∂c'_i/∂c_i]] per channel.
       e.J = at::stack({at::stack({dh_dh(false), dh_dc * f}, -1), at::stack({dc_dh(false), f}, -1)}, -2);
     } else {
-      // Dense over the interleaved state: [N, D (out), 2, D (in), 2].
-      e.J = at::stack({at::stack({dh_dh(true), at::diag_embed(dh_dc * f)}, -1),
-                       at::stack({dc_dh(true), at::diag_embed(f)}, -1)},
-                      2)
-                .reshape({s.size(0), 2 * D_, 2 * D_});
+      // Over the interleaved state: [N, D (out), 2, D (in), 2] dense, [N, H, k, 2, k, 2] per head.
+      const at::Tensor hh = dh_dh(true);
+      e.J = at::stack({at::stack({hh, diagonal_matrix(dh_dc * f)}, -1),
+                       at::stack({dc_dh(true), diagonal_matrix(f)}, -1)},
+                      hh.dim() - 1);
+      e.J = heads() ? e.J.reshape({s.size(0), H_, 2 * k_, 2 * k_}) : e.J.reshape({s.size(0), 2 * D_, 2 * D_});
     }
     return e;
   }
@@ -195,7 +262,7 @@ Cell::Evaluation Cell::evaluate_aten(const at::Tensor& s, const at::Tensor& gi, 
     Evaluation e{kind_ == CellKind::rnn_tanh ? at::tanh(a) : at::relu(a), at::Tensor()};
     if (part) {
       const at::Tensor d = kind_ == CellKind::rnn_tanh ? one_minus(e.F.square()) : (a > 0).to(a.scalar_type());
-      e.J = scaled_gate(d, 0, dense);
+      e.J = scaled_gate(d, 0, matrix);
     }
     return e;
   }
@@ -206,9 +273,9 @@ Cell::Evaluation Cell::evaluate_aten(const at::Tensor& s, const at::Tensor& gi, 
   Evaluation e{one_minus_z * n + z * s, at::Tensor()};
   if (!part) return e;
   const at::Tensor dn = one_minus_z * one_minus(n * n);  // ∂h'/∂(pre-activation of n)
-  const at::Tensor J = scaled_gate(dn * r, 2, dense) + scaled_gate(dn * g[2] * sigmoid_grad(r), 0, dense) +
-                       scaled_gate((s - n) * sigmoid_grad(z), 1, dense);
-  e.J = dense ? J + at::diag_embed(z) : J + z;
+  const at::Tensor J = scaled_gate(dn * r, 2, matrix) + scaled_gate(dn * g[2] * sigmoid_grad(r), 0, matrix) +
+                       scaled_gate((s - n) * sigmoid_grad(z), 1, matrix);
+  e.J = matrix ? J + diagonal_matrix(z) : J + z;
   return e;
 }
 
@@ -261,7 +328,7 @@ Cell::Vjp Cell::vjp_projected(const at::Tensor& s, const at::Tensor& gi, const a
 
 std::optional<Cell::Linearisation> Cell::linearise(const at::Tensor& s, const at::Tensor& gi,
                                                    const at::Tensor& carried) const {
-  if (is_lstm() || is_projected() || diagonal_weights()) return std::nullopt;
+  if (is_lstm() || is_projected() || diagonal_weights() || heads()) return std::nullopt;
   Linearisation l;
   if (kind_ == CellKind::rnn_tanh || kind_ == CellKind::rnn_relu) {
     const at::Tensor a = gi + recurrent(s);

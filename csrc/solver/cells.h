@@ -3,13 +3,17 @@
 // CUDA): the step f, its analytic Jacobian ∂f/∂s in the part a method needs, and its
 // vector-Jacobian product. Rows are flattened steps: s [N, S], gi [N, G].
 //
-// State layouts: gru, rnn_*, diag_gru: s = h [N, D]. lstm, diag_lstm: s = (h_i, c_i)
-// interleaved per channel, [N, 2D] viewed as [N, D, 2], so the 2×2 (h_i, c_i) blocks
-// of block_deer are contiguous. lstm_proj (torch.nn.LSTM with proj_size P): s = [h | c],
-// [N, P + D], h = W_hr (o ⊙ tanh c) of size P, W_hh [4D, P], W_hr [P, D]; its Jacobian is
-// dense with no 2×2 blocks. gi is the input projection W_ih x_t + b_ih with torch.nn's
-// gate order. Recurrent weights are [G, D] matrices, or [G] vectors for the diag_* cells
-// (per-channel recurrences, so their Jacobians are exactly diagonal / 2×2 block-diagonal).
+// State layouts: gru, rnn_*, diag_gru, head_gru: s = h [N, D]. lstm, diag_lstm, head_lstm:
+// s = (h_i, c_i) interleaved per channel, [N, 2D] viewed as [N, D, 2], so the 2×2 (h_i, c_i)
+// blocks of block_deer are contiguous, and so are a head's 2k entries. lstm_proj
+// (torch.nn.LSTM with proj_size P): s = [h | c], [N, P + D], h = W_hr (o ⊙ tanh c) of size
+// P, W_hh [4D, P], W_hr [P, D]; its Jacobian is dense with no 2×2 blocks. gi is the input
+// projection W_ih x_t + b_ih with torch.nn's gate order. Recurrent weights are [G, D] matrices, [G] vectors for the diag_* cells
+// (per-channel recurrences, so their Jacobians are exactly diagonal / 2×2 block-diagonal),
+// or [H, G·k, k] for the head_* cells: H heads of k channels (D = H·k), head h's rows in
+// the gate order over its k channels, so that gh = W h + b_hh is torch.nn's with the dense
+// W_hh[g·D + h·k + j, h·k + m] = W[h, g·k + j, m] (zero off the heads); their Jacobians are
+// k×k blocks (head_gru) or 2k×2k blocks over a head's interleaved (h, c) (head_lstm).
 #include <ATen/ATen.h>
 
 #include <string>
@@ -19,7 +23,7 @@
 
 namespace pnewton {
 
-enum class CellKind { gru, lstm, rnn_tanh, rnn_relu, diag_gru, diag_lstm, lstm_proj };
+enum class CellKind { gru, lstm, rnn_tanh, rnn_relu, diag_gru, diag_lstm, lstm_proj, head_gru, head_lstm };
 
 CellKind parse_cell(const std::string& name);
 const char* cell_name(CellKind kind);
@@ -51,10 +55,14 @@ class Cell : public CellFunction {
   bool is_projected() const { return kind_ == CellKind::lstm_proj; }
   int64_t state_size() const override { return is_lstm() ? 2 * D_ : is_projected() ? P_ + D_ : D_; }
   int64_t gate_size() const { return gates_ * D_; }
-  bool is_lstm() const { return kind_ == CellKind::lstm || kind_ == CellKind::diag_lstm; }
+  bool is_lstm() const {
+    return kind_ == CellKind::lstm || kind_ == CellKind::diag_lstm || kind_ == CellKind::head_lstm;
+  }
   bool diagonal_weights() const { return kind_ == CellKind::diag_gru || kind_ == CellKind::diag_lstm; }
+  bool heads() const { return kind_ == CellKind::head_gru || kind_ == CellKind::head_lstm; }
   JacobianPart structure() const override;
   bool has_blocks() const override { return is_lstm(); }
+  int64_t block_size() const override { return heads() ? (is_lstm() ? 2 : 1) * k_ : 0; }
 
   // f(s, gi) and, when a part is asked for, ∂f/∂s in that part, from one gate evaluation:
   // one fused pass after the recurrent GEMM (kernels/cell_fused.h), f alone or with the
@@ -126,8 +134,12 @@ class Cell : public CellFunction {
   Evaluation evaluate_aten(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const;
   at::Tensor recurrent(const at::Tensor& h) const;              // gh [N, G]
   at::Tensor recurrent_vjp(const at::Tensor& grad_gh) const;    // [N, D]
-  // diag(c) · ∂gh_k/∂h for gate block k: its diagonal [N, D] or matrix [N, D, D].
-  at::Tensor scaled_gate(const at::Tensor& c, int64_t k, bool dense) const;
+  // diag(c) · ∂gh_k/∂h for gate block k: its diagonal [N, D], or as matrices: [N, D, D], or
+  // a head cell's blocks [N, H, k, k].
+  at::Tensor scaled_gate(const at::Tensor& c, int64_t k, bool matrix) const;
+  // x [N, D] as the row scaling (rows) and the diagonal (diagonal_matrix) of scaled_gate's matrices.
+  at::Tensor rows(const at::Tensor& x) const;
+  at::Tensor diagonal_matrix(const at::Tensor& x) const;
   Evaluation evaluate_projected(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const;
   Vjp vjp_projected(const at::Tensor& s, const at::Tensor& gi, const at::Tensor& v) const;
 
@@ -135,6 +147,7 @@ class Cell : public CellFunction {
   at::Tensor W_, b_, W_hr_;
   at::Tensor gate_diagonals_;  // [gates, D]: the diagonals of W_hh's square gate blocks
   int64_t D_, gates_, P_ = 0;
+  int64_t H_ = 1, k_ = 0;  // head cells: H heads of k channels
 };
 
 }  // namespace pnewton

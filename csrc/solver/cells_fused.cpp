@@ -48,7 +48,10 @@ bool plain(const at::Tensor& t, const at::Tensor& like) {
 
 bool Cell::fusable(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const {
   if (is_projected() || !fused_cells_enabled()) return false;
-  if (part == JacobianPart::dense || (part == JacobianPart::block2 && !is_lstm())) return false;
+  // A head cell's k×k blocks are formed by ATen ops (its F and the diagonal or 2×2 parts fuse).
+  if (part == JacobianPart::dense || part == JacobianPart::blocks || (part == JacobianPart::block2 && !is_lstm())) {
+    return false;
+  }
   if (at::GradMode::is_enabled()) return false;
   if (s.scalar_type() != at::kFloat && s.scalar_type() != at::kDouble) return false;
   return plain(s, s) && plain(gi, s) && plain(W_, s) && (!b_.defined() || plain(b_, s));
@@ -60,11 +63,16 @@ Cell::Iteration Cell::fused(const at::Tensor& rows, const at::Tensor& gi, std::o
   const at::Tensor s_c = rows.contiguous(), gi_c = gi.contiguous();
   const auto opts = s_c.options();
   // W_hh h without b_hh (the pass adds it: no broadcast copy before the GEMM); the
-  // per-channel cells form w ⊙ h in the pass.
+  // per-channel cells form w ⊙ h in the pass; a head cell's is one GEMM per head, placed in
+  // torch.nn's gate-major layout.
   auto recurrent_rows = [&](const at::Tensor& states) {
     if (diagonal_weights() || !states.defined()) return at::Tensor();
-    at::Tensor gh = empty_in(workspace, {states.size(0), gate_size()}, opts);
-    return at::mm_out(gh, hidden_of(states), W_.t());
+    const int64_t n = states.size(0);
+    at::Tensor gh = empty_in(workspace, {n, gate_size()}, opts);
+    if (!heads()) return at::mm_out(gh, hidden_of(states), W_.t());
+    const at::Tensor per_head = at::bmm(hidden_of(states).reshape({n, H_, k_}).transpose(0, 1), W_.transpose(1, 2));
+    gh.view({n, gates_, H_, k_}).copy_(per_head.view({H_, n, gates_, k_}).permute({1, 2, 0, 3}));
+    return gh;
   };
   const at::Tensor gh = recurrent_rows(s_c);
   at::Tensor first, s0, pad, res;
@@ -74,7 +82,8 @@ Cell::Iteration Cell::fused(const at::Tensor& rows, const at::Tensor& gi, std::o
     res = shift->reset.defined() ? shift->reset.contiguous() : at::Tensor();
   }
   const at::Tensor first_gh = recurrent_rows(first), s0_gh = recurrent_rows(s0);
-  // The diagonal of each D×D gate block of W_hh, [G, D] (per-channel weights: W_hh itself).
+  // The diagonal of each D×D gate block of W_hh (of each head's k×k blocks), [G, D]
+  // (per-channel weights: W_hh itself).
   const at::Tensor w = diagonal_weights() ? W_.contiguous() : gate_diagonals_;
   const at::Tensor b = b_.defined() ? b_.contiguous() : at::Tensor();
   Iteration it;
@@ -148,7 +157,8 @@ std::optional<Cell::Iteration> Cell::iterate(const at::Tensor& states, const at:
 std::optional<Cell::Vjp> Cell::fused_vjp(const at::Tensor& s, const at::Tensor& gi, const at::Tensor& v) const {
   // CUDA only: on the CPU the scalar pass loses to ATen's vectorised ops (GRU, B = 4,
   // T = 2048, D = 64: backward 98 vs 73 ms, LSTM 1238 vs 338 ms on 2 threads).
-  if (!s.is_cuda() || !fusable(s, gi, std::nullopt) || !plain(v, s)) return std::nullopt;
+  // (Head cells: not yet; their ATen VJP runs.)
+  if (!s.is_cuda() || heads() || !fusable(s, gi, std::nullopt) || !plain(v, s)) return std::nullopt;
   const int64_t N = s.size(0), S = state_size();
   const at::Tensor s_c = s.contiguous(), gi_c = gi.contiguous(), v_c = v.contiguous();
   const auto opts = s_c.options();

@@ -141,32 +141,21 @@ at::Tensor block_step(const at::Tensor& f, const at::Tensor& r, const at::Tensor
 
 }  // namespace
 
-at::Tensor elk_delta(const at::Tensor& a, const at::Tensor& r, const at::Tensor& lambda, JacobianPart part,
-                     bool smooth, TimeShards* shards) {
+at::Tensor elk_delta(const at::Tensor& a, const at::Tensor& r, const at::Tensor& lambda, int64_t k, bool smooth,
+                     TimeShards* shards) {
   const int64_t B = r.size(0), T = r.size(1), S = r.size(2);
-  TORCH_INTERNAL_ASSERT(!shards || part == JacobianPart::diagonal);  // the ops refuse the others
+  TORCH_INTERNAL_ASSERT(!shards || k == 1);  // the ops refuse the others
   if (shards) return scalar_step(a, r, lambda, smooth, shards);
   if (T == 0) return at::zeros_like(r);
-  switch (part) {
-    case JacobianPart::diagonal: return scalar_step(a, r, lambda, smooth, nullptr);
-    case JacobianPart::block2:
-      return block_step(a, r.view({B, T, S / 2, 2}), lambda, smooth).view({B, T, S});
-    case JacobianPart::dense:
-      return block_step(a.unsqueeze(2), r.unsqueeze(2), lambda, smooth).squeeze(2);
-  }
-  return r;
+  if (k == 1) return scalar_step(a, r, lambda, smooth, nullptr);
+  return block_step(a.view({B, T, S / k, k, k}), r.view({B, T, S / k, k}), lambda, smooth).view({B, T, S});
 }
 
-at::Tensor apply_approximation(const at::Tensor& a, const at::Tensor& x, JacobianPart part, TimeShards* shards) {
+at::Tensor apply_approximation(const at::Tensor& a, const at::Tensor& x, int64_t k, TimeShards* shards) {
   const at::Tensor xp = previous(x, shards);
   const int64_t B = x.size(0), T = x.size(1), S = x.size(2);
-  switch (part) {
-    case JacobianPart::diagonal: return a * xp;
-    case JacobianPart::block2:
-      return at::matmul(a, xp.view({B, T, S / 2, 2, 1})).view({B, T, S});
-    case JacobianPart::dense: return at::matmul(a, xp.unsqueeze(-1)).squeeze(-1);
-  }
-  return x;
+  if (k == 1) return a * xp;
+  return at::matmul(a.view({B, T, S / k, k, k}), xp.view({B, T, S / k, k, 1})).view({B, T, S});
 }
 
 namespace {
@@ -195,7 +184,7 @@ at::Tensor elk_step_op(const at::Tensor& a, const at::Tensor& r, const at::Tenso
   const int64_t B = r.size(0);
   TORCH_CHECK(B == 0 || (lam > 0).all().item<bool>(), kOp, ": lam must be > 0 (lam -> 0 is the Newton step)");
   if (B == 0) return at::zeros_like(r);
-  return elk_delta(a, r, lam, diag ? JacobianPart::diagonal : JacobianPart::dense, smooth);
+  return elk_delta(a, r, lam, diag ? 1 : r.size(2), smooth);
 }
 
 at::Tensor elk_step_meta(const at::Tensor& a, const at::Tensor& r, const at::Tensor& lam, bool /*smooth*/) {

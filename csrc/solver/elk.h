@@ -19,15 +19,15 @@
 
 namespace pnewton {
 
-// a: the approximation in `part` — diagonal [B, T, S], blocks [B, T, S/2, 2, 2] or dense
-// [B, T, S, S]; r [B, T, S]; lambda [B] > 0, per sequence. Returns δ [B, T, S]. shards: this
-// rank's time shard of the whole sequence's step (the diagonal part only: its covariance
-// elements, means and smoother compose across shards by one gather and sharded scans each).
-at::Tensor elk_delta(const at::Tensor& a, const at::Tensor& r, const at::Tensor& lambda, JacobianPart part,
-                     bool smooth, TimeShards* shards = nullptr);
+// a: the approximation in a part of block width k (block_width) — diagonal [B, T, S] (k = 1)
+// or k×k blocks viewing as [B, T, S/k, k, k] (dense: k = S); r [B, T, S]; lambda [B] > 0, per
+// sequence. Returns δ [B, T, S]. shards: this rank's time shard of the whole sequence's step
+// (the diagonal part only: its covariance elements, means and smoother compose across
+// shards by one gather and sharded scans each).
+at::Tensor elk_delta(const at::Tensor& a, const at::Tensor& r, const at::Tensor& lambda, int64_t k, bool smooth,
+                     TimeShards* shards = nullptr);
 
 // Ã_t x_{t−1} for every t (x_0 = 0): the linear model's prediction of a step x.
-at::Tensor apply_approximation(const at::Tensor& a, const at::Tensor& x, JacobianPart part,
-                               TimeShards* shards = nullptr);
+at::Tensor apply_approximation(const at::Tensor& a, const at::Tensor& x, int64_t k, TimeShards* shards = nullptr);
 
 }  // namespace pnewton

@@ -22,39 +22,42 @@ namespace {
 int64_t auto_budget(int64_t T) { return std::max<int64_t>(8, 4 * static_cast<int64_t>(std::ceil(std::log2(T + 1.0)))); }
 
 // The stages of method="auto": the cheapest method expected to converge, then exact
-// Newton where the dense Jacobian is affordable, then the ELK filter step with a fixed
+// Newton where the Jacobian's blocks are affordable, then the ELK filter step with a fixed
 // λ = kAutoLambda, which bounds the step where the linearisation expands (the merit-based
-// trust region stalls there: see README "Choosing a method").
+// trust region stalls there: see README "Choosing a method"). rows: B·T.
 constexpr double kAutoLambda = 0.1;
-std::vector<Method> auto_stages(const CellFunction& cell, int64_t dense_size, bool sharded) {
+std::vector<Method> auto_stages(const CellFunction& cell, int64_t rows, bool sharded) {
+  const JacobianPart structure = cell.structure();
+  const int64_t S = cell.state_size(), k = block_width(structure, cell);
   std::vector<Method> stages;
-  if (cell.structure() != JacobianPart::dense) {
+  if (structure == JacobianPart::diagonal || structure == JacobianPart::block2 ||
+      (structure == JacobianPart::blocks && k <= kBlockNewtonStates)) {
     stages = {Method::deer, Method::elk_filter};
   } else {
     stages = {cell.has_blocks() ? Method::block_deer : Method::quasi_deer};
-    if (dense_size <= kDenseBudget) stages.push_back(Method::deer);
+    if (rows * S * k <= kDenseBudget) stages.push_back(Method::deer);
     stages.push_back(Method::quasi_elk_filter);
   }
   // Time shards: the ELK stage of the diagonal part only (its step composes across shards).
-  if (sharded && cell.structure() == JacobianPart::block2) stages.pop_back();
+  if (sharded && stages.back() == Method::elk_filter && structure != JacobianPart::diagonal) stages.pop_back();
   return stages;
 }
 
 // Where the solution of a sequence is not finite, from the cell evaluated at the returned
 // states, F [B, T, S], exact up to the first non-finite step t0 of a stuck sequence: the
 // entries that are non-finite there, and everything the recurrence carries them to after
-// t0 — the same state entry (diagonal cells), the (h, c) pair (2×2 blocks) or every entry
-// (dense) — up to the next reset. This is the NaN pattern of the loop (torch.nn's) for NaN
+// t0 — the same state entry (diagonal cells), its block of k (the (h, c) pair, a head) or
+// every entry (dense) — up to the next reset. This is the NaN pattern of the loop (torch.nn's) for NaN
 // inputs, without running the loop.
-at::Tensor nonfinite_pattern(const at::Tensor& F, JacobianPart structure, const at::Tensor& resets,
+at::Tensor nonfinite_pattern(const at::Tensor& F, int64_t k, const at::Tensor& resets,
                              const at::Tensor& padding, TimeShards* shards) {
   const int64_t B = F.size(0), T = F.size(1), S = F.size(2);
   at::Tensor bad = F.isfinite().logical_not();
   if (padding.defined()) bad.masked_fill_(padding, false);
   at::Tensor spread = bad;
-  if (structure == JacobianPart::block2) spread = bad.view({B, T, S / 2, 2}).any(-1, true).expand({B, T, S / 2, 2});
-  if (structure == JacobianPart::dense) spread = bad.any(-1, true);
-  spread = spread.reshape({B, T, structure == JacobianPart::dense ? 1 : S});
+  if (k == S) spread = bad.any(-1, true);
+  else if (k > 1) spread = bad.view({B, T, S / k, k}).any(-1, true).expand({B, T, S / k, k});
+  spread = spread.reshape({B, T, k == S ? 1 : S});
   // Global step indices (time shards: this shard's offset added); -1: none.
   const int64_t offset = shards ? shards->offset() : 0;
   const at::Tensor t = at::arange(offset, offset + T, F.options().dtype(at::kLong)).view({1, T, 1});
@@ -119,9 +122,9 @@ at::Tensor initial_states(const CellFunction& cell, const at::Tensor& gi_flat, c
 // test, and at the rounding floor a confirming step may move the residual up by an ulp.
 void run_auto(const CellFunction& cell, const at::Tensor& gi_flat, const at::Tensor& s0, const NewtonOptions& o,
               StagePlan plan, int64_t steps_all, const at::Tensor& padding, Progress& p) {
-  const int64_t B = s0.size(0), S = s0.size(1);
+  const int64_t B = s0.size(0);
   int64_t left = o.max_iter < 0 ? std::numeric_limits<int64_t>::max() : o.max_iter;
-  for (const Method m : auto_stages(cell, B * steps_all * S * S, o.shards != nullptr)) {
+  for (const Method m : auto_stages(cell, B * steps_all, o.shards != nullptr)) {
     plan.method = m, plan.budget = std::min(auto_budget(steps_all), left), plan.stop_on_stall = true;
     plan.damping = is_elk(m) ? kAutoLambda : o.damping;
     const at::Tensor before = p.iterations.max();
@@ -189,7 +192,7 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
     run_stage(cell, gi_flat, s0, plan, o, padding, p);
   } else if (o.fixed_iterations) {
     // No host synchronisation: the first stage only, for exactly max_iter iterations.
-    plan.method = auto_stages(cell, B * steps_all * S * S, shards != nullptr).front(), plan.budget = o.max_iter;
+    plan.method = auto_stages(cell, B * steps_all, shards != nullptr).front(), plan.budget = o.max_iter;
     run_stage(cell, gi_flat, s0, plan, o, padding, p);
   } else {
     run_auto(cell, gi_flat, s0, o, plan, steps_all, padding, p);
@@ -209,7 +212,8 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
   at::Tensor states = p.s;
   if (any_stuck) {
     const at::Tensor pattern =
-        nonfinite_pattern(p.F, cell.structure(), o.resets, padding, shards) & p.stuck.view({B, 1, 1});
+        nonfinite_pattern(p.F, block_width(cell.structure(), cell), o.resets, padding, shards) &
+        p.stuck.view({B, 1, 1});
     states = states.masked_fill(pattern, NAN);
   }
   res.states = o.lengths.defined() ? held_states(states, s0, o.lengths, shards) : states;

@@ -32,6 +32,9 @@ constexpr double kLambdaMax = 1e12;
 // The dense Jacobian (B·T·S² numbers) is affordable while it stays under this budget
 // (auto's exact-Newton stage, the automatic adjoint).
 constexpr int64_t kDenseBudget = int64_t(1) << 24;
+// auto runs exact Newton first on a cell whose Jacobian is k×k blocks with k up to this
+// (a block scan's k³ combine stays cheap beside the cell's own evaluation).
+constexpr int64_t kBlockNewtonStates = 16;
 // The largest state size whose dense Jacobian the automatic adjoint scans (solve_adjoint).
 constexpr int64_t kDenseScanStates = 8;
 // auto's stall test: a stage ends once no unconverged sequence halved ½‖r‖² in the last

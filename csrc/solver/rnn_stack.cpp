@@ -249,8 +249,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // As in torch's _VF.lstm, one more tensor per layer and direction is LSTM's projection W_hr.
   const int64_t dirs = bidirectional ? 2 : 1, weights = has_biases ? 4 : 2, n = static_cast<int64_t>(params.size());
   const bool projected = cell == "lstm" && n == num_layers * dirs * (weights + 1);
+  const bool lstm = cell == "lstm" || cell == "diag_lstm" || cell == "head_lstm";
   Stack stack{"pnewton.rnn_stack", std::string(cell), projected ? "lstm_proj" : std::string(cell), input, state0,
-              params, has_biases, train, bidirectional, batch_first, projected, cell == "lstm" || cell == "diag_lstm",
+              params, has_biases, train, bidirectional, batch_first, projected, lstm,
               num_layers, dirs, projected ? weights + 1 : weights, weights, dropout,
               solver_options(method, max_iter, atol, rtol, damping, clip, init, fixed_iterations, fallback, adjoint),
               Method::automatic};

@@ -17,6 +17,16 @@ at::Tensor block_scan(TimeShards* shards, const at::Tensor& A, const at::Tensor&
                 : scan_block(A, b, std::nullopt, reverse, transpose);
 }
 
+at::Tensor part_scan(TimeShards* shards, const at::Tensor& a, const at::Tensor& b, int64_t k,
+                     const std::optional<at::Tensor>& x0, bool reverse, bool transpose) {
+  if (k == 1) return diag_scan(shards, a, b, x0, reverse);
+  const int64_t B = b.size(0), T = b.size(1), S = b.size(2);
+  const at::Tensor A = a.view({B, T, S / k, k, k}), bb = b.view({B, T, S / k, k});
+  if (shards) return sharded_scan_block(*shards, A, bb, std::nullopt, reverse, transpose).view({B, T, S});
+  const std::optional<at::Tensor> entry = x0 ? std::optional<at::Tensor>(x0->view({B, S / k, k})) : std::nullopt;
+  return scan_block(A, bb, entry, reverse, transpose).view({B, T, S});
+}
+
 // The state entering this time shard: the previous shard's last state of s [B, T, S] (one
 // gather), s0 for the first shard or in one process.
 at::Tensor entering_state(TimeShards* shards, const at::Tensor& s0, const at::Tensor& s) {

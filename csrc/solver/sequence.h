@@ -21,6 +21,12 @@ at::Tensor diag_scan(TimeShards* shards, const at::Tensor& a, const at::Tensor& 
 at::Tensor block_scan(TimeShards* shards, const at::Tensor& A, const at::Tensor& b, bool reverse = false,
                       bool transpose = false);
 
+// x_t = A_t x_{t−1} + b_t (A_tᵀ if transpose) over b [B, T, S] for A in a part of block width
+// k (block_width): a [B, T, S] (k = 1) or anything that views as [B, T, S/k, k, k]; x0 [B, S]
+// enters (one process only).
+at::Tensor part_scan(TimeShards* shards, const at::Tensor& a, const at::Tensor& b, int64_t k,
+                     const std::optional<at::Tensor>& x0 = std::nullopt, bool reverse = false, bool transpose = false);
+
 // x_{t+1} for every step of x [B, T, ...], zero after the sequence's end (time shards: the
 // next shard's first step after this shard's last).
 at::Tensor next_steps(const at::Tensor& x, TimeShards* shards);

@@ -34,17 +34,10 @@ at::Tensor max_abs_per_step(const at::Tensor& x) {
   return x.is_cuda() ? at::linalg_vector_norm(x, INFINITY, at::IntArrayRef{2}) : x.abs().amax(2);
 }
 
-// −δ for δ solving δ_t = Ã_t δ_{t-1} − r_t, δ_0 = 0, for Ã in the given part: the scan of
-// r itself (the recurrence is linear), which saves negating r.
-at::Tensor negated_newton_delta(const at::Tensor& a, const at::Tensor& r, JacobianPart part, int64_t D,
-                                TimeShards* shards) {
-  const int64_t B = r.size(0), T = r.size(1);
-  switch (part) {
-    case JacobianPart::diagonal: return diag_scan(shards, a, r);
-    case JacobianPart::block2: return block_scan(shards, a, r.view({B, T, D, 2})).view({B, T, 2 * D});
-    case JacobianPart::dense: return block_scan(shards, a.unsqueeze(2), r.unsqueeze(2)).squeeze(2);
-  }
-  return r;
+// −δ for δ solving δ_t = Ã_t δ_{t-1} − r_t, δ_0 = 0, for Ã in a part of block width k: the
+// scan of r itself (the recurrence is linear), which saves negating r.
+at::Tensor negated_newton_delta(const at::Tensor& a, const at::Tensor& r, int64_t k, TimeShards* shards) {
+  return part_scan(shards, a, r, k);
 }
 
 // [B, T, 1, ...]: a per-step mask broadcast over a Jacobian part of `shape` [B, T, ...].
@@ -107,6 +100,7 @@ class Stage {
   TimeShards* shards_;
   int64_t B_, T_, S_, steps_all_, offset_;
   JacobianPart part_;
+  int64_t k_;  // the part's block width (block_width)
   bool newton_like_, elk_, smooth_, exact_prefix_, adaptive_, track_merit_;
   int64_t budget_;
   std::vector<int64_t> shape_;  // the Jacobian part's
@@ -135,9 +129,8 @@ Stage::Stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Tens
   // ½‖r‖² per sequence, where something reads it (the stall test, the ELK step).
   track_merit_ = plan.stop_on_stall || elk_;
   lambda_ = at::full({B_}, adaptive_ ? kLambdaStart : plan.damping, s0.options());
-  shape_ = part_ == JacobianPart::diagonal ? std::vector<int64_t>{B_, T_, S_}
-           : part_ == JacobianPart::block2 ? std::vector<int64_t>{B_, T_, S_ / 2, 2, 2}
-                                           : std::vector<int64_t>{B_, T_, S_, S_};
+  k_ = block_width(part_, cell);
+  shape_ = k_ == 1 ? std::vector<int64_t>{B_, T_, S_} : std::vector<int64_t>{B_, T_, S_ / k_, k_, k_};
   if (o.resets.defined()) carried_ = carried_steps(o.resets, s0.scalar_type());
   steps_ = o.lengths.defined() ? o.lengths : at::full({B_}, steps_all_, p.iterations.options());
   iterations_before_ = p.iterations.clone();
@@ -254,12 +247,12 @@ Step Stage::take(const at::Tensor& moving) const {
   if (plan_.damping > 0 && !elk_) a = a * (1.0 - plan_.damping);
   if (o_.clip > 0) a = clip_jacobian(a, part_, o_.clip);
   if (elk_) {
-    const at::Tensor delta = without_padding(elk_delta(a, r_, lambda_, part_, smooth_, shards_));
-    out.predicted = phi_ - merit(r_ + delta - apply_approximation(a, delta, part_, shards_), at::Tensor());
+    const at::Tensor delta = without_padding(elk_delta(a, r_, lambda_, k_, smooth_, shards_));
+    out.predicted = phi_ - merit(r_ + delta - apply_approximation(a, delta, k_, shards_), at::Tensor());
     std::tie(out.next, out.size) = take_step(p_.s, delta, 1, moving, padding_, workspace);
   } else {
     std::tie(out.next, out.size) =
-        take_step(p_.s, negated_newton_delta(a, r_, part_, S_ / 2, shards_), -1, moving, padding_, workspace);
+        take_step(p_.s, negated_newton_delta(a, r_, k_, shards_), -1, moving, padding_, workspace);
   }
   return out;
 }

@@ -30,9 +30,10 @@ at::Tensor CellFunction::jacobian(const at::Tensor& s, const at::Tensor& u, Jaco
   const at::Tensor J = at::stack(rows, 1);
   if (part == JacobianPart::dense) return J;
   if (part == JacobianPart::diagonal) return J.diagonal(0, 1, 2);
-  TORCH_CHECK(S % 2 == 0, "pnewton: 2x2 blocks need an even state size, got ", S);
-  // Block b is J[2b:2b+2, 2b:2b+2].
-  return J.view({N, S / 2, 2, S / 2, 2}).diagonal(0, 1, 3).permute({0, 3, 1, 2});
+  const int64_t k = block_width(part, *this);
+  TORCH_CHECK(k > 0 && S % k == 0, "pnewton: ", k, "x", k, " blocks need a state size divisible by ", k, ", got ", S);
+  // Block b is J[kb:kb+k, kb:kb+k].
+  return J.view({N, S / k, k, S / k, k}).diagonal(0, 1, 3).permute({0, 3, 1, 2});
 }
 
 namespace {

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <functional>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -68,6 +69,62 @@ TEST(CppApi, LSTMAndRNNMatchTorchNN) {
   rnn_ref->to(torch::kDouble);
   copy_weights(rnn, rnn_ref);
   expect_close(std::get<0>(rnn->forward(x)), std::get<0>(rnn_ref->forward(x)), 1e-8);
+}
+
+// A head module's weight_hh [H, G·k, k] as torch::nn's dense block-diagonal [G·H·k, H·k].
+torch::Tensor dense_heads(const torch::Tensor& w) {
+  const int64_t H = w.size(0), k = w.size(2), G = w.size(1) / k;
+  auto out = torch::zeros({G * H * k, H * k}, w.options());
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t g = 0; g < G; ++g) {
+      out.narrow(0, g * H * k + h * k, k).narrow(1, h * k, k).copy_(w[h].narrow(0, g * k, k));
+    }
+  }
+  return out;
+}
+
+template <typename Ours, typename Theirs>
+void copy_head_weights(Ours& ours, Theirs& theirs) {
+  torch::NoGradGuard no_grad;
+  auto src = ours->named_parameters();
+  for (auto& p : theirs->named_parameters()) {
+    const auto& w = src[p.key()];
+    p.value().copy_(p.key().rfind("weight_hh", 0) == 0 ? dense_heads(w) : w);
+  }
+}
+
+TEST(CppApi, HeadModulesMatchTorchNNWithTheDenseBlockDiagonalWeight) {
+  torch::manual_seed(5);
+  pnewton::nn::HeadGRU gru(pnewton::nn::HeadGRUOptions(3, 8, 4).num_layers(2).bidirectional(true));
+  torch::nn::GRU gru_ref(torch::nn::GRUOptions(3, 8).num_layers(2).bidirectional(true));
+  gru->to(torch::kDouble);
+  gru_ref->to(torch::kDouble);
+  ASSERT_EQ(gru->named_parameters()["weight_hh_l1_reverse"].sizes(), (std::vector<int64_t>{4, 6, 2}));
+  copy_head_weights(gru, gru_ref);
+  const auto x = torch::randn({60, 3, 3}, torch::kDouble);
+  expect_close(std::get<0>(gru->forward(x)), std::get<0>(gru_ref->forward(x)), 1e-10);
+  EXPECT_LE(gru->last_stats().iterations.max().item<int64_t>(), 10);  // exact Newton on 2×2 blocks
+
+  pnewton::nn::HeadLSTM lstm(pnewton::nn::HeadLSTMOptions(3, 6, 2).batch_first(true));
+  torch::nn::LSTM lstm_ref(torch::nn::LSTMOptions(3, 6).batch_first(true));
+  lstm->to(torch::kDouble);
+  lstm_ref->to(torch::kDouble);
+  copy_head_weights(lstm, lstm_ref);
+  const auto xb = torch::randn({3, 60, 3}, torch::kDouble);
+  auto [out, hc] = lstm->forward(xb);
+  auto [out_ref, hc_ref] = lstm_ref->forward(xb);
+  expect_close(out, out_ref, 1e-10);
+  expect_close(std::get<1>(hc), std::get<1>(hc_ref), 1e-10);
+  std::ostringstream text;
+  lstm->pretty_print(text);
+  EXPECT_NE(text.str().find("pnewton::nn::HeadLSTM(input_size=3, hidden_size=6"), std::string::npos) << text.str();
+  EXPECT_NE(text.str().find("heads=2"), std::string::npos) << text.str();
+  try {
+    pnewton::nn::HeadGRU bad(pnewton::nn::HeadGRUOptions(3, 10, 4));
+    ADD_FAILURE() << "no error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("hidden_size (10) must be a multiple of heads (4)"), std::string::npos);
+  }
 }
 
 TEST(CppApi, PackedInputMatchesTorchNNForEveryModule) {

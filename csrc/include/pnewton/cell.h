@@ -12,8 +12,10 @@
 namespace pnewton {
 
 // The part of ∂f/∂s that is formed: the diagonal [N, S], 2×2 blocks of consecutive state
-// pairs [N, S/2, 2, 2], or the dense matrix [N, S, S].
-enum class JacobianPart { diagonal, block2, dense };
+// pairs [N, S/2, 2, 2], the dense matrix [N, S, S], or the cell's own k×k blocks of
+// consecutive state entries [N, S/k, k, k] (k = CellFunction::block_size(): multi-head
+// cells, one block per head). The values are the ints the ops pass (pnewton.solve's structure).
+enum class JacobianPart { diagonal, block2, dense, blocks };
 
 class CellFunction {
  public:
@@ -24,7 +26,11 @@ class CellFunction {
   // The structure of the true ∂f/∂s: what exact Newton (deer) and the adjoint form.
   virtual JacobianPart structure() const { return JacobianPart::dense; }
   // Whether block_deer may use 2×2 blocks of consecutive state pairs.
-  virtual bool has_blocks() const { return structure() != JacobianPart::dense; }
+  virtual bool has_blocks() const {
+    return structure() == JacobianPart::diagonal || structure() == JacobianPart::block2;
+  }
+  // k of JacobianPart::blocks, where structure() is blocks (k divides state_size()).
+  virtual int64_t block_size() const { return 0; }
   // ∂f/∂s in the given part. The default differentiates step() with autograd (S passes).
   virtual at::Tensor jacobian(const at::Tensor& s, const at::Tensor& u, JacobianPart part) const;
   // ∂f/∂sᵀ v. The default is one autograd pass through step().
@@ -38,6 +44,17 @@ class CellFunction {
     return {step(s, u), part ? jacobian(s, u, *part) : at::Tensor()};
   }
 };
+
+// The width of the square blocks a part is made of: 1 (diagonal), 2, the cell's k, or S (dense).
+inline int64_t block_width(JacobianPart part, const CellFunction& cell) {
+  switch (part) {
+    case JacobianPart::diagonal: return 1;
+    case JacobianPart::block2: return 2;
+    case JacobianPart::blocks: return cell.block_size();
+    case JacobianPart::dense: return cell.state_size();
+  }
+  return 0;
+}
 
 // Solves s_t = f(s_{t-1}, u_t) for a user cell: s0 [B, S], inputs [B, T, ...]. Methods and
 // options as for the built-in cells (block_deer needs has_blocks()). The cell must outlive

@@ -46,6 +46,38 @@ struct LSTMOptions {
   TORCH_ARG(SolverOptions, solver) = {};
 };
 
+// The multi-head (block-diagonal) GRU and LSTM (Python: pnewton.HeadGRU / HeadLSTM): the
+// hidden state split into `heads` heads of hidden_size / heads units, each head's gates
+// reading only its own units; weight_hh_l{k} is [heads, G·k, k] (G = 3 for GRU, 4 for
+// LSTM), head h's rows in torch.nn's gate order over its k units.
+struct HeadGRUOptions {
+  HeadGRUOptions(int64_t input_size, int64_t hidden_size, int64_t heads)
+      : input_size_(input_size), hidden_size_(hidden_size), heads_(heads) {}
+  TORCH_ARG(int64_t, input_size);
+  TORCH_ARG(int64_t, hidden_size);
+  TORCH_ARG(int64_t, heads);
+  TORCH_ARG(int64_t, num_layers) = 1;
+  TORCH_ARG(bool, bias) = true;
+  TORCH_ARG(bool, batch_first) = false;
+  TORCH_ARG(double, dropout) = 0.0;
+  TORCH_ARG(bool, bidirectional) = false;
+  TORCH_ARG(SolverOptions, solver) = {};
+};
+
+struct HeadLSTMOptions {
+  HeadLSTMOptions(int64_t input_size, int64_t hidden_size, int64_t heads)
+      : input_size_(input_size), hidden_size_(hidden_size), heads_(heads) {}
+  TORCH_ARG(int64_t, input_size);
+  TORCH_ARG(int64_t, hidden_size);
+  TORCH_ARG(int64_t, heads);
+  TORCH_ARG(int64_t, num_layers) = 1;
+  TORCH_ARG(bool, bias) = true;
+  TORCH_ARG(bool, batch_first) = false;
+  TORCH_ARG(double, dropout) = 0.0;
+  TORCH_ARG(bool, bidirectional) = false;
+  TORCH_ARG(SolverOptions, solver) = {};
+};
+
 struct RNNOptions {
   typedef std::variant<torch::enumtype::kTanh, torch::enumtype::kReLU> nonlinearity_t;
   RNNOptions(int64_t input_size, int64_t hidden_size) : input_size_(input_size), hidden_size_(hidden_size) {}
@@ -64,8 +96,9 @@ namespace detail {
 
 // What the layer stack needs of any of the three option types.
 struct StackOptions {
-  std::string cell;  // gru | lstm | rnn_tanh | rnn_relu
+  std::string cell;  // gru | lstm | rnn_tanh | rnn_relu | head_gru | head_lstm
   int64_t input_size, hidden_size, num_layers, proj_size = 0;
+  int64_t heads = 0;  // head cells: the number of heads
   bool bias, batch_first, bidirectional;
   double dropout;
   SolverOptions solver;
@@ -73,6 +106,8 @@ struct StackOptions {
 StackOptions stack_options(const GRUOptions& o);
 StackOptions stack_options(const LSTMOptions& o);
 StackOptions stack_options(const RNNOptions& o);
+StackOptions stack_options(const HeadGRUOptions& o);
+StackOptions stack_options(const HeadLSTMOptions& o);
 
 // The layer stack shared by GRU, LSTM and RNN: every layer and direction is one solve.
 class RNNStack {
@@ -153,5 +188,46 @@ class RNNImpl : public torch::nn::Cloneable<RNNImpl> {
   detail::RNNStack stack_;
 };
 TORCH_MODULE(RNN);
+
+class HeadGRUImpl : public torch::nn::Cloneable<HeadGRUImpl> {
+ public:
+  HeadGRUImpl(int64_t input_size, int64_t hidden_size, int64_t heads)
+      : HeadGRUImpl(HeadGRUOptions(input_size, hidden_size, heads)) {}
+  explicit HeadGRUImpl(const HeadGRUOptions& options);
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override { stack_.pretty_print(stream, "HeadGRU"); }
+  std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, at::Tensor hx = {});
+  std::tuple<PackedSequence, at::Tensor> forward_with_packed_input(const PackedSequence& packed_input,
+                                                                   at::Tensor hx = {});
+  const SolveStats& last_stats() const { return stack_.last_stats; }
+  const std::vector<SolveStats>& last_layer_stats() const { return stack_.last_layer_stats; }
+
+  HeadGRUOptions options;
+
+ private:
+  detail::RNNStack stack_;
+};
+TORCH_MODULE(HeadGRU);
+
+class HeadLSTMImpl : public torch::nn::Cloneable<HeadLSTMImpl> {
+ public:
+  HeadLSTMImpl(int64_t input_size, int64_t hidden_size, int64_t heads)
+      : HeadLSTMImpl(HeadLSTMOptions(input_size, hidden_size, heads)) {}
+  explicit HeadLSTMImpl(const HeadLSTMOptions& options);
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override { stack_.pretty_print(stream, "HeadLSTM"); }
+  std::tuple<at::Tensor, std::tuple<at::Tensor, at::Tensor>> forward(
+      const at::Tensor& input, std::optional<std::tuple<at::Tensor, at::Tensor>> hx = std::nullopt);
+  std::tuple<PackedSequence, std::tuple<at::Tensor, at::Tensor>> forward_with_packed_input(
+      const PackedSequence& packed_input, std::optional<std::tuple<at::Tensor, at::Tensor>> hx = std::nullopt);
+  const SolveStats& last_stats() const { return stack_.last_stats; }
+  const std::vector<SolveStats>& last_layer_stats() const { return stack_.last_layer_stats; }
+
+  HeadLSTMOptions options;
+
+ private:
+  detail::RNNStack stack_;
+};
+TORCH_MODULE(HeadLSTM);
 
 }  // namespace pnewton::nn
