@@ -19,7 +19,9 @@ namespace pnewton {
 
 enum class FusedCell : int { gru, lstm, rnn_tanh, rnn_relu };
 // none: f only. diagonal: the diagonal of ∂f/∂s [N, S]. block2: LSTM (h_i, c_i) blocks [N, D, 2, 2].
-enum class FusedPart : int { none, diagonal, block2 };
+// blocks: a multi-head cell's blocks (heads W [H, G·k, k], D = H·k), [N, H, k, k] (GRU) or
+// [N, H, 2k, 2k] over each head's interleaved (h, c) (LSTM); the CPU pass only.
+enum class FusedPart : int { none, diagonal, block2, blocks };
 
 PNEWTON_HD int fused_gates(FusedCell cell) {
   return cell == FusedCell::gru ? 3 : cell == FusedCell::lstm ? 4 : 1;
@@ -68,6 +70,10 @@ struct FusedCellParams {
   const void* first_gh = nullptr;  // [B, G·D] (dense weights)
   const void* s0 = nullptr;        // [B, S] (with reset rows)
   const void* s0_gh = nullptr;     // [B, G·D]
+  // A multi-head cell's W_hh [H, G·k, k] and head size k: the blocks of FusedPart::blocks
+  // read them, and the CPU pass forms W_hh h from them where gh is null (cells_fused.cpp).
+  const void* heads = nullptr;
+  int64_t k = 0;
 };
 
 // The sequence b = n / T of row n and its step n − b·T. A GPU divides 64-bit integers in
@@ -143,11 +149,16 @@ struct ScalarMath {
 };
 
 // One channel's outputs: F = (h', c') (c' for the LSTM only) and the Jacobian entries
-// J = [[∂h'/∂h, ∂h'/∂c], [∂c'/∂h, ∂c'/∂c]] (J[0] alone for the one-state cells).
+// J = [[∂h'/∂h, ∂h'/∂c], [∂c'/∂h, ∂c'/∂c]] (J[0] alone for the one-state cells), and the
+// coefficients of gate k's weight row in them (coef[k]: ∂h'/∂gh_k, GRU; ∂c'/∂gh_k for
+// k < 3 and ∂h'/∂gh_3 without the path through c', LSTM), whose products with a head's full
+// weight rows give its blocks (FusedPart::blocks).
 template <typename V>
 struct FusedPoint {
   V F[2];
   V J[4];
+  V coef[4];
+  V dh_dc;  // LSTM: ∂h'/∂c'
 };
 
 template <typename V, typename M>
@@ -169,7 +180,9 @@ PNEWTON_HD FusedPoint<V> fused_point(FusedCell cell, bool jacobian, const V* x, 
     if (!jacobian) return out;
     // ∂h'/∂h_d through r, z, n and the direct z·h term.
     const V dn = (V(1) - z) * (V(1) - n * n);
-    out.J[0] = dn * r * w[2] + dn * hn * r * (V(1) - r) * w[0] + (h - n) * z * (V(1) - z) * w[1] + z;
+    out.coef[0] = dn * hn * r * (V(1) - r), out.coef[1] = (h - n) * z * (V(1) - z), out.coef[2] = dn * r;
+    out.J[0] = out.coef[2] * w[2] + out.coef[0] * w[0] + out.coef[1] * w[1] + z;
+    out.J[3] = z;  // the direct term (the diagonal of a block)
     return out;
   }
   if (cell == FusedCell::rnn_tanh) {
@@ -188,9 +201,12 @@ PNEWTON_HD FusedPoint<V> fused_point(FusedCell cell, bool jacobian, const V* x, 
   out.F[0] = o * tc;
   out.F[1] = c_new;
   if (!jacobian) return out;
-  const V dc_dh = g * i * (V(1) - i) * w[0] + c * f * (V(1) - f) * w[1] + i * (V(1) - g * g) * w[2];
+  out.coef[0] = g * i * (V(1) - i), out.coef[1] = c * f * (V(1) - f), out.coef[2] = i * (V(1) - g * g);
+  out.coef[3] = tc * o * (V(1) - o);
+  const V dc_dh = out.coef[0] * w[0] + out.coef[1] * w[1] + out.coef[2] * w[2];
   const V dh_dc = o * (V(1) - tc * tc);
-  out.J[0] = tc * o * (V(1) - o) * w[3] + dh_dc * dc_dh;
+  out.dh_dc = dh_dc;
+  out.J[0] = out.coef[3] * w[3] + dh_dc * dc_dh;
   out.J[1] = dh_dc * f;
   out.J[2] = dc_dh;
   out.J[3] = f;

@@ -82,6 +82,71 @@ T lane_sum(const Vectorized<T>& v) {
   return sum;
 }
 
+// Channels d .. d + m − 1 of a multi-head cell's row: their rows of the head blocks
+// (FusedPart::blocks), the coefficients of each gate's weight row times the head's W_hh
+// rows, plus the direct terms; zero on reset rows. J: the row's blocks.
+template <typename T>
+void write_block_rows(const FusedCellParams& p, const FusedPoint<Vectorized<T>>& out, int64_t d, int64_t m,
+                      bool reset, T* J) {
+  using V = Vectorized<T>;
+  static constexpr int64_t L = V::size();
+  const int64_t k = p.k, G = fused_gates(p.cell);
+  const bool lstm = p.cell == FusedCell::lstm;
+  const T* W = static_cast<const T*>(p.heads);
+  T coef[4][L], direct[2][L];
+  for (int64_t g = 0; g < G; ++g) out.coef[g].store(coef[g]);
+  if (lstm) {
+    out.dh_dc.store(direct[0]), out.J[3].store(direct[1]);  // ∂h'/∂c', f
+  } else {
+    out.J[3].store(direct[0]);  // z
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t channel = d + j, head = channel / k, row = channel % k;
+    const T* w = W + head * G * k * k + row * k;  // gate g's row: w + g·k·k
+    if (!lstm) {
+      T* out_row = J + channel * k;  // [H, k, k]: head·k·k + row·k
+      for (int64_t c = 0; c < k; ++c) {
+        T v = 0;
+        for (int64_t g = 0; g < G; ++g) v += coef[g][j] * w[g * k * k + c];
+        out_row[c] = reset ? T(0) : v + (c == row ? direct[0][j] : T(0));
+      }
+      continue;
+    }
+    // [H, 2k, 2k] over (h_0, c_0, h_1, c_1, ...): rows 2·row (h') and 2·row + 1 (c').
+    T* h_row = J + head * 4 * k * k + 2 * row * 2 * k;
+    T* c_row = h_row + 2 * k;
+    const T dh_dc = direct[0][j], f = direct[1][j];
+    for (int64_t c = 0; c < k; ++c) {
+      const T dc_dh = coef[0][j] * w[c] + coef[1][j] * w[k * k + c] + coef[2][j] * w[2 * k * k + c];
+      const T dh_dh = coef[3][j] * w[3 * k * k + c] + dh_dc * dc_dh;
+      const bool diagonal = c == row;
+      h_row[2 * c] = reset ? T(0) : dh_dh;
+      h_row[2 * c + 1] = reset || !diagonal ? T(0) : dh_dc * f;
+      c_row[2 * c] = reset ? T(0) : dc_dh;
+      c_row[2 * c + 1] = reset || !diagonal ? T(0) : f;
+    }
+  }
+}
+
+// A multi-head cell's W_hh h for channels d .. d + m − 1 of a row whose previous state is
+// s (the CPU pass forms it here: k products per gate and channel, no GEMM and no layout
+// copy), gate-major as the GEMM's: out[g][j].
+template <typename T>
+void head_products(const FusedCellParams& p, const T* s, int64_t d, int64_t m, T (*out)[Vectorized<T>::size()]) {
+  const int64_t k = p.k, G = fused_gates(p.cell), stride = p.cell == FusedCell::lstm ? 2 : 1;
+  const T* W = static_cast<const T*>(p.heads);
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t channel = d + j, head = channel / k, row = channel % k;
+    const T* h = s + stride * head * k;  // the head's h (every other number of an LSTM's state)
+    for (int64_t g = 0; g < G; ++g) {
+      const T* w = W + head * G * k * k + (g * k + row) * k;
+      T v = 0;
+      for (int64_t c = 0; c < k; ++c) v += w[c] * h[stride * c];
+      out[g][j] = v;
+    }
+  }
+}
+
 template <typename T>
 void rows(const FusedCellParams& p, int64_t begin, int64_t end) {
   using V = Vectorized<T>;
@@ -98,7 +163,10 @@ void rows(const FusedCellParams& p, int64_t begin, int64_t end) {
     const T* cur = p.current ? static_cast<const T*>(p.current) + n * S : nullptr;
     T* F = static_cast<T*>(p.F) + n * S;
     T* R = p.R ? static_cast<T*>(p.R) + n * S : nullptr;
-    T* J = jacobian ? static_cast<T*>(p.J) + n * (p.part == FusedPart::block2 ? 4 * D : S) : nullptr;
+    const int64_t J_row = p.part == FusedPart::block2 ? 4 * D
+                          : p.part == FusedPart::blocks ? (lstm ? 4 : 1) * D * p.k
+                                                        : S;
+    T* J = jacobian ? static_cast<T*>(p.J) + n * J_row : nullptr;
     const bool padded = p.padding && p.padding[n], reset = p.reset && p.reset[n];
     V max_r(0), max_f(0), square(0);
     for (int64_t d = 0; d < D; d += L) {
@@ -122,9 +190,11 @@ void rows(const FusedCellParams& p, int64_t begin, int64_t end) {
         h = load(s + d);
       }
       V x[4], w[4], hn(0);
+      T head_gh[4][L];
+      if (p.heads && !gh) head_products<T>(p, s, d, m, head_gh);
       for (int64_t k = 0; k < G; ++k) {
         w[k] = load(wd + k * D + d);
-        V hk = p.diagonal_weights ? w[k] * h : load(gh + k * D + d);
+        V hk = p.diagonal_weights ? w[k] * h : gh ? load(gh + k * D + d) : load(head_gh[k]);
         if (b) hk = hk + load(b + k * D + d);
         if (p.cell == FusedCell::gru && k == 2) {
           hn = hk, x[k] = load(gi + k * D + d);
@@ -161,7 +231,9 @@ void rows(const FusedCellParams& p, int64_t begin, int64_t end) {
         }
       }
       if (!jacobian) continue;
-      if (p.part == FusedPart::block2) {
+      if (p.part == FusedPart::blocks) {
+        write_block_rows<T>(p, out, d, m, reset, J);
+      } else if (p.part == FusedPart::block2) {
         T blocks[4][L];
         for (int k = 0; k < 4; ++k) (reset ? V(0) : out.J[k]).store(blocks[k]);
         for (int64_t j = 0; j < m; ++j) {

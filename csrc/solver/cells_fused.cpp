@@ -48,8 +48,10 @@ bool plain(const at::Tensor& t, const at::Tensor& like) {
 
 bool Cell::fusable(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const {
   if (is_projected() || !fused_cells_enabled()) return false;
-  // A head cell's k×k blocks are formed by ATen ops (its F and the diagonal or 2×2 parts fuse).
-  if (part == JacobianPart::dense || part == JacobianPart::blocks || (part == JacobianPart::block2 && !is_lstm())) {
+  // A head cell's blocks: in the CPU pass (on CUDA by ATen ops; its F and its diagonal or
+  // 2×2 parts fuse there too).
+  if (part == JacobianPart::dense || (part == JacobianPart::blocks && !s.is_cpu()) ||
+      (part == JacobianPart::block2 && !is_lstm())) {
     return false;
   }
   if (at::GradMode::is_enabled()) return false;
@@ -63,10 +65,12 @@ Cell::Iteration Cell::fused(const at::Tensor& rows, const at::Tensor& gi, std::o
   const at::Tensor s_c = rows.contiguous(), gi_c = gi.contiguous();
   const auto opts = s_c.options();
   // W_hh h without b_hh (the pass adds it: no broadcast copy before the GEMM); the
-  // per-channel cells form w ⊙ h in the pass; a head cell's is one GEMM per head, placed in
-  // torch.nn's gate-major layout.
+  // per-channel cells form w ⊙ h in the pass, and so does the CPU pass of a head cell (k
+  // products per gate: a batched GEMM of k-wide heads and its layout copy cost more); on
+  // CUDA a head cell's is one GEMM per head, placed in torch.nn's gate-major layout.
+  const bool cpu = rows.is_cpu();
   auto recurrent_rows = [&](const at::Tensor& states) {
-    if (diagonal_weights() || !states.defined()) return at::Tensor();
+    if (diagonal_weights() || (heads() && cpu) || !states.defined()) return at::Tensor();
     const int64_t n = states.size(0);
     at::Tensor gh = empty_in(workspace, {n, gate_size()}, opts);
     if (!heads()) return at::mm_out(gh, hidden_of(states), W_.t());
@@ -89,9 +93,11 @@ Cell::Iteration Cell::fused(const at::Tensor& rows, const at::Tensor& gi, std::o
   Iteration it;
   it.F = empty_in(workspace, {N, S}, opts);
   if (part) {
-    it.J = *part == JacobianPart::diagonal ? empty_in(workspace, {N, S}, opts) : empty_in(workspace, {N, D_, 2, 2}, opts);
+    const int64_t b = block_size();  // a head's block
+    it.J = *part == JacobianPart::diagonal ? empty_in(workspace, {N, S}, opts)
+           : *part == JacobianPart::blocks ? empty_in(workspace, {N, H_, b, b}, opts)
+                                           : empty_in(workspace, {N, D_, 2, 2}, opts);
   }
-  const bool cpu = rows.is_cpu();
   // The row reductions come in partial results per row on CUDA (one per warp of a row).
 #if PNEWTON_WITH_CUDA
   const int64_t parts = cpu ? 1 : fused_row_parts(D_);
@@ -105,7 +111,12 @@ Cell::Iteration Cell::fused(const at::Tensor& rows, const at::Tensor& gi, std::o
   }
   FusedCellParams p;
   p.cell = fused_cell_of(*this);
-  p.part = !part ? FusedPart::none : *part == JacobianPart::diagonal ? FusedPart::diagonal : FusedPart::block2;
+  p.part = !part                             ? FusedPart::none
+           : *part == JacobianPart::diagonal ? FusedPart::diagonal
+           : *part == JacobianPart::blocks   ? FusedPart::blocks
+                                             : FusedPart::block2;
+  const at::Tensor heads_w = heads() && (cpu || part == JacobianPart::blocks) ? W_.contiguous() : at::Tensor();
+  p.heads = data_or_null(heads_w), p.k = k_;
   p.diagonal_weights = diagonal_weights();
   p.N = N, p.D = D_;
   p.gi = gi_c.const_data_ptr(), p.gh = data_or_null(gh), p.b = data_or_null(b), p.w = w.const_data_ptr();

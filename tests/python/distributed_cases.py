@@ -82,11 +82,15 @@ def case_scans_low_precision(rank, world, group):
 
 def _cell_problem(cell, B=3, T=41, H=6, scale=0.5, seed=1):
     torch.manual_seed(seed)
-    gates = {"gru": 3, "lstm": 4, "rnn_tanh": 1, "diag_gru": 3}[cell]
-    S = 2 * H if cell == "lstm" else H
+    gates = {"gru": 3, "lstm": 4, "rnn_tanh": 1, "diag_gru": 3, "head_gru": 3, "head_lstm": 4}[cell]
+    S = 2 * H if cell in ("lstm", "head_lstm") else H
     gi = torch.randn(B, T, gates * H, dtype=torch.float64)
-    W = (torch.randn(gates * H, H, dtype=torch.float64) * scale / H ** 0.5 if cell != "diag_gru"
-         else torch.rand(gates * H, dtype=torch.float64))
+    if cell.startswith("head_"):  # 3 heads of 2
+        W = torch.randn(3, gates * 2, 2, dtype=torch.float64) * scale
+    elif cell == "diag_gru":
+        W = torch.rand(gates * H, dtype=torch.float64)
+    else:
+        W = torch.randn(gates * H, H, dtype=torch.float64) * scale / H ** 0.5
     b = torch.randn(gates * H, dtype=torch.float64) * 0.1
     s0 = torch.randn(B, S, dtype=torch.float64) * 0.5
     return gi, W, b, s0
@@ -123,8 +127,10 @@ def _solve_both(rank, world, group, cell, method, scale=0.5, resets=False, **opt
 def case_newton_methods(rank, world, group):
     for cell, method in (("gru", "quasi_deer"), ("gru", "deer"), ("gru", "auto"), ("lstm", "block_deer"),
                          ("lstm", "auto"), ("diag_gru", "deer"), ("rnn_tanh", "jacobi"), ("rnn_tanh", "picard"),
-                         ("gru", "sequential")):
+                         ("gru", "sequential"), ("head_gru", "deer"), ("head_lstm", "auto"),
+                         ("head_lstm", "block_deer")):
         _solve_both(rank, world, group, cell, method)
+    _solve_both(rank, world, group, "head_gru", "quasi_deer", resets=True)
 
 
 def case_elk(rank, world, group):

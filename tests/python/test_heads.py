@@ -209,3 +209,25 @@ def test_cuda_equals_torch_nn(cls, torch_cls, gates):
     ours, ref = ours.cuda(), ref.cuda()
     x = torch.randn(500, 4, 3, dtype=torch.float64, device="cuda")
     torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=0, atol=1e-10)
+
+
+def test_the_example_trains_and_plots(tmp_path):
+    """examples/train_head_gru.py, shortened: the loss falls, every step's solve converges in
+    a few exact Newton iterations, and the plot is written."""
+    import importlib.util
+    import os
+    import sys
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "train_head_gru.py")
+    spec = importlib.util.spec_from_file_location("train_head_gru", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    plot = tmp_path / "plot.png"
+    argv = sys.argv
+    sys.argv = ["train_head_gru.py", "--steps", "30", "--T", "256", "--plot", str(plot)]
+    try:
+        losses, iterations = example.main()
+    finally:
+        sys.argv = argv
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert max(iterations) <= 20 and sorted(iterations)[len(iterations) // 2] <= 8, iterations
+    assert plot.stat().st_size > 1000
