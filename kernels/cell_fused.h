@@ -70,8 +70,9 @@ struct FusedCellParams {
   const void* first_gh = nullptr;  // [B, G·D] (dense weights)
   const void* s0 = nullptr;        // [B, S] (with reset rows)
   const void* s0_gh = nullptr;     // [B, G·D]
-  // A multi-head cell's W_hh [H, G·k, k] and head size k: the blocks of FusedPart::blocks
-  // read them, and the CPU pass forms W_hh h from them where gh is null (cells_fused.cpp).
+  // A multi-head cell's W_hh as columns [G, k, D] (C[g][c][h·k + j] = W[h, g·k + j, c]) and
+  // its head size k: the CPU pass forms the blocks of FusedPart::blocks from them, and W_hh
+  // h where gh is null (csrc/cpu/cell_kernels.cpp, csrc/solver/cells_fused.cpp).
   const void* heads = nullptr;
   int64_t k = 0;
 };

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <vector>
 
 #include "csrc/cpu/cell_kernels.h"
 
@@ -82,67 +83,57 @@ T lane_sum(const Vectorized<T>& v) {
   return sum;
 }
 
-// Channels d .. d + m − 1 of a multi-head cell's row: their rows of the head blocks
-// (FusedPart::blocks), the coefficients of each gate's weight row times the head's W_hh
-// rows, plus the direct terms; zero on reset rows. J: the row's blocks.
+// A multi-head cell's parts of the pass, vectorised across channels: its weights as
+// columns, C[g][c][i] = W[head(i), g·k + row(i), c] for channel i = head·k + row ([G, k, D],
+// FusedCellParams::heads), and, per row, the previous state's head entries spread over the
+// channels, h_c[i] = h[head(i)·k + c] ([k, D]), so that W_hh h and the block rows are k
+// vector products per gate.
 template <typename T>
-void write_block_rows(const FusedCellParams& p, const FusedPoint<Vectorized<T>>& out, int64_t d, int64_t m,
-                      bool reset, T* J) {
-  using V = Vectorized<T>;
-  static constexpr int64_t L = V::size();
-  const int64_t k = p.k, G = fused_gates(p.cell);
-  const bool lstm = p.cell == FusedCell::lstm;
-  const T* W = static_cast<const T*>(p.heads);
-  T coef[4][L], direct[2][L];
-  for (int64_t g = 0; g < G; ++g) out.coef[g].store(coef[g]);
-  if (lstm) {
-    out.dh_dc.store(direct[0]), out.J[3].store(direct[1]);  // ∂h'/∂c', f
-  } else {
-    out.J[3].store(direct[0]);  // z
-  }
-  for (int64_t j = 0; j < m; ++j) {
-    const int64_t channel = d + j, head = channel / k, row = channel % k;
-    const T* w = W + head * G * k * k + row * k;  // gate g's row: w + g·k·k
-    if (!lstm) {
-      T* out_row = J + channel * k;  // [H, k, k]: head·k·k + row·k
-      for (int64_t c = 0; c < k; ++c) {
-        T v = 0;
-        for (int64_t g = 0; g < G; ++g) v += coef[g][j] * w[g * k * k + c];
-        out_row[c] = reset ? T(0) : v + (c == row ? direct[0][j] : T(0));
-      }
-      continue;
-    }
-    // [H, 2k, 2k] over (h_0, c_0, h_1, c_1, ...): rows 2·row (h') and 2·row + 1 (c').
-    T* h_row = J + head * 4 * k * k + 2 * row * 2 * k;
-    T* c_row = h_row + 2 * k;
-    const T dh_dc = direct[0][j], f = direct[1][j];
+void spread_heads(const FusedCellParams& p, const T* s, T* spread) {
+  const int64_t k = p.k, D = p.D, stride = p.cell == FusedCell::lstm ? 2 : 1;
+  for (int64_t first = 0; first < D; first += k) {  // a head's channels first .. first + k − 1
     for (int64_t c = 0; c < k; ++c) {
-      const T dc_dh = coef[0][j] * w[c] + coef[1][j] * w[k * k + c] + coef[2][j] * w[2 * k * k + c];
-      const T dh_dh = coef[3][j] * w[3 * k * k + c] + dh_dc * dc_dh;
-      const bool diagonal = c == row;
-      h_row[2 * c] = reset ? T(0) : dh_dh;
-      h_row[2 * c + 1] = reset || !diagonal ? T(0) : dh_dc * f;
-      c_row[2 * c] = reset ? T(0) : dc_dh;
-      c_row[2 * c + 1] = reset || !diagonal ? T(0) : f;
+      const T v = s[stride * (first + c)];
+      for (int64_t row = 0; row < k; ++row) spread[c * D + first + row] = v;
     }
   }
 }
 
-// A multi-head cell's W_hh h for channels d .. d + m − 1 of a row whose previous state is
-// s (the CPU pass forms it here: k products per gate and channel, no GEMM and no layout
-// copy), gate-major as the GEMM's: out[g][j].
+// Channels d .. d + m − 1 of a multi-head cell's row: their rows of the head blocks
+// (FusedPart::blocks) from each gate's coefficient times the heads' weight rows, plus the
+// direct terms; zero on reset rows. rows: row(i) = i mod k as numbers [D]; J: the row's blocks.
 template <typename T>
-void head_products(const FusedCellParams& p, const T* s, int64_t d, int64_t m, T (*out)[Vectorized<T>::size()]) {
-  const int64_t k = p.k, G = fused_gates(p.cell), stride = p.cell == FusedCell::lstm ? 2 : 1;
-  const T* W = static_cast<const T*>(p.heads);
-  for (int64_t j = 0; j < m; ++j) {
-    const int64_t channel = d + j, head = channel / k, row = channel % k;
-    const T* h = s + stride * head * k;  // the head's h (every other number of an LSTM's state)
-    for (int64_t g = 0; g < G; ++g) {
-      const T* w = W + head * G * k * k + (g * k + row) * k;
-      T v = 0;
-      for (int64_t c = 0; c < k; ++c) v += w[c] * h[stride * c];
-      out[g][j] = v;
+void write_block_rows(const FusedCellParams& p, const FusedPoint<Vectorized<T>>& out, const T* rows, int64_t d,
+                      int64_t m, bool reset, T* J) {
+  using V = Vectorized<T>;
+  static constexpr int64_t L = V::size();
+  const int64_t k = p.k, D = p.D, G = fused_gates(p.cell);
+  const bool lstm = p.cell == FusedCell::lstm;
+  const T* C = static_cast<const T*>(p.heads);
+  auto load = [m](const T* ptr) { return m == L ? V::loadu(ptr) : V::loadu(ptr, m); };
+  const V row = load(rows + d);
+  T lanes[4][L];
+  for (int64_t c = 0; c < k; ++c) {
+    const V on_diagonal = (row == V(static_cast<T>(c))) & V(1);
+    V through[4];
+    for (int64_t g = 0; g < G; ++g) through[g] = out.coef[g] * load(C + (g * k + c) * D + d);
+    if (!lstm) {
+      (through[0] + through[1] + through[2] + on_diagonal * out.J[3]).store(lanes[0]);  // + z
+      for (int64_t j = 0; j < m; ++j) J[(d + j) * k + c] = reset ? T(0) : lanes[0][j];
+      continue;
+    }
+    // [H, 2k, 2k] over (h_0, c_0, h_1, c_1, ...): a channel's rows 2·row (h') and 2·row + 1 (c').
+    const V dc_dh = through[0] + through[1] + through[2];
+    (through[3] + out.dh_dc * dc_dh).store(lanes[0]);  // ∂h'/∂h_c
+    (on_diagonal * out.dh_dc * out.J[3]).store(lanes[1]);  // ∂h'/∂c_c: (∂h'/∂c') f
+    dc_dh.store(lanes[2]);
+    (on_diagonal * out.J[3]).store(lanes[3]);  // ∂c'/∂c_c: f
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t i = d + j, head = i / k, r = i % k;
+      T* h_row = J + head * 4 * k * k + 2 * r * 2 * k;
+      T* c_row = h_row + 2 * k;
+      h_row[2 * c] = reset ? T(0) : lanes[0][j], h_row[2 * c + 1] = reset ? T(0) : lanes[1][j];
+      c_row[2 * c] = reset ? T(0) : lanes[2][j], c_row[2 * c + 1] = reset ? T(0) : lanes[3][j];
     }
   }
 }
@@ -156,6 +147,9 @@ void rows(const FusedCellParams& p, int64_t begin, int64_t end) {
   const int64_t S = lstm ? 2 * D : D;
   const T* b = static_cast<const T*>(p.b);
   const T* wd = static_cast<const T*>(p.w);
+  // Head cells: the previous state spread over the channels, and row(i) = i mod k.
+  std::vector<T> spread(p.heads ? p.k * D : 0), head_rows(p.heads ? D : 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(head_rows.size()); ++i) head_rows[i] = static_cast<T>(i % p.k);
   for (int64_t n = begin; n < end; ++n) {
     const T* gi = static_cast<const T*>(p.gi) + n * G * D;
     const T *s, *gh;
@@ -168,6 +162,7 @@ void rows(const FusedCellParams& p, int64_t begin, int64_t end) {
                                                         : S;
     T* J = jacobian ? static_cast<T*>(p.J) + n * J_row : nullptr;
     const bool padded = p.padding && p.padding[n], reset = p.reset && p.reset[n];
+    if (p.heads && !gh) spread_heads<T>(p, s, spread.data());
     V max_r(0), max_f(0), square(0);
     for (int64_t d = 0; d < D; d += L) {
       const int64_t m = std::min(L, D - d);
@@ -190,11 +185,18 @@ void rows(const FusedCellParams& p, int64_t begin, int64_t end) {
         h = load(s + d);
       }
       V x[4], w[4], hn(0);
-      T head_gh[4][L];
-      if (p.heads && !gh) head_products<T>(p, s, d, m, head_gh);
       for (int64_t k = 0; k < G; ++k) {
         w[k] = load(wd + k * D + d);
-        V hk = p.diagonal_weights ? w[k] * h : gh ? load(gh + k * D + d) : load(head_gh[k]);
+        V hk;
+        if (p.diagonal_weights) {
+          hk = w[k] * h;
+        } else if (gh) {
+          hk = load(gh + k * D + d);
+        } else {  // a head cell's W_hh h: k products per gate
+          const T* C = static_cast<const T*>(p.heads) + k * p.k * D + d;
+          hk = V(0);
+          for (int64_t c = 0; c < p.k; ++c) hk = hk + load(C + c * D) * load(spread.data() + c * D + d);
+        }
         if (b) hk = hk + load(b + k * D + d);
         if (p.cell == FusedCell::gru && k == 2) {
           hn = hk, x[k] = load(gi + k * D + d);
@@ -232,7 +234,7 @@ void rows(const FusedCellParams& p, int64_t begin, int64_t end) {
       }
       if (!jacobian) continue;
       if (p.part == FusedPart::blocks) {
-        write_block_rows<T>(p, out, d, m, reset, J);
+        write_block_rows<T>(p, out, head_rows.data(), d, m, reset, J);
       } else if (p.part == FusedPart::block2) {
         T blocks[4][L];
         for (int k = 0; k < 4; ++k) (reset ? V(0) : out.J[k]).store(blocks[k]);

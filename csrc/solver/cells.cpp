@@ -122,7 +122,9 @@ Cell::Cell(CellKind kind, const at::Tensor& W_hh, const c10::optional<at::Tensor
   // (the diagonal Jacobians read them every iteration; a strided view broadcasts slowly).
   if (heads()) {
     H_ = W_.size(0), k_ = W_.size(2);
-    gate_diagonals_ = W_.view({H_, gates_, k_, k_}).diagonal(0, 2, 3).transpose(0, 1).reshape({gates_, D_});
+    // (contiguous: the fused passes read it by pointer, and reshape returns a strided view
+    // where it can, with one head or heads of one)
+    gate_diagonals_ = W_.view({H_, gates_, k_, k_}).diagonal(0, 2, 3).transpose(0, 1).reshape({gates_, D_}).contiguous();
   } else if (!diagonal_weights() && !is_projected()) {
     gate_diagonals_ = W_.view({gates_, D_, D_}).diagonal(0, 1, 2).contiguous();
   }

@@ -115,8 +115,10 @@ Cell::Iteration Cell::fused(const at::Tensor& rows, const at::Tensor& gi, std::o
            : *part == JacobianPart::diagonal ? FusedPart::diagonal
            : *part == JacobianPart::blocks   ? FusedPart::blocks
                                              : FusedPart::block2;
-  const at::Tensor heads_w = heads() && (cpu || part == JacobianPart::blocks) ? W_.contiguous() : at::Tensor();
-  p.heads = data_or_null(heads_w), p.k = k_;
+  // A head cell's weights as columns [G, k, D]: C[g][c][h·k + j] = W[h, g·k + j, c].
+  const at::Tensor head_columns = heads() && cpu ? W_.view({H_, gates_, k_, k_}).permute({1, 3, 0, 2}).contiguous()
+                                                 : at::Tensor();
+  p.heads = data_or_null(head_columns), p.k = k_;
   p.diagonal_weights = diagonal_weights();
   p.N = N, p.D = D_;
   p.gi = gi_c.const_data_ptr(), p.gh = data_or_null(gh), p.b = data_or_null(b), p.w = w.const_data_ptr();

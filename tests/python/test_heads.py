@@ -156,16 +156,18 @@ def test_opcheck(cell):
 
 @pytest.mark.parametrize("cell", ["head_gru", "head_lstm"])
 @pytest.mark.parametrize("method", ["quasi_deer", "deer", "picard", "block_deer"])
-def test_fused_pass_equals_the_aten_form(cell, method, monkeypatch):
+@pytest.mark.parametrize("heads,k", [(4, 3), (5, 1), (1, 4), (2, 9)])
+def test_fused_pass_equals_the_aten_form(cell, method, heads, k, monkeypatch):
     if method == "block_deer" and cell == "head_gru":
         pytest.skip("2x2 blocks are an LSTM's")
-    gi, W, b, s0 = cell_problem(cell, B=3, T=300, H=4, k=3)
+    gi, W, b, s0 = cell_problem(cell, B=3, T=300, H=heads, k=k)
     fused = pnewton.newton_rnn(cell, gi, W, b, s0, method=method, fallback=False, max_iter=300)
     monkeypatch.setenv("PNEWTON_FUSED_CELLS", "0")
     aten = pnewton.newton_rnn(cell, gi, W, b, s0, method=method, fallback=False, max_iter=300)
     assert bool(fused[1].converged.all())
-    torch.testing.assert_close(fused[0], aten[0], rtol=0, atol=1e-12)
-    if method != "picard":  # (Picard's path first diverges: rounding moves its stop by a few iterations)
+    # (Picard's path first diverges: rounding moves where it stops, within its tolerance.)
+    torch.testing.assert_close(fused[0], aten[0], rtol=0, atol=1e-9 if method == "picard" else 1e-12)
+    if method != "picard":
         assert torch.equal(fused[1].iterations, aten[1].iterations)
 
 
