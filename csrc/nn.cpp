@@ -54,14 +54,8 @@ StackOptions stack_options(const RNNOptions& o) {
   return common(o, std::holds_alternative<torch::enumtype::kReLU>(o.nonlinearity()) ? "rnn_relu" : "rnn_tanh");
 }
 
-StackOptions stack_options(const HeadGRUOptions& o) {
-  StackOptions s = common(o, "head_gru");
-  s.heads = o.heads();
-  return s;
-}
-
-StackOptions stack_options(const HeadLSTMOptions& o) {
-  StackOptions s = common(o, "head_lstm");
+StackOptions stack_options(const HeadOptions& o, std::string cell) {
+  StackOptions s = common(o, std::move(cell));
   s.heads = o.heads();
   return s;
 }
@@ -208,11 +202,11 @@ at::Tensor hidden_state(const detail::StackOptions& o, const char* name, at::Ten
 }
 
 // LSTM: the solver's state interleaves (h_i, c_i) per channel, or is [h | c] with a projection.
-at::Tensor lstm_state(const detail::StackOptions& o, std::optional<std::tuple<at::Tensor, at::Tensor>> hx, int64_t n,
-                      int64_t B, const at::TensorOptions& like, const at::Tensor& permutation) {
+at::Tensor lstm_state(const detail::StackOptions& o, const char* name,
+                      std::optional<std::tuple<at::Tensor, at::Tensor>> hx, int64_t n, int64_t B,
+                      const at::TensorOptions& like, const at::Tensor& permutation) {
   const int64_t D = o.hidden_size, P = o.proj_size > 0 ? o.proj_size : D;
   if (!hx) hx = std::make_tuple(torch::zeros({n, B, P}, like), torch::zeros({n, B, D}, like));
-  const char* name = o.heads > 0 ? "HeadLSTM" : "LSTM";
   check_state(name, "h0", std::get<0>(*hx), n, B, P);
   check_state(name, "c0", std::get<1>(*hx), n, B, D);
   const at::Tensor h0 = permuted(std::get<0>(*hx), permutation), c0 = permuted(std::get<1>(*hx), permutation);
@@ -247,6 +241,29 @@ std::tuple<at::Tensor, at::Tensor> lstm_final(const detail::StackOptions& o, con
           permuted(pairs.select(-1, 1), permutation).contiguous()};
 }
 
+// LSTM and HeadLSTM: forward and forward_with_packed_input.
+using LSTMState = std::optional<std::tuple<at::Tensor, at::Tensor>>;
+
+std::tuple<at::Tensor, std::tuple<at::Tensor, at::Tensor>> forward_lstm(detail::RNNStack& stack,
+                                                                        const torch::nn::Module& module,
+                                                                        const char* name, const at::Tensor& input,
+                                                                        LSTMState hx) {
+  const auto [n, B] = state_shape(stack.options, input, name);
+  const at::Tensor state0 = lstm_state(stack.options, name, std::move(hx), n, B, input.options(), {});
+  auto [out, final] = stack.run(module, input, state0, module.is_training());
+  return {out, lstm_final(stack.options, final, {})};
+}
+
+std::tuple<PackedSequence, std::tuple<at::Tensor, at::Tensor>> forward_lstm_packed(
+    detail::RNNStack& stack, const torch::nn::Module& module, const char* name, const PackedSequence& input,
+    LSTMState hx) {
+  const auto [n, B] = packed_state_shape(stack.options, input, name);
+  const at::Tensor state0 =
+      lstm_state(stack.options, name, std::move(hx), n, B, input.data().options(), input.sorted_indices());
+  auto [out, final] = stack.run_packed(module, input, state0, module.is_training());
+  return {out, lstm_final(stack.options, final, input.unsorted_indices())};
+}
+
 }  // namespace
 
 GRUImpl::GRUImpl(const GRUOptions& options_) : options(options_) { reset(); }
@@ -268,19 +285,12 @@ void LSTMImpl::reset() { stack_.reset(*this, detail::stack_options(options)); }
 
 std::tuple<at::Tensor, std::tuple<at::Tensor, at::Tensor>> LSTMImpl::forward(
     const at::Tensor& input, std::optional<std::tuple<at::Tensor, at::Tensor>> hx) {
-  const auto [n, B] = state_shape(stack_.options, input, "LSTM");
-  const at::Tensor state0 = lstm_state(stack_.options, std::move(hx), n, B, input.options(), {});
-  auto [out, final] = stack_.run(*this, input, state0, is_training());
-  return {out, lstm_final(stack_.options, final, {})};
+  return forward_lstm(stack_, *this, "LSTM", input, std::move(hx));
 }
 
 std::tuple<PackedSequence, std::tuple<at::Tensor, at::Tensor>> LSTMImpl::forward_with_packed_input(
     const PackedSequence& input, std::optional<std::tuple<at::Tensor, at::Tensor>> hx) {
-  const auto [n, B] = packed_state_shape(stack_.options, input, "LSTM");
-  const at::Tensor state0 =
-      lstm_state(stack_.options, std::move(hx), n, B, input.data().options(), input.sorted_indices());
-  auto [out, final] = stack_.run_packed(*this, input, state0, is_training());
-  return {out, lstm_final(stack_.options, final, input.unsorted_indices())};
+  return forward_lstm_packed(stack_, *this, "LSTM", input, std::move(hx));
 }
 
 RNNImpl::RNNImpl(const RNNOptions& options_) : options(options_) { reset(); }
@@ -298,7 +308,7 @@ std::tuple<PackedSequence, at::Tensor> RNNImpl::forward_with_packed_input(const 
 
 HeadGRUImpl::HeadGRUImpl(const HeadGRUOptions& options_) : options(options_) { reset(); }
 
-void HeadGRUImpl::reset() { stack_.reset(*this, detail::stack_options(options)); }
+void HeadGRUImpl::reset() { stack_.reset(*this, detail::stack_options(options, "head_gru")); }
 
 std::tuple<at::Tensor, at::Tensor> HeadGRUImpl::forward(const at::Tensor& input, at::Tensor hx) {
   return forward_hidden(stack_, *this, "HeadGRU", input, std::move(hx));
@@ -311,23 +321,16 @@ std::tuple<PackedSequence, at::Tensor> HeadGRUImpl::forward_with_packed_input(co
 
 HeadLSTMImpl::HeadLSTMImpl(const HeadLSTMOptions& options_) : options(options_) { reset(); }
 
-void HeadLSTMImpl::reset() { stack_.reset(*this, detail::stack_options(options)); }
+void HeadLSTMImpl::reset() { stack_.reset(*this, detail::stack_options(options, "head_lstm")); }
 
 std::tuple<at::Tensor, std::tuple<at::Tensor, at::Tensor>> HeadLSTMImpl::forward(
     const at::Tensor& input, std::optional<std::tuple<at::Tensor, at::Tensor>> hx) {
-  const auto [n, B] = state_shape(stack_.options, input, "HeadLSTM");
-  const at::Tensor state0 = lstm_state(stack_.options, std::move(hx), n, B, input.options(), {});
-  auto [out, final] = stack_.run(*this, input, state0, is_training());
-  return {out, lstm_final(stack_.options, final, {})};
+  return forward_lstm(stack_, *this, "HeadLSTM", input, std::move(hx));
 }
 
 std::tuple<PackedSequence, std::tuple<at::Tensor, at::Tensor>> HeadLSTMImpl::forward_with_packed_input(
     const PackedSequence& input, std::optional<std::tuple<at::Tensor, at::Tensor>> hx) {
-  const auto [n, B] = packed_state_shape(stack_.options, input, "HeadLSTM");
-  const at::Tensor state0 =
-      lstm_state(stack_.options, std::move(hx), n, B, input.data().options(), input.sorted_indices());
-  auto [out, final] = stack_.run_packed(*this, input, state0, is_training());
-  return {out, lstm_final(stack_.options, final, input.unsorted_indices())};
+  return forward_lstm_packed(stack_, *this, "HeadLSTM", input, std::move(hx));
 }
 
 }  // namespace pnewton::nn

@@ -252,6 +252,16 @@ class _NewtonLayer:
         elif hx.dim() != want:
             raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor")
 
+    def _reshape_weight_hh(self, shape):
+        """Replaces torch.nn's dense weight_hh_l{n} by parameters of `shape` (the structured
+        cells) and initialises every parameter again as torch.nn does."""
+        factory = {"device": self.weight_ih_l0.device, "dtype": self.weight_ih_l0.dtype}
+        for name in self._flat_weights_names:
+            if name.startswith("weight_hh"):
+                setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+        self._init_flat_weights()
+        self.reset_parameters()
+
     def _zero_state(self, input, batch):
         directions = 2 if self.bidirectional else 1
         h = torch.zeros(self.num_layers * directions, batch, self.proj_size or self.hidden_size, dtype=input.dtype,
@@ -487,12 +497,7 @@ class _DiagonalLayer(_NewtonLayer, nn.RNNBase):
         solver = _pop_solver_options(type(self).__name__, kwargs)
         nn.RNNBase.__init__(self, mode, *args, **kwargs)
         self._diagonal_cell = cell
-        factory = {"device": self.weight_ih_l0.device, "dtype": self.weight_ih_l0.dtype}
-        for name in self._flat_weights_names:
-            if name.startswith("weight_hh"):
-                setattr(self, name, nn.Parameter(torch.empty(getattr(self, name).shape[0], **factory)))
-        self._init_flat_weights()
-        self.reset_parameters()
+        self._reshape_weight_hh((self.weight_hh_l0.shape[0],))
         self._init_solver(solver)
 
     @property
@@ -537,12 +542,7 @@ class _HeadLayer(_NewtonLayer, nn.RNNBase):
         nn.RNNBase.__init__(self, mode, input_size, hidden_size, *args, **kwargs)
         self._head_cell = cell
         k, gates = hidden_size // heads, self.weight_hh_l0.shape[0] // hidden_size
-        factory = {"device": self.weight_ih_l0.device, "dtype": self.weight_ih_l0.dtype}
-        for name in self._flat_weights_names:
-            if name.startswith("weight_hh"):
-                setattr(self, name, nn.Parameter(torch.empty(heads, gates * k, k, **factory)))
-        self._init_flat_weights()
-        self.reset_parameters()
+        self._reshape_weight_hh((heads, gates * k, k))
         self._init_solver(solver)
 
     @property

@@ -124,7 +124,9 @@ Cell::Cell(CellKind kind, const at::Tensor& W_hh, const c10::optional<at::Tensor
     H_ = W_.size(0), k_ = W_.size(2);
     // (contiguous: the fused passes read it by pointer, and reshape returns a strided view
     // where it can, with one head or heads of one)
-    gate_diagonals_ = W_.view({H_, gates_, k_, k_}).diagonal(0, 2, 3).transpose(0, 1).reshape({gates_, D_}).contiguous();
+    const at::Tensor blocks = W_.view({H_, gates_, k_, k_});
+    gate_diagonals_ = blocks.diagonal(0, 2, 3).transpose(0, 1).reshape({gates_, D_}).contiguous();
+    head_columns_ = blocks.permute({1, 3, 0, 2}).contiguous();
   } else if (!diagonal_weights() && !is_projected()) {
     gate_diagonals_ = W_.view({gates_, D_, D_}).diagonal(0, 1, 2).contiguous();
   }
@@ -153,10 +155,14 @@ at::Tensor gates_to_heads(const at::Tensor& x, int64_t H, int64_t G, int64_t k) 
 }
 }  // namespace
 
+at::Tensor Cell::head_product(const at::Tensor& h) const {
+  const at::Tensor per_head = at::bmm(h.reshape({h.size(0), H_, k_}).transpose(0, 1), W_.transpose(1, 2));
+  return heads_to_gates(per_head, H_, gates_, k_);
+}
+
 at::Tensor Cell::recurrent(const at::Tensor& h) const {
   if (heads()) {
-    const at::Tensor per_head = at::bmm(h.view({h.size(0), H_, k_}).transpose(0, 1), W_.transpose(1, 2));
-    const at::Tensor gh = heads_to_gates(per_head, H_, gates_, k_);
+    const at::Tensor gh = head_product(h);
     return b_.defined() ? gh + b_ : gh;
   }
   if (diagonal_weights()) {

@@ -133,6 +133,7 @@ class Cell : public CellFunction {
   // The same in ATen ops: any part, differentiable, and the reference of the fused one.
   Evaluation evaluate_aten(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const;
   at::Tensor recurrent(const at::Tensor& h) const;              // gh [N, G]
+  at::Tensor head_product(const at::Tensor& h) const;           // a head cell's W_hh h [N, G], no b_hh
   at::Tensor recurrent_vjp(const at::Tensor& grad_gh) const;    // [N, D]
   // diag(c) · ∂gh_k/∂h for gate block k: its diagonal [N, D], or as matrices: [N, D, D], or
   // a head cell's blocks [N, H, k, k].
@@ -146,6 +147,9 @@ class Cell : public CellFunction {
   CellKind kind_;
   at::Tensor W_, b_, W_hr_;
   at::Tensor gate_diagonals_;  // [gates, D]: the diagonals of W_hh's square gate blocks
+  // Head cells: W_hh as columns [gates, k, D], C[g][c][h·k + j] = W[h, g·k + j, c], which the
+  // fused CPU pass reads (kernels/cell_fused.h, FusedCellParams::heads).
+  at::Tensor head_columns_;
   int64_t D_, gates_, P_ = 0;
   int64_t H_ = 1, k_ = 0;  // head cells: H heads of k channels
 };

@@ -71,12 +71,9 @@ Cell::Iteration Cell::fused(const at::Tensor& rows, const at::Tensor& gi, std::o
   const bool cpu = rows.is_cpu();
   auto recurrent_rows = [&](const at::Tensor& states) {
     if (diagonal_weights() || (heads() && cpu) || !states.defined()) return at::Tensor();
-    const int64_t n = states.size(0);
-    at::Tensor gh = empty_in(workspace, {n, gate_size()}, opts);
-    if (!heads()) return at::mm_out(gh, hidden_of(states), W_.t());
-    const at::Tensor per_head = at::bmm(hidden_of(states).reshape({n, H_, k_}).transpose(0, 1), W_.transpose(1, 2));
-    gh.view({n, gates_, H_, k_}).copy_(per_head.view({H_, n, gates_, k_}).permute({1, 2, 0, 3}));
-    return gh;
+    if (heads()) return head_product(hidden_of(states));
+    at::Tensor gh = empty_in(workspace, {states.size(0), gate_size()}, opts);
+    return at::mm_out(gh, hidden_of(states), W_.t());
   };
   const at::Tensor gh = recurrent_rows(s_c);
   at::Tensor first, s0, pad, res;
@@ -115,10 +112,7 @@ Cell::Iteration Cell::fused(const at::Tensor& rows, const at::Tensor& gi, std::o
            : *part == JacobianPart::diagonal ? FusedPart::diagonal
            : *part == JacobianPart::blocks   ? FusedPart::blocks
                                              : FusedPart::block2;
-  // A head cell's weights as columns [G, k, D]: C[g][c][h·k + j] = W[h, g·k + j, c].
-  const at::Tensor head_columns = heads() && cpu ? W_.view({H_, gates_, k_, k_}).permute({1, 3, 0, 2}).contiguous()
-                                                 : at::Tensor();
-  p.heads = data_or_null(head_columns), p.k = k_;
+  p.heads = heads() && cpu ? head_columns_.const_data_ptr() : nullptr, p.k = k_;
   p.diagonal_weights = diagonal_weights();
   p.N = N, p.D = D_;
   p.gi = gi_c.const_data_ptr(), p.gh = data_or_null(gh), p.b = data_or_null(b), p.w = w.const_data_ptr();

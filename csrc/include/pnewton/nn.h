@@ -50,8 +50,8 @@ struct LSTMOptions {
 // hidden state split into `heads` heads of hidden_size / heads units, each head's gates
 // reading only its own units; weight_hh_l{k} is [heads, G·k, k] (G = 3 for GRU, 4 for
 // LSTM), head h's rows in torch.nn's gate order over its k units.
-struct HeadGRUOptions {
-  HeadGRUOptions(int64_t input_size, int64_t hidden_size, int64_t heads)
+struct HeadOptions {
+  HeadOptions(int64_t input_size, int64_t hidden_size, int64_t heads)
       : input_size_(input_size), hidden_size_(hidden_size), heads_(heads) {}
   TORCH_ARG(int64_t, input_size);
   TORCH_ARG(int64_t, hidden_size);
@@ -63,20 +63,8 @@ struct HeadGRUOptions {
   TORCH_ARG(bool, bidirectional) = false;
   TORCH_ARG(SolverOptions, solver) = {};
 };
-
-struct HeadLSTMOptions {
-  HeadLSTMOptions(int64_t input_size, int64_t hidden_size, int64_t heads)
-      : input_size_(input_size), hidden_size_(hidden_size), heads_(heads) {}
-  TORCH_ARG(int64_t, input_size);
-  TORCH_ARG(int64_t, hidden_size);
-  TORCH_ARG(int64_t, heads);
-  TORCH_ARG(int64_t, num_layers) = 1;
-  TORCH_ARG(bool, bias) = true;
-  TORCH_ARG(bool, batch_first) = false;
-  TORCH_ARG(double, dropout) = 0.0;
-  TORCH_ARG(bool, bidirectional) = false;
-  TORCH_ARG(SolverOptions, solver) = {};
-};
+using HeadGRUOptions = HeadOptions;
+using HeadLSTMOptions = HeadOptions;
 
 struct RNNOptions {
   typedef std::variant<torch::enumtype::kTanh, torch::enumtype::kReLU> nonlinearity_t;
@@ -106,8 +94,7 @@ struct StackOptions {
 StackOptions stack_options(const GRUOptions& o);
 StackOptions stack_options(const LSTMOptions& o);
 StackOptions stack_options(const RNNOptions& o);
-StackOptions stack_options(const HeadGRUOptions& o);
-StackOptions stack_options(const HeadLSTMOptions& o);
+StackOptions stack_options(const HeadOptions& o, std::string cell);  // head_gru | head_lstm
 
 // The layer stack shared by GRU, LSTM and RNN: every layer and direction is one solve.
 class RNNStack {
