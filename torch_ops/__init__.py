@@ -12,8 +12,9 @@ from .lyapunov import lyapunov
 from .nn import GRU, LSTM, RNN, DiagGRU, DiagLSTM, HeadGRU, HeadLSTM, from_torch, newton_rnn
 from .scan import scan_block, scan_diag
 from .solve import SolveStats, solve
+from . import mcmc
 
 __all__ = ["scan_diag", "scan_block", "solve", "SolveStats", "lyapunov", "newton_rnn", "GRU", "LSTM", "RNN",
            "DiagGRU", "DiagLSTM", "HeadGRU", "HeadLSTM",
-           "from_torch", "built_with_cuda", "cmake_prefix_path", "distributed", "show_config"]
+           "from_torch", "built_with_cuda", "cmake_prefix_path", "distributed", "mcmc", "show_config"]
 __version__ = "0.1.0"

@@ -14,6 +14,10 @@ namespace {
 at::Tensor previous(const at::Tensor& x, TimeShards* shards = nullptr) { return shift_in_time(x, false, 0.0, shards); }
 at::Tensor next(const at::Tensor& x, double fill, TimeShards* shards) { return shift_in_time(x, true, fill, shards); }
 
+// A⁻¹B, never raising: a singular A (a diverged iterate's covariances) gives non-finite
+// values, which make the step non-finite and the trust region reject it.
+at::Tensor solve(const at::Tensor& A, const at::Tensor& B) { return std::get<0>(at::linalg_solve_ex(A, B)); }
+
 // The element (a, c, j) of Särkkä & García-Fernández for an earlier i followed by a later j.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> combine(const at::Tensor& ai, const at::Tensor& ci, const at::Tensor& ji,
                                                        const at::Tensor& aj, const at::Tensor& cj, const at::Tensor& jj) {
@@ -106,10 +110,10 @@ at::Tensor block_covariances(const at::Tensor& f, const at::Tensor& lam, const a
     const at::Tensor ai = a.narrow(1, 0, n), ci = c.narrow(1, 0, n), ji = j.narrow(1, 0, n);
     const at::Tensor aj = a.narrow(1, d, n), cj = c.narrow(1, d, n), jj = j.narrow(1, d, n);
     const at::Tensor den = eye + at::matmul(ci, jj);  // I + C_i J_j
-    const at::Tensor x = at::linalg_solve(den, at::cat({ai, ci}, -1));
+    const at::Tensor x = solve(den, at::cat({ai, ci}, -1));
     const at::Tensor a2 = at::matmul(aj, x.narrow(-1, 0, k));
     const at::Tensor c2 = symmetric(at::matmul(at::matmul(aj, x.narrow(-1, k, k)), aj.transpose(-1, -2)) + cj);
-    const at::Tensor z = at::linalg_solve(den.transpose(-1, -2), at::matmul(jj, ai));
+    const at::Tensor z = solve(den.transpose(-1, -2), at::matmul(jj, ai));
     const at::Tensor j2 = symmetric(at::matmul(ai.transpose(-1, -2), z) + ji);
     a = at::cat({a.narrow(1, 0, d), a2}, 1);
     c = at::cat({c.narrow(1, 0, d), c2}, 1);
@@ -125,14 +129,14 @@ at::Tensor block_step(const at::Tensor& f, const at::Tensor& r, const at::Tensor
   const at::Tensor P = block_covariances(f, lam, eye);
   const at::Tensor P_pred = at::matmul(at::matmul(f, previous(P)), f.transpose(-1, -2)) + eye;
   // (I − K_t) = (I + λ P⁻_t)⁻¹ applied to both a_t and r_t at once.
-  const at::Tensor g = at::linalg_solve(eye + lam * P_pred, at::cat({f, r.unsqueeze(-1)}, -1));
+  const at::Tensor g = solve(eye + lam * P_pred, at::cat({f, r.unsqueeze(-1)}, -1));
   const at::Tensor m = scan_block(g.narrow(-1, 0, k).contiguous(), -g.select(-1, k));
   if (!smooth || T == 1) return m;
   const int64_t n = T - 1;
   const at::Tensor f_next = f.narrow(1, 1, n), m_head = m.narrow(1, 0, n);
   // G_t = P_t a_{t+1}ᵀ (P⁻_{t+1})⁻¹ = ((P⁻_{t+1})⁻¹ a_{t+1} P_t)ᵀ for symmetric P, P⁻.
   const at::Tensor G =
-      at::linalg_solve(P_pred.narrow(1, 1, n), at::matmul(f_next, P.narrow(1, 0, n))).transpose(-1, -2).contiguous();
+      solve(P_pred.narrow(1, 1, n), at::matmul(f_next, P.narrow(1, 0, n))).transpose(-1, -2).contiguous();
   const at::Tensor m_pred = at::matmul(f_next, m_head.unsqueeze(-1)).squeeze(-1) - r.narrow(1, 1, n);
   const at::Tensor offset = m_head - at::matmul(G, m_pred.unsqueeze(-1)).squeeze(-1);
   const at::Tensor head = scan_block(G, offset, m.select(1, n), /*reverse=*/true);

@@ -22,10 +22,9 @@ namespace {
 int64_t auto_budget(int64_t T) { return std::max<int64_t>(8, 4 * static_cast<int64_t>(std::ceil(std::log2(T + 1.0)))); }
 
 // The stages of method="auto": the cheapest method expected to converge, then exact
-// Newton where the Jacobian's blocks are affordable, then the ELK filter step with a fixed
-// λ = kAutoLambda, which bounds the step where the linearisation expands (the merit-based
-// trust region stalls there: see README "Choosing a method"). rows: B·T.
-constexpr double kAutoLambda = 0.1;
+// Newton where the Jacobian's blocks are affordable, then the ELK filter step under the
+// adaptive trust region (csrc/solver/stage.cpp), which bounds the step where the
+// linearisation expands and needs no λ (see README "Choosing a method"). rows: B·T.
 std::vector<Method> auto_stages(const CellFunction& cell, int64_t rows, bool sharded) {
   const JacobianPart structure = cell.structure();
   const int64_t S = cell.state_size(), k = block_width(structure, cell);
@@ -126,7 +125,7 @@ void run_auto(const CellFunction& cell, const at::Tensor& gi_flat, const at::Ten
   int64_t left = o.max_iter < 0 ? std::numeric_limits<int64_t>::max() : o.max_iter;
   for (const Method m : auto_stages(cell, B * steps_all, o.shards != nullptr)) {
     plan.method = m, plan.budget = std::min(auto_budget(steps_all), left), plan.stop_on_stall = true;
-    plan.damping = is_elk(m) ? kAutoLambda : o.damping;
+    plan.damping = is_elk(m) ? 0.0 : o.damping;
     const at::Tensor before = p.iterations.max();
     run_stage(cell, gi_flat, s0, plan, o, padding, p);
     const Progress::Entry& start = p.entry;

@@ -5,6 +5,7 @@
 // share; each job is one method.
 #include "csrc/solver/stage.h"
 
+#include <algorithm>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -17,9 +18,11 @@
 namespace pnewton {
 namespace {
 
-// Adaptive λ (trust region on ½‖r‖²): the step's actual vs predicted decrease ρ.
+// Adaptive λ: a trust region on the merit ½ Σ_t w_t ‖r_t‖², λ following the step's actual
+// vs predicted decrease ρ (expansion_weights gives the w_t).
 constexpr double kLambdaStart = 1.0, kLambdaMin = 1e-12;
-constexpr double kShrink = 0.1, kGrow = 4.0, kAccept = 1e-4;
+constexpr double kShrink = 0.1, kGrow = 4.0, kAccept = 1e-4, kNonmonotone = 4.0;
+constexpr double kLambdaRestart = 1e-6;
 
 // Clip a Jacobian approximation: entries (diagonal) or blocks by their Frobenius norm,
 // which bounds the spectral norm, so every clipped step is a contraction when clip < 1.
@@ -27,6 +30,11 @@ at::Tensor clip_jacobian(const at::Tensor& a, JacobianPart part, double clip) {
   if (part == JacobianPart::diagonal) return a.clamp(-clip, clip);
   const at::Tensor norm = at::linalg_matrix_norm(a, "fro").unsqueeze(-1).unsqueeze(-1);
   return a * at::clamp_max(clip / norm.clamp_min(1e-30), 1.0);
+}
+
+// Σ_s x² per step of x [B, T, S]: [B, T], or the fused pass's sums where it gave them.
+at::Tensor squares_per_step(const at::Tensor& x, const at::Tensor& given = {}) {
+  return given.defined() ? given : x.square().sum(2);
 }
 
 // max_s |x_{t,s}| per step of x [B, T, S], NaN propagating: [B, T].
@@ -81,11 +89,12 @@ class Stage {
 
  private:
   Evaluation evaluate(const at::Tensor& s, bool with_jacobian) const;
-  at::Tensor merit(const at::Tensor& x, const at::Tensor& square_per_step) const;
+  at::Tensor merit(const at::Tensor& square_per_step, const at::Tensor& weights = {}) const;
+  at::Tensor expansion_weights(const at::Tensor& a) const;
   void check(at::Tensor step, const at::Tensor& phi);
   bool should_stop(int64_t it, const std::vector<at::Tensor>& history) const;
-  Step take(const at::Tensor& moving) const;
-  void accept(Evaluation e, Step step, const at::Tensor& moving, bool more);
+  Step take(const at::Tensor& moving);
+  void accept(Evaluation e, Step step, const at::Tensor& moving, bool more, const at::Tensor& reference);
   // Padding is no part of the system: its residual is zero, it takes no step (a step
   // decaying through it would leave subnormal states, which slow the GEMMs tenfold), and it
   // adds nothing to the scale. Masked, not multiplied: NaN · 0 is NaN.
@@ -107,7 +116,8 @@ class Stage {
   at::Tensor carried_;          // 0 at reset steps (their Jacobian is zero), or undefined
   at::Tensor steps_, iterations_before_, nonfinite_merit_, lambda_;
   // The current iterate's evaluation (F lives in p.F) and merit ½‖r‖² (where read).
-  at::Tensor J_, r_, r_per_step_, scale_per_step_, phi_;
+  at::Tensor J_, r_, r_per_step_, scale_per_step_, square_per_step_, phi_;
+  at::Tensor weights_;  // the adaptive trust region's w_t [B, T] at the iterate stepped from  // the adaptive trust region's w_t [B, T] at the current iterate
 };
 
 Stage::Stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Tensor& s0, const StagePlan& plan,
@@ -160,12 +170,48 @@ Evaluation Stage::evaluate(const at::Tensor& s, bool with_jacobian) const {
                     max_abs_per_step(padding_.defined() ? s.masked_fill(padding_, 0) : s)};
 }
 
-// ½‖x‖² per sequence, from its squares summed per step where the fused pass gave them.
-at::Tensor Stage::merit(const at::Tensor& x, const at::Tensor& square_per_step) const {
-  at::Tensor m = square_per_step.defined() ? 0.5 * (T_ > 0 ? square_per_step.sum(1) : at::zeros({B_}, x.options()))
-                                           : 0.5 * x.square().sum({1, 2});
+// ½ Σ_t w_t ‖x_t‖² per sequence from the squares per step [B, T] (w = 1 when undefined).
+// A non-finite x_t makes it infinite whatever its weight.
+at::Tensor Stage::merit(const at::Tensor& square_per_step, const at::Tensor& weights) const {
+  const at::Tensor terms = weights.defined() ? at::where(weights > 0, square_per_step * weights, square_per_step * 0)
+                                             : square_per_step;
+  at::Tensor m = 0.5 * (T_ > 0 ? terms.sum(1) : at::zeros({B_}, square_per_step.options()));
   if (shards_) m = shards_->sum(m);
   return at::where(m.isfinite(), m, at::full_like(m, INFINITY));
+}
+
+// The weights of the adaptive trust region's merit, w_t = exp(−2 E_t) for a [B, T, ...] in
+// the stage's part, where E_t = max_{τ ≤ t} Σ_{τ < u ≤ t} log ‖Ã_u‖ (∞-norms: an upper bound
+// of log ‖Ã_t ⋯ Ã_{τ+1}‖) is how far the linearisation expands into step t from any earlier
+// step. A residual at step τ moves the states after it by that product, so where the
+// linearisation expands the plain ½‖r‖² is exponentially ill-conditioned: a step that makes
+// the prefix right moves the rest of the sequence to a new, still wrong state and raises
+// ½‖r‖² before it falls (the filter's step is then not even a descent direction of it),
+// and a trust region on it rejects every step until λ is so large the step vanishes. The
+// weights undo that growth: w = 1 wherever the linearisation contracts (then the merit is
+// ½‖r‖²), and an expanding stretch counts with the inverse square of its growth, so the
+// test judges the prefix the step can fix (the merit of the thesis's trust region,
+// weighted as its analysis of the merit's conditioning suggests). A non-finite Ã counts as
+// infinite growth.
+at::Tensor Stage::expansion_weights(const at::Tensor& a) const {
+  const at::Tensor norm = k_ == 1 ? a.abs().amax(2) : a.abs().sum(-1).amax({-1, -2});  // [B, T]
+  const double big = a.scalar_type() == at::kDouble ? 1e300 : 1e30;
+  at::Tensor L = at::nan_to_num(norm, big, big).clamp_min(std::numeric_limits<float>::min()).log().cumsum(1);
+  at::Tensor low = T_ > 0 ? std::get<0>(L.cummin(1)) : L;
+  if (shards_) {
+    // The earlier shards' total growth and lowest running sum: one gather.
+    const at::Tensor none = at::zeros({B_}, L.options());
+    const at::Tensor rows =
+        shards_->gather(at::stack({T_ > 0 ? L.select(1, T_ - 1) : none, T_ > 0 ? low.select(1, T_ - 1) : none}));
+    at::Tensor before = none, low_before = none;
+    for (int64_t q = 0; q < shards_->position(); ++q) {
+      low_before = at::minimum(low_before, before + rows[q][1]);
+      before = before + rows[q][0];
+    }
+    L = L + before.unsqueeze(1);
+    low = at::minimum(low + before.unsqueeze(1), low_before.unsqueeze(1));
+  }
+  return at::exp(-2 * (L - at::clamp_max(low, 0)));
 }
 
 // Converged: every state finite, and within tolerance of the solution, judged by the
@@ -196,7 +242,13 @@ void Stage::check(at::Tensor step, const at::Tensor& phi) {
   }
   const at::Tensor finite = p_.residual.isfinite();
   at::Tensor done = p_.residual == 0;
-  if (step.defined()) done = done | (step.isfinite() & (step <= plan_.atol + plan_.rtol * scale));
+  if (step.defined()) {
+    const at::Tensor tolerance = plan_.atol + plan_.rtol * scale;
+    at::Tensor small = step.isfinite() & (step <= tolerance);
+    // A damped (ELK) step is small where λ is large, converged or not: the residual too.
+    if (elk_) small = small & (p_.residual <= tolerance);
+    done = done | small;
+  }
   const at::Tensor iterated = p_.iterations - iterations_before_;
   if (exact_prefix_) {
     done = done | (iterated >= steps_);
@@ -218,8 +270,10 @@ bool Stage::should_stop(int64_t it, const std::vector<at::Tensor>& history) cons
   if (o_.fixed_iterations) return false;
   const at::Tensor settled = p_.converged | p_.stuck;
   at::Tensor stop = settled.all();
-  if (plan_.stop_on_stall && it >= kStallWindow) {
-    const at::Tensor halved = phi_ <= 0.5 * history[history.size() - 1 - kStallWindow];
+  // The adaptive trust region restarts λ after a stall (accept): it gets a second window.
+  const int64_t window = adaptive_ ? 2 * kStallWindow : kStallWindow;
+  if (plan_.stop_on_stall && it >= window) {
+    const at::Tensor halved = phi_ <= 0.5 * history[history.size() - 1 - window];
     stop = stop | (settled | halved.logical_not()).all();
   }
   return stop.item<bool>();
@@ -230,7 +284,7 @@ bool Stage::should_stop(int64_t it, const std::vector<at::Tensor>& history) cons
 // them (take_step) keeps the ≤ T-iteration guarantee. Non-finite values of the solution
 // itself make the sequence stuck (check), and the states returned for it carry them
 // (nonfinite_pattern).
-Step Stage::take(const at::Tensor& moving) const {
+Step Stage::take(const at::Tensor& moving) {
   Step out;
   Workspace* workspace = p_.workspace.get();
   if (plan_.method == Method::jacobi) {
@@ -248,7 +302,13 @@ Step Stage::take(const at::Tensor& moving) const {
   if (o_.clip > 0) a = clip_jacobian(a, part_, o_.clip);
   if (elk_) {
     const at::Tensor delta = without_padding(elk_delta(a, r_, lambda_, k_, smooth_, shards_));
-    out.predicted = phi_ - merit(r_ + delta - apply_approximation(a, delta, k_, shards_), at::Tensor());
+    if (adaptive_) {
+      // The merit's weights at this iterate (and the iterate's merit under them).
+      weights_ = expansion_weights(a);
+      phi_ = merit(square_per_step_, weights_);
+    }
+    out.predicted =
+        phi_ - merit(squares_per_step(r_ + delta - apply_approximation(a, delta, k_, shards_)), weights_);
     std::tie(out.next, out.size) = take_step(p_.s, delta, 1, moving, padding_, workspace);
   } else {
     std::tie(out.next, out.size) =
@@ -259,16 +319,18 @@ Step Stage::take(const at::Tensor& moving) const {
 
 // Moves to the evaluated step: always, or under the adaptive trust region where the merit
 // fell enough against the predicted decrease (λ shrinks after good steps, grows after poor).
-void Stage::accept(Evaluation e, Step step, const at::Tensor& moving, bool more) {
+void Stage::accept(Evaluation e, Step step, const at::Tensor& moving, bool more, const at::Tensor& reference) {
   if (!adaptive_) {
     p_.s = step.next, p_.F = e.F, J_ = e.J, r_ = e.r, r_per_step_ = e.r_per_step, scale_per_step_ = e.scale_per_step;
-    if (track_merit_) phi_ = merit(r_, e.r_square);
+    if (track_merit_) square_per_step_ = squares_per_step(r_, e.r_square), phi_ = merit(square_per_step_);
     check(step.size, phi_);
     return;
   }
-  const at::Tensor phi_new = merit(e.r, e.r_square);
+  const at::Tensor square_new = squares_per_step(e.r, e.r_square);
+  const at::Tensor phi_new = merit(square_new, weights_);
   const at::Tensor rho = (phi_ - phi_new) / step.predicted.clamp_min(std::numeric_limits<float>::min());
-  const at::Tensor accepted = moving & phi_new.isfinite() & (rho > kAccept);
+  const at::Tensor accepted =
+      moving & phi_new.isfinite() & ((rho > kAccept) | (phi_new <= kNonmonotone * reference));
   const at::Tensor poor = moving & ((rho < 0.25) | rho.isfinite().logical_not());
   lambda_ = at::where(moving & (rho > 0.75), lambda_ * kShrink, at::where(poor, lambda_ * kGrow, lambda_))
                 .clamp(kLambdaMin, kLambdaMax);
@@ -278,6 +340,7 @@ void Stage::accept(Evaluation e, Step step, const at::Tensor& moving, bool more)
   r_ = at::where(keep, e.r, r_);
   r_per_step_ = at::where(keep_rows, e.r_per_step, r_per_step_);
   scale_per_step_ = at::where(keep_rows, e.scale_per_step, scale_per_step_);
+  square_per_step_ = at::where(keep_rows, square_new, square_per_step_);
   if (more) J_ = at::where(keep_rows, e.J.reshape({B_, -1}), J_.reshape({B_, -1})).view(shape_);
   phi_ = at::where(accepted, phi_new, phi_);
   check(at::where(accepted, step.size, INFINITY), phi_);  // a rejected step moved nothing
@@ -287,7 +350,7 @@ void Stage::run() {
   {
     const Evaluation e = evaluate(p_.s, budget_ > 0);
     p_.F = e.F, J_ = e.J, r_ = e.r, r_per_step_ = e.r_per_step, scale_per_step_ = e.scale_per_step;
-    if (track_merit_) phi_ = merit(r_, e.r_square);
+    if (track_merit_) square_per_step_ = squares_per_step(r_, e.r_square), phi_ = merit(square_per_step_);
   }
   check(at::Tensor(), at::Tensor());
   // Where the stage starts, for method="auto"'s choice between its end and its start.
@@ -301,7 +364,16 @@ void Stage::run() {
     const bool more = it + 1 < budget_;
     Evaluation e = evaluate(step.next, more);
     p_.iterations += moving.to(at::kLong);
-    accept(std::move(e), std::move(step), moving, more);
+    const int64_t n = static_cast<int64_t>(history.size()), window = std::min(n, kStallWindow);
+    const at::Tensor reference =
+        adaptive_ ? at::stack(at::TensorList(history).slice(n - window)).amax(0) : at::Tensor();
+    accept(std::move(e), std::move(step), moving, more, reference);
+    if (adaptive_ && n >= kStallWindow) {
+      // A stall at a large λ is the damping's, not the problem's (the step shrinks to nothing
+      // where the approximation's step is no descent direction): restart from a small λ.
+      const at::Tensor stalled = moving & (phi_ > 0.5 * history[n - kStallWindow]);
+      lambda_ = at::where(stalled & (lambda_ > kLambdaStart), kLambdaRestart, lambda_);
+    }
     history.push_back(phi_);
   }
 }

@@ -1,0 +1,129 @@
+"""pnewton.mcmc: MALA and HMC chains evaluated in parallel equal the sequential chains,
+accept decisions included, against loops written here with torch.autograd (issue 24)."""
+import math
+
+import pytest
+import torch
+
+import pnewton
+
+
+def gaussian(D=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(D, D, generator=gen, dtype=torch.float64)
+    prec = A @ A.T / D + torch.eye(D, dtype=torch.float64)
+    return lambda x: -0.5 * ((x @ prec) * x).sum(1)
+
+
+def logistic(N=100, D=3, seed=0):
+    """A Bayesian logistic regression posterior on synthetic data (prior N(0, 4I))."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    y = (torch.rand(N, generator=gen, dtype=torch.float64) < torch.sigmoid(X @ torch.tensor([1.5, -1.0, 0.5],
+                                                                                           dtype=torch.float64))).double()
+    def log_prob(w):
+        logits = w @ X.T  # [N_w, N]
+        return (y * logits - torch.nn.functional.softplus(logits)).sum(1) - (w ** 2).sum(1) / 8
+    return log_prob
+
+
+def gradient(log_prob, x):
+    x = x.detach().requires_grad_()
+    return torch.autograd.grad(log_prob(x).sum(), x)[0]
+
+
+def mala_loop(log_prob, x, noise, eps):
+    D, out, acc = x.shape[1], [], []
+    for t in range(noise.shape[1]):
+        z, log_u = noise[:, t, :D], noise[:, t, D]
+        gx = gradient(log_prob, x)
+        y = x + eps * gx + math.sqrt(2 * eps) * z
+        gy = gradient(log_prob, y)
+        log_alpha = (log_prob(y) - log_prob(x) - ((x - y - eps * gy) ** 2).sum(1) / (4 * eps)
+                     + ((y - x - eps * gx) ** 2).sum(1) / (4 * eps))
+        a = log_u < log_alpha
+        x = torch.where(a[:, None], y, x)
+        out.append(x), acc.append(a)
+    return torch.stack(out, 1), torch.stack(acc, 1)
+
+
+def hmc_loop(log_prob, x, noise, eps, L):
+    D, out, acc = x.shape[1], [], []
+    for t in range(noise.shape[1]):
+        p0, log_u = noise[:, t, :D], noise[:, t, D]
+        q, p = x, p0 + 0.5 * eps * gradient(log_prob, x)
+        for i in range(L):
+            q = q + eps * p
+            p = p + (eps if i < L - 1 else 0.5 * eps) * gradient(log_prob, q)
+        a = log_u < (-log_prob(x) + 0.5 * (p0 ** 2).sum(1)) - (-log_prob(q) + 0.5 * (p ** 2).sum(1))
+        x = torch.where(a[:, None], q, x)
+        out.append(x), acc.append(a)
+    return torch.stack(out, 1), torch.stack(acc, 1)
+
+
+def noise_of(x0, T, seed):
+    """What the sampler draws from a generator seeded `seed`: T·(D normals, one uniform)."""
+    gen = torch.Generator().manual_seed(seed)
+    B, D = x0.shape
+    z = torch.randn(B, T, D, generator=gen, dtype=x0.dtype)
+    return torch.cat([z, torch.rand(B, T, 1, generator=gen, dtype=x0.dtype).log()], -1)
+
+
+@pytest.mark.parametrize("target, eps, T", [("gaussian", 0.1, 2000), ("logistic", 0.05, 1500)])
+def test_mala_is_the_sequential_chain(target, eps, T):
+    log_prob = {"gaussian": gaussian, "logistic": logistic}[target]()
+    D = 6 if target == "gaussian" else 3
+    x0 = torch.zeros(2, D, dtype=torch.float64)
+    chain = pnewton.mcmc.mala(log_prob, x0, T, eps, generator=torch.Generator().manual_seed(7))
+    ref, accepted = mala_loop(log_prob, x0, noise_of(x0, T, 7), eps)
+    assert chain.stats.method == "deer" and bool(chain.stats.converged.all())
+    assert int(chain.stats.iterations.max()) <= 25  # predictable chains: a handful of iterations
+    torch.testing.assert_close(chain.samples, ref, rtol=0, atol=1e-10)
+    assert torch.equal(chain.accepted, accepted) and 0.3 < float(chain.acceptance_rate.min()) < 1
+    assert chain.seconds > 0
+
+
+def test_hmc_is_the_sequential_chain():
+    # Short trajectories (εL = 0.3): longer ones are less predictable (ε = 0.15, L = 4 needs
+    # more than 60 iterations here; benchmarks/bench_mcmc.py).
+    log_prob = logistic()
+    x0 = torch.zeros(2, 3, dtype=torch.float64)
+    chain = pnewton.mcmc.hmc(log_prob, x0, 400, 0.1, 3, generator=torch.Generator().manual_seed(3))
+    ref, accepted = hmc_loop(log_prob, x0, noise_of(x0, 400, 3), 0.1, 3)
+    assert bool(chain.stats.converged.all()) and int(chain.stats.iterations.max()) <= 25
+    torch.testing.assert_close(chain.samples, ref, rtol=0, atol=1e-10)
+    assert torch.equal(chain.accepted, accepted) and bool((~chain.accepted).any())
+
+
+@pytest.mark.parametrize("method", ["sequential", "quasi_deer", "elk_filter"])
+def test_every_method_gives_the_same_chain(method):
+    log_prob = gaussian(D=3)
+    x0 = torch.randn(1, 3, dtype=torch.float64)
+    want = pnewton.mcmc.mala(log_prob, x0, 300, 0.2, generator=torch.Generator().manual_seed(1))
+    got = pnewton.mcmc.mala(log_prob, x0, 300, 0.2, generator=torch.Generator().manual_seed(1), method=method)
+    torch.testing.assert_close(got.samples, want.samples, rtol=0, atol=1e-10)
+    assert torch.equal(got.accepted, want.accepted)
+
+
+def test_one_chain_from_a_vector_and_an_empty_chain():
+    chain = pnewton.mcmc.mala(gaussian(D=2), torch.zeros(2, dtype=torch.float64), 50, 0.1)
+    assert chain.samples.shape == (1, 50, 2) and chain.accepted.shape == (1, 50)
+    empty = pnewton.mcmc.hmc(gaussian(D=2), torch.zeros(3, 2, dtype=torch.float64), 0, 0.1, 3)
+    assert empty.samples.shape == (3, 0, 2) and empty.accepted.shape == (3, 0)
+
+
+def test_bad_arguments_are_named():
+    lp = gaussian(D=2)
+    x0 = torch.zeros(1, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="x0"):
+        pnewton.mcmc.mala(lp, torch.zeros(1, 2, dtype=torch.long), 10, 0.1)
+    with pytest.raises(ValueError, match="steps"):
+        pnewton.mcmc.mala(lp, x0, -1, 0.1)
+    with pytest.raises(ValueError, match="step_size"):
+        pnewton.mcmc.mala(lp, x0, 10, 0.0)
+    with pytest.raises(ValueError, match="leapfrog_steps"):
+        pnewton.mcmc.hmc(lp, x0, 10, 0.1, 0)
+    with pytest.raises(ValueError, match="log_prob"):
+        pnewton.mcmc.mala(lambda x: x, x0, 10, 0.1)
+    with pytest.raises(TypeError, match="generator"):
+        pnewton.mcmc.mala(lp, x0, 10, 0.1, generator=0)
