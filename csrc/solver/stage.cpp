@@ -18,11 +18,16 @@
 namespace pnewton {
 namespace {
 
-// Adaptive λ: a trust region on the merit ½ Σ_t w_t ‖r_t‖², λ following the step's actual
-// vs predicted decrease ρ (expansion_weights gives the w_t).
-constexpr double kLambdaStart = 1.0, kLambdaMin = 1e-12;
+// Adaptive λ: a trust region on the merit ½ Σ_t w_t ‖r_t‖² (expansion_weights gives the
+// w_t). λ shrinks by kShrink when the step's actual decrease is over 3/4 of the predicted
+// one ρ, grows by kGrow below 1/4. A step is accepted when ρ > kAccept or its merit stays
+// within kNonmonotone times the largest of the last kStallWindow accepted merits (a
+// nonmonotone test: an approximate Jacobian's step need not descend). When the merit has
+// not halved in kStallWindow iterations while λ > kLambdaStart, λ restarts at
+// kLambdaRestart: that stall is the damping's (a large λ shrinks the step to nothing where
+// the approximation's step does not descend), not the problem's.
+constexpr double kLambdaStart = 1.0, kLambdaMin = 1e-12, kLambdaRestart = 1e-6;
 constexpr double kShrink = 0.1, kGrow = 4.0, kAccept = 1e-4, kNonmonotone = 4.0;
-constexpr double kLambdaRestart = 1e-6;
 
 // Clip a Jacobian approximation: entries (diagonal) or blocks by their Frobenius norm,
 // which bounds the spectral norm, so every clipped step is a contraction when clip < 1.
@@ -94,7 +99,7 @@ class Stage {
   void check(at::Tensor step, const at::Tensor& phi);
   bool should_stop(int64_t it, const std::vector<at::Tensor>& history) const;
   Step take(const at::Tensor& moving);
-  void accept(Evaluation e, Step step, const at::Tensor& moving, bool more, const at::Tensor& reference);
+  void accept(Evaluation e, Step step, const at::Tensor& moving, bool more, const std::vector<at::Tensor>& history);
   // Padding is no part of the system: its residual is zero, it takes no step (a step
   // decaying through it would leave subnormal states, which slow the GEMMs tenfold), and it
   // adds nothing to the scale. Masked, not multiplied: NaN · 0 is NaN.
@@ -117,7 +122,7 @@ class Stage {
   at::Tensor steps_, iterations_before_, nonfinite_merit_, lambda_;
   // The current iterate's evaluation (F lives in p.F) and merit ½‖r‖² (where read).
   at::Tensor J_, r_, r_per_step_, scale_per_step_, square_per_step_, phi_;
-  at::Tensor weights_;  // the adaptive trust region's w_t [B, T] at the iterate stepped from  // the adaptive trust region's w_t [B, T] at the current iterate
+  at::Tensor weights_;  // the adaptive trust region's w_t [B, T] at the iterate stepped from
 };
 
 Stage::Stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Tensor& s0, const StagePlan& plan,
@@ -190,9 +195,9 @@ at::Tensor Stage::merit(const at::Tensor& square_per_step, const at::Tensor& wei
 // and a trust region on it rejects every step until λ is so large the step vanishes. The
 // weights undo that growth: w = 1 wherever the linearisation contracts (then the merit is
 // ½‖r‖²), and an expanding stretch counts with the inverse square of its growth, so the
-// test judges the prefix the step can fix (the merit of the thesis's trust region,
-// weighted as its analysis of the merit's conditioning suggests). A non-finite Ã counts as
-// infinite growth.
+// test judges the prefix the step can fix. A non-finite Ã counts as infinite growth. The
+// per-step norm overstates the growth of non-normal Jacobians (Lorenz's Euler step:
+// ‖Ã‖∞ ≈ 1.3 per step against a true e^0.012), which makes the merit short-sighted there.
 at::Tensor Stage::expansion_weights(const at::Tensor& a) const {
   const at::Tensor norm = k_ == 1 ? a.abs().amax(2) : a.abs().sum(-1).amax({-1, -2});  // [B, T]
   const double big = a.scalar_type() == at::kDouble ? 1e300 : 1e30;
@@ -317,9 +322,9 @@ Step Stage::take(const at::Tensor& moving) {
   return out;
 }
 
-// Moves to the evaluated step: always, or under the adaptive trust region where the merit
-// fell enough against the predicted decrease (λ shrinks after good steps, grows after poor).
-void Stage::accept(Evaluation e, Step step, const at::Tensor& moving, bool more, const at::Tensor& reference) {
+// Moves to the evaluated step: always, or as the adaptive trust region decides (above;
+// history: the accepted merits so far, the latest last).
+void Stage::accept(Evaluation e, Step step, const at::Tensor& moving, bool more, const std::vector<at::Tensor>& history) {
   if (!adaptive_) {
     p_.s = step.next, p_.F = e.F, J_ = e.J, r_ = e.r, r_per_step_ = e.r_per_step, scale_per_step_ = e.scale_per_step;
     if (track_merit_) square_per_step_ = squares_per_step(r_, e.r_square), phi_ = merit(square_per_step_);
@@ -329,6 +334,8 @@ void Stage::accept(Evaluation e, Step step, const at::Tensor& moving, bool more,
   const at::Tensor square_new = squares_per_step(e.r, e.r_square);
   const at::Tensor phi_new = merit(square_new, weights_);
   const at::Tensor rho = (phi_ - phi_new) / step.predicted.clamp_min(std::numeric_limits<float>::min());
+  const int64_t n = static_cast<int64_t>(history.size());
+  const at::Tensor reference = at::stack(at::TensorList(history).slice(n - std::min(n, kStallWindow))).amax(0);
   const at::Tensor accepted =
       moving & phi_new.isfinite() & ((rho > kAccept) | (phi_new <= kNonmonotone * reference));
   const at::Tensor poor = moving & ((rho < 0.25) | rho.isfinite().logical_not());
@@ -343,6 +350,10 @@ void Stage::accept(Evaluation e, Step step, const at::Tensor& moving, bool more,
   square_per_step_ = at::where(keep_rows, square_new, square_per_step_);
   if (more) J_ = at::where(keep_rows, e.J.reshape({B_, -1}), J_.reshape({B_, -1})).view(shape_);
   phi_ = at::where(accepted, phi_new, phi_);
+  if (n >= kStallWindow) {
+    const at::Tensor stalled = moving & (phi_ > 0.5 * history[n - kStallWindow]) & (lambda_ > kLambdaStart);
+    lambda_ = at::where(stalled, kLambdaRestart, lambda_);
+  }
   check(at::where(accepted, step.size, INFINITY), phi_);  // a rejected step moved nothing
 }
 
@@ -364,16 +375,7 @@ void Stage::run() {
     const bool more = it + 1 < budget_;
     Evaluation e = evaluate(step.next, more);
     p_.iterations += moving.to(at::kLong);
-    const int64_t n = static_cast<int64_t>(history.size()), window = std::min(n, kStallWindow);
-    const at::Tensor reference =
-        adaptive_ ? at::stack(at::TensorList(history).slice(n - window)).amax(0) : at::Tensor();
-    accept(std::move(e), std::move(step), moving, more, reference);
-    if (adaptive_ && n >= kStallWindow) {
-      // A stall at a large λ is the damping's, not the problem's (the step shrinks to nothing
-      // where the approximation's step is no descent direction): restart from a small λ.
-      const at::Tensor stalled = moving & (phi_ > 0.5 * history[n - kStallWindow]);
-      lambda_ = at::where(stalled & (lambda_ > kLambdaStart), kLambdaRestart, lambda_);
-    }
+    accept(std::move(e), std::move(step), moving, more, history);
     history.push_back(phi_);
   }
 }
