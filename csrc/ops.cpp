@@ -96,8 +96,8 @@ TORCH_LIBRARY(pnewton, m) {
   m.def(
       "solve_user(int handle, int structure, Tensor s0, Tensor inputs, str method=\"auto\", int max_iter=-1, "
       "float atol=-1.0, float rtol=-1.0, float damping=0.0, float clip=0.0, str init=\"zeros\", "
-      "Tensor? init_states=None, bool fallback=True) -> (Tensor states, Tensor iterations, Tensor residual, "
-      "Tensor converged, Tensor path)");
+      "Tensor? init_states=None, bool fallback=True, bool cheap_diagonal=True) -> (Tensor states, "
+      "Tensor iterations, Tensor residual, Tensor converged, Tensor path)");
   // Its adjoint λ_t = g_t + A_{t+1}ᵀ λ_{t+1} at the solution: s_prev [B·T, S] the state each
   // step read, u [B·T, ...], g [B, T, S] (solve_adjoint).
   m.def("solve_user_adjoint(int handle, int structure, Tensor s_prev, Tensor u, Tensor g, str adjoint=\"auto\") -> Tensor");

@@ -136,7 +136,7 @@ class _HMC:
         return torch.where(accept.unsqueeze(1), q, x)
 
 
-def mala(log_prob, x0, steps, step_size, *, generator=None, method="deer", max_iter=None):
+def mala(log_prob, x0, steps, step_size, *, generator=None, method="auto", max_iter=None):
     """A Metropolis-adjusted Langevin chain of ``steps`` steps from ``x0`` ([D] or B chains
     [B, D]), evaluated in parallel over the steps.
 
@@ -145,7 +145,9 @@ def mala(log_prob, x0, steps, step_size, *, generator=None, method="deer", max_i
         step_size: ε, the Langevin step (proposal y = x + ε∇log p(x) + √(2ε) z).
         generator: the torch.Generator the noise is drawn from (one draw up front: the same
             generator state gives the same chain whatever the method).
-        method: the solve's method (``auto``; ``sequential`` is the reference loop).
+        method: the solve's method: ``auto`` (exact Newton while B·T·D² ≤ 2²⁴, then the
+            adaptive ELK filter, then the loop), any other of :func:`pnewton.solve`'s, or
+            ``sequential``, the reference loop.
         max_iter: the solve's iteration budget (None: its default).
 
     Returns:
@@ -157,7 +159,7 @@ def mala(log_prob, x0, steps, step_size, *, generator=None, method="deer", max_i
     return _run(_MALA(log_prob, step_size), x, _draw(x, steps, generator, 1), method, max_iter)
 
 
-def hmc(log_prob, x0, steps, step_size, leapfrog_steps, *, generator=None, method="deer", max_iter=None):
+def hmc(log_prob, x0, steps, step_size, leapfrog_steps, *, generator=None, method="auto", max_iter=None):
     """A Hamiltonian Monte Carlo chain (``leapfrog_steps`` leapfrog steps of size
     ``step_size`` per transition, a fresh momentum each), evaluated in parallel over the
     transitions; arguments and result as :func:`mala`."""

@@ -245,10 +245,11 @@ def solve(f, s0, inputs, method="auto", *, structure="dense", jacobian=None, max
     Args:
         f: batched step function ``f(s_prev [N, D], u [N, ...]) -> [N, D]``, any torch code.
         s0: initial state ``[B, D]``. inputs: ``[B, T, ...]``.
-        method: ``auto`` (default): quasi_deer (deer for ``structure="diag"``), then deer
-            while B·T·D² ≤ 2²⁴, then the trust-region ELK step, each stage ending when its residual
-            stalls or after 4·log₂T iterations, then the loop; the path taken is
-            ``stats.method``. Or one method: ``deer`` (full Jacobian, O(D³) per step),
+        method: ``auto`` (default): deer while B·T·D² ≤ 2²⁴ (torch.func forms the whole
+            Jacobian for the diagonal too; with your ``jacobian=``, quasi_deer first, then
+            deer while affordable), then the ELK filter step under the adaptive trust region,
+            each stage ending when its residual stalls or after 4·log₂T iterations, then the
+            loop; the path taken is ``stats.method``. Or one method: ``deer`` (full Jacobian, O(D³) per step),
             ``quasi_deer`` (its diagonal), ``elk`` / ``quasi_elk`` (the Levenberg–Marquardt
             step as a Kalman smoother over the dense / diagonal approximation),
             ``elk_filter`` / ``quasi_elk_filter`` (filter means only, as in the ELK paper's
@@ -313,7 +314,7 @@ def solve(f, s0, inputs, method="auto", *, structure="dense", jacobian=None, max
     with torch.no_grad(), _registered(callback) as handle:
         states, iterations, residual, converged, path = torch.ops.pnewton.solve_user(
             handle, _DIAGONAL if structure == "diag" else _DENSE, s0.detach(), inputs.detach(), method, *limits,
-            float(damping), 0.0, init, init_states, fallback)
+            float(damping), 0.0, init, init_states, fallback, cheap_diagonal=jacobian is not None)
     stats = SolveStats(iterations, residual, converged, path, method)
     if not torch.is_grad_enabled() or T == 0:
         return states, stats

@@ -21,12 +21,13 @@ JacobianPart part_of(const char* op, int64_t code) {
 
 class CallbackCell : public CellFunction {
  public:
-  CallbackCell(int64_t handle, JacobianPart structure, int64_t state_size)
-      : handle_(handle), structure_(structure), state_size_(state_size) {}
+  CallbackCell(int64_t handle, JacobianPart structure, int64_t state_size, bool cheap_diagonal = true)
+      : handle_(handle), structure_(structure), state_size_(state_size), cheap_diagonal_(cheap_diagonal) {}
 
   int64_t state_size() const override { return state_size_; }
   JacobianPart structure() const override { return structure_; }
   bool has_blocks() const override { return false; }
+  bool cheap_diagonal() const override { return cheap_diagonal_; }
 
   at::Tensor step(const at::Tensor& s, const at::Tensor& u) const override {
     static auto op = c10::Dispatcher::singleton()
@@ -53,12 +54,13 @@ class CallbackCell : public CellFunction {
   int64_t handle_;
   JacobianPart structure_;
   int64_t state_size_;
+  bool cheap_diagonal_;  // false: the Python side forms the diagonal from the whole Jacobian
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> solve_user(
     int64_t handle, int64_t structure, const at::Tensor& s0, const at::Tensor& inputs, c10::string_view method,
     int64_t max_iter, double atol, double rtol, double damping, double clip, c10::string_view init,
-    const c10::optional<at::Tensor>& init_states, bool fallback) {
+    const c10::optional<at::Tensor>& init_states, bool fallback, bool cheap_diagonal) {
   constexpr const char* op = "pnewton.solve";
   check_floating(op, "s0", s0, 2, "[B, D]");
   TORCH_CHECK_VALUE(inputs.dim() >= 2 && inputs.size(0) == s0.size(0), op, ": inputs must be [B, T, ...] with B = ",
@@ -74,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> solve_use
                       "] warm start");
     o.init_states = init_states->detach().to(s0.options());
   }
-  const CallbackCell cell(handle, part_of(op, structure), s0.size(1));
+  const CallbackCell cell(handle, part_of(op, structure), s0.size(1), cheap_diagonal);
   at::NoGradGuard no_grad;
   NewtonResult r = newton_solve(cell, inputs.detach(), s0.detach(), o);
   return {r.states, r.iterations, r.residual, r.converged, r.path};

@@ -32,6 +32,8 @@ std::vector<Method> auto_stages(const CellFunction& cell, int64_t rows, bool sha
   if (structure == JacobianPart::diagonal || structure == JacobianPart::block2 ||
       (structure == JacobianPart::blocks && k <= kBlockNewtonStates)) {
     stages = {Method::deer, Method::elk_filter};
+  } else if (!cell.cheap_diagonal() && rows * S * k <= kDenseBudget) {
+    stages = {Method::deer, Method::quasi_elk_filter};
   } else {
     stages = {cell.has_blocks() ? Method::block_deer : Method::quasi_deer};
     if (rows * S * k <= kDenseBudget) stages.push_back(Method::deer);

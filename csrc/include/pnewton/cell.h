@@ -31,6 +31,10 @@ class CellFunction {
   }
   // k of JacobianPart::blocks, where structure() is blocks (k divides state_size()).
   virtual int64_t block_size() const { return 0; }
+  // Whether the diagonal of a dense ∂f/∂s costs less to form than the whole: method auto
+  // then starts with quasi_deer; where it costs the same (the diagonal taken from the whole
+  // Jacobian, as pnewton.solve's torch.func does), with exact Newton while it is affordable.
+  virtual bool cheap_diagonal() const { return true; }
   // ∂f/∂s in the given part. The default differentiates step() with autograd (S passes).
   virtual at::Tensor jacobian(const at::Tensor& s, const at::Tensor& u, JacobianPart part) const;
   // ∂f/∂sᵀ v. The default is one autograd pass through step().
