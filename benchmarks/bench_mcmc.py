@@ -48,7 +48,7 @@ def main():
             run(torch.Generator().manual_seed(0))  # warm-up (torch.func's first traces)
             chain = run(torch.Generator().manual_seed(1))
             step = _MALA(log_prob, eps) if sampler == "mala" else _HMC(log_prob, eps, L)
-            inputs = _draw(x0, T, torch.Generator().manual_seed(1), 1)
+            inputs = _draw(x0, T, torch.Generator().manual_seed(1))
             start = time.perf_counter()
             loop = sequential(step.next, x0, inputs)
             loop_s = time.perf_counter() - start

@@ -63,7 +63,7 @@ def main():
         par = pnewton.mcmc.mala(log_prob, x0, T, args.step_size, generator=gen)
         # The same chain by the plain loop: the same draws, one step at a time.
         gen = torch.Generator().manual_seed(2)
-        inputs = pnewton.mcmc._draw(x0, T, gen, 1)
+        inputs = pnewton.mcmc._draw(x0, T, gen)
         start = time.perf_counter()
         loop = sequential(_MALA(log_prob, args.step_size).next, x0, inputs)
         loop_s = time.perf_counter() - start

@@ -65,11 +65,11 @@ def _checked(log_prob, x0, steps, step_size, generator):
     return x
 
 
-def _draw(x, steps, generator, normals):
-    """The chain's randomness, drawn up front: [B, T, normals·D + 1] — the proposal's standard
-    normals (normals·D of them) and log U, U ~ Uniform(0, 1), per step."""
+def _draw(x, steps, generator):
+    """The chain's randomness, drawn up front: [B, T, D + 1] — per step, the proposal's D
+    standard normals (MALA's noise, HMC's momentum) and log U, U ~ Uniform(0, 1)."""
     B, D = x.shape
-    z = torch.randn(B, steps, normals * D, generator=generator, dtype=x.dtype, device=x.device)
+    z = torch.randn(B, steps, D, generator=generator, dtype=x.dtype, device=x.device)
     log_u = torch.rand(B, steps, 1, generator=generator, dtype=x.dtype, device=x.device).log()
     return torch.cat([z, log_u], -1)
 
@@ -156,7 +156,7 @@ def mala(log_prob, x0, steps, step_size, *, generator=None, method="auto", max_i
         (float64: 1e-12 relative; an unconverged chain falls back to the loop).
     """
     x = _checked(log_prob, x0, steps, step_size, generator)
-    return _run(_MALA(log_prob, step_size), x, _draw(x, steps, generator, 1), method, max_iter)
+    return _run(_MALA(log_prob, step_size), x, _draw(x, steps, generator), method, max_iter)
 
 
 def hmc(log_prob, x0, steps, step_size, leapfrog_steps, *, generator=None, method="auto", max_iter=None):
@@ -166,4 +166,4 @@ def hmc(log_prob, x0, steps, step_size, leapfrog_steps, *, generator=None, metho
     x = _checked(log_prob, x0, steps, step_size, generator)
     if isinstance(leapfrog_steps, bool) or not isinstance(leapfrog_steps, int) or leapfrog_steps < 1:
         raise ValueError(f"pnewton.mcmc: leapfrog_steps must be an integer >= 1, got {leapfrog_steps!r}")
-    return _run(_HMC(log_prob, step_size, leapfrog_steps), x, _draw(x, steps, generator, 1), method, max_iter)
+    return _run(_HMC(log_prob, step_size, leapfrog_steps), x, _draw(x, steps, generator), method, max_iter)
