@@ -24,7 +24,9 @@ int64_t auto_budget(int64_t T) { return std::max<int64_t>(8, 4 * static_cast<int
 // The stages of method="auto": the cheapest method expected to converge, then exact
 // Newton where the Jacobian's blocks are affordable, then the ELK filter step under the
 // adaptive trust region (csrc/solver/stage.cpp), which bounds the step where the
-// linearisation expands and needs no λ (see README "Choosing a method"). rows: B·T.
+// linearisation expands and needs no λ (see README "Choosing a method"). Where the diagonal
+// costs the whole Jacobian (CellFunction::cheap_diagonal: pnewton.solve's torch.func),
+// exact Newton comes first while affordable. rows: B·T.
 std::vector<Method> auto_stages(const CellFunction& cell, int64_t rows, bool sharded) {
   const JacobianPart structure = cell.structure();
   const int64_t S = cell.state_size(), k = block_width(structure, cell);
