@@ -176,10 +176,9 @@ Evaluation Stage::evaluate(const at::Tensor& s, bool with_jacobian) const {
 }
 
 // ½ Σ_t w_t ‖x_t‖² per sequence from the squares per step [B, T] (w = 1 when undefined).
-// A non-finite x_t makes it infinite whatever its weight.
+// A non-finite x_t makes it infinite whatever its weight (∞ · 0 is NaN).
 at::Tensor Stage::merit(const at::Tensor& square_per_step, const at::Tensor& weights) const {
-  const at::Tensor terms = weights.defined() ? at::where(weights > 0, square_per_step * weights, square_per_step * 0)
-                                             : square_per_step;
+  const at::Tensor terms = weights.defined() ? square_per_step * weights : square_per_step;
   at::Tensor m = 0.5 * (T_ > 0 ? terms.sum(1) : at::zeros({B_}, square_per_step.options()));
   if (shards_) m = shards_->sum(m);
   return at::where(m.isfinite(), m, at::full_like(m, INFINITY));
