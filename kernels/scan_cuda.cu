@@ -22,103 +22,51 @@ struct Acc<double> {
 
 PNEWTON_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Thread layout: one thread per (b, chunk, h), h fastest so a warp reads adjacent blocks.
-struct Lane {
-  int64_t b, c, h;
-};
-
-__device__ bool lane_of(const ScanParams& p, int64_t n_chunks, Lane* lane) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= p.B * n_chunks * p.H) return false;
-  lane->h = i % p.H;
-  lane->c = (i / p.H) % n_chunks;
-  lane->b = i / (p.H * n_chunks);
-  return true;
-}
-
-// Phase 1: the aggregate (M, v) of chunk c of lane (b, h), for every chunk but the last.
+// The chunked scan's kernels: one thread per (b, chunk, h), h fastest so that a warp reads
+// adjacent blocks (the column aggregate: per (b, chunk, h, column), column fastest, so that
+// a chunk's k + 1 threads read each coefficient together). kernels/scan_chunked.h holds
+// their code.
 template <typename scalar_t, int K>
 __global__ void __launch_bounds__(kThreads)
-    aggregate_kernel(ScanParams p, int64_t n_chunks, typename Acc<scalar_t>::type* M_out,
-                     typename Acc<scalar_t>::type* v_out) {
-  using acc_t = typename Acc<scalar_t>::type;
-  Lane lane;
-  if (!lane_of(p, n_chunks, &lane) || lane.c == n_chunks - 1) return;
-  const int k = block_size<K>(p.k);
-  acc_t M[K * K], v[K], tmp[K * K + K];
-  set_identity<K>(k, M, v);
-  const int64_t len = ceil_div(p.T, n_chunks);
-  const int64_t pos1 = min(p.T, (lane.c + 1) * len);
-  for (int64_t pos = lane.c * len; pos < pos1; ++pos) {
-    const int64_t t = time_at(p, pos), ta = coefficient_time(p, pos);
-    const scalar_t* in = input_at<scalar_t>(p, lane.b, t, lane.h);
-    if (ta < 0) {
-      for (int i = 0; i < k * k; ++i) M[i] = 0;
-      for (int i = 0; i < k; ++i) v[i] = static_cast<acc_t>(in[i * p.b_stride[3]]);
-    } else {
-      fold<K>(p.k, coefficient<scalar_t>(p, lane.b, ta, lane.h), in, p.b_stride[3], M, v, tmp);
-    }
+    aggregate_kernel(ScanParams p, int64_t n_chunks, typename Acc<scalar_t>::type* M, typename Acc<scalar_t>::type* v) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t columns = chunk_threads(p.k), h = (i / columns) % p.H, c = (i / columns / p.H) % (n_chunks - 1);
+  const int64_t b = i / columns / p.H / (n_chunks - 1);
+  if (b >= p.B) return;
+  if constexpr (K <= kMaxRegisterBlock) {
+    chunk_aggregate<K, typename Acc<scalar_t>::type, scalar_t>(p, n_chunks, b, c, h, M, v);
+  } else {
+    chunk_aggregate_column<K, typename Acc<scalar_t>::type, scalar_t>(p, n_chunks, b, c, h,
+                                                                      static_cast<int>(i % columns), M, v);
   }
-  const int64_t slot = (lane.b * n_chunks + lane.c) * p.H + lane.h;
-  for (int i = 0; i < k * k; ++i) M_out[slot * k * k + i] = M[i];
-  for (int i = 0; i < k; ++i) v_out[slot * k + i] = v[i];
 }
 
-// Phase 2: the state entering each chunk, carried across chunks in order.
 template <typename scalar_t, int K>
 __global__ void __launch_bounds__(kThreads)
     carry_kernel(ScanParams p, int64_t n_chunks, const typename Acc<scalar_t>::type* M,
                  const typename Acc<scalar_t>::type* v, typename Acc<scalar_t>::type* carry) {
-  using acc_t = typename Acc<scalar_t>::type;
-  Lane lane;
-  if (!lane_of(p, 1, &lane)) return;
-  const int k = block_size<K>(p.k);
-  const int64_t row = lane.b * n_chunks * p.H + lane.h;
-  load_initial_state<K, acc_t, scalar_t>(p, lane.b, lane.h, carry + row * k);
-  for (int64_t c = 1; c < n_chunks; ++c) {
-    const int64_t prev = row + (c - 1) * p.H, next = prev + p.H;
-    affine_apply<K>(p.k, StridedMatrix<acc_t>{M + prev * k * k, k, 1}, carry + prev * k, v + prev * k, 1,
-                    carry + next * k);
-  }
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.B * p.H) return;
+  chunk_carry<K, typename Acc<scalar_t>::type, scalar_t>(p, n_chunks, i / p.H, i % p.H, M, v, carry);
 }
 
-// Phase 3: every chunk rescanned from the state entering it, writing x.
 template <typename scalar_t, int K>
 __global__ void __launch_bounds__(kThreads)
     rescan_kernel(ScanParams p, int64_t n_chunks, const typename Acc<scalar_t>::type* carry) {
-  using acc_t = typename Acc<scalar_t>::type;
-  Lane lane;
-  if (!lane_of(p, n_chunks, &lane)) return;
-  const int k = block_size<K>(p.k);
-  acc_t s[K], next[K];
-  const int64_t slot = (lane.b * n_chunks + lane.c) * p.H + lane.h;
-  for (int i = 0; i < k; ++i) s[i] = carry[slot * k + i];
-  const int64_t len = ceil_div(p.T, n_chunks);
-  const int64_t pos1 = min(p.T, (lane.c + 1) * len);
-  for (int64_t pos = lane.c * len; pos < pos1; ++pos) {
-    const int64_t t = time_at(p, pos), ta = coefficient_time(p, pos);
-    const scalar_t* in = input_at<scalar_t>(p, lane.b, t, lane.h);
-    if (ta < 0) {
-      for (int i = 0; i < k; ++i) next[i] = static_cast<acc_t>(in[i * p.b_stride[3]]);
-    } else {
-      affine_apply<K>(p.k, coefficient<scalar_t>(p, lane.b, ta, lane.h), s, in, p.b_stride[3], next);
-    }
-    scalar_t* out = output_at<scalar_t>(p, lane.b, t, lane.h);
-    for (int i = 0; i < k; ++i) {
-      s[i] = next[i];
-      out[i * p.x_stride[3]] = static_cast<scalar_t>(next[i]);
-    }
-  }
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.B * n_chunks * p.H) return;
+  chunk_rescan<K, typename Acc<scalar_t>::type, scalar_t>(p, n_chunks, i / p.H / n_chunks, (i / p.H) % n_chunks,
+                                                          i % p.H, carry);
 }
 
 size_t acc_bytes(DType dtype) { return dtype == DType::f64 ? sizeof(double) : sizeof(float); }
 
 // ---- the chunked scan ---------------------------------------------------------------------
 
-// How the time axis is cut: enough chunks that B·H·chunks threads fill the device, each
-// chunk at least a few dozen steps long.
+// How the time axis is cut: enough chunks that the aggregate's B·H·chunks·chunk_threads
+// threads fill the device, each chunk at least a few dozen steps long.
 int64_t chunked_time_chunks(const ScanParams& p, int num_sms) {
-  const int64_t lanes = std::max<int64_t>(1, p.B * p.H);
+  const int64_t lanes = std::max<int64_t>(1, p.B * p.H * chunk_threads(p.k));
   const int64_t wanted_threads = static_cast<int64_t>(std::max(num_sms, 1)) * 2048;
   const int64_t by_occupancy = ceil_div(wanted_threads, lanes);
   const int64_t by_length = std::max<int64_t>(1, p.T / 64);
@@ -138,12 +86,12 @@ cudaError_t launch_chunked(const ScanParams& p, int64_t n_chunks, void* scratch,
   acc_t* M = static_cast<acc_t*>(scratch);
   acc_t* v = M + lanes * n_chunks * p.k * p.k;
   acc_t* carry = v + lanes * n_chunks * p.k;
-  const int64_t chunk_blocks = ceil_div(lanes * n_chunks, kThreads);
   if (n_chunks > 1) {
-    aggregate_kernel<scalar_t, K><<<chunk_blocks, kThreads, 0, stream>>>(p, n_chunks, M, v);
+    const int64_t threads = lanes * (n_chunks - 1) * chunk_threads(p.k);
+    aggregate_kernel<scalar_t, K><<<ceil_div(threads, kThreads), kThreads, 0, stream>>>(p, n_chunks, M, v);
   }
   carry_kernel<scalar_t, K><<<ceil_div(lanes, kThreads), kThreads, 0, stream>>>(p, n_chunks, M, v, carry);
-  rescan_kernel<scalar_t, K><<<chunk_blocks, kThreads, 0, stream>>>(p, n_chunks, carry);
+  rescan_kernel<scalar_t, K><<<ceil_div(lanes * n_chunks, kThreads), kThreads, 0, stream>>>(p, n_chunks, carry);
   return cudaGetLastError();
 }
 
@@ -157,7 +105,8 @@ cudaError_t chunked_dispatch_k(const ScanParams& p, int64_t n_chunks, void* scra
     case 5: return launch_chunked<scalar_t, 5>(p, n_chunks, scratch, stream);
     case 6: return launch_chunked<scalar_t, 6>(p, n_chunks, scratch, stream);
     case 7: return launch_chunked<scalar_t, 7>(p, n_chunks, scratch, stream);
-    default: return launch_chunked<scalar_t, 8>(p, n_chunks, scratch, stream);
+    case 8: return launch_chunked<scalar_t, 8>(p, n_chunks, scratch, stream);
+    default: return launch_chunked<scalar_t, kMaxChunkedBlock>(p, n_chunks, scratch, stream);
   }
 }
 

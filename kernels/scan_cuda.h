@@ -5,15 +5,16 @@
 
 #include <cstddef>
 
+#include "kernels/scan_chunked.h"
 #include "kernels/scan_params.h"
 
 namespace pnewton {
 
-// Largest block size the CUDA scans take: a thread holds its blocks in registers and does
-// k³ work per step. Larger blocks (dense Jacobians) go to the batched-matmul scan in csrc/
-// (on the H200 this kernel, with k = 32 blocks in local memory, spent ~0.3 s on the dense
-// adjoint of an LSTM(16) at B = 16, T = 1024).
-constexpr int kMaxCudaBlock = 8;
+// Largest block size the CUDA scans take: the chunked scan keeps a thread's blocks in
+// registers (kernels/scan_chunked.h). Larger blocks (dense Jacobians) go to the
+// batched-matmul scan in csrc/ (on the H200 a thread-per-block kernel with k = 32 blocks
+// in local memory spent ~0.3 s on the dense adjoint of an LSTM(16) at B = 16, T = 1024).
+constexpr int kMaxCudaBlock = kMaxChunkedBlock;
 
 // The two CUDA scans:
 //   single_pass (k = 1, 2): one kernel, decoupled look-back across tiles

@@ -7,6 +7,7 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/scan_chunked.h"
 #include "kernels/scan_cpu.h"
 #include "kernels/scan_element.h"
 #include "kernels/scan_single_pass.h"
@@ -250,6 +251,60 @@ TEST(SinglePassMirror, FloatStorageAndBadArguments) {
   EXPECT_THROW(scan_single_pass_cpu(wide.params(false, false, false, false), DType::f64), std::invalid_argument);
   EXPECT_THROW(scan_single_pass_cpu(p, DType::f32, 0), std::invalid_argument);
   EXPECT_THROW(scan_single_pass_cpu(p, DType::f32, 1, 12), std::invalid_argument);
+}
+
+// ---- the CUDA chunked scan, run by its CPU mirror ---------------------------------------
+
+struct ChunkedCase {
+  int64_t T, H, k;
+};
+
+class ChunkedMirror : public ::testing::TestWithParam<ChunkedCase> {};
+
+// Block sizes of the register aggregate (k <= 8) and of the column one (9..16, one
+// instantiation for all); one chunk, chunks that do not divide T, more chunks than steps
+// (empty ones), every flag.
+TEST_P(ChunkedMirror, MatchesLoopForEveryChunkingAndFlag) {
+  const auto [Tn, H, k] = GetParam();
+  std::mt19937 rng(static_cast<unsigned>(Tn * 17 + H * 5 + k));
+  Problem<double> pr(2, Tn, H, k);
+  fill_random(pr, rng, 1.8);
+  EXPECT_EQ(chunk_threads(k), k > kMaxRegisterBlock ? k + 1 : 1);
+  for (int flags = 0; flags < 16; ++flags) {
+    const bool reverse = flags & 1, transpose = flags & 2, shift = flags & 4, with_x0 = flags & 8;
+    const ScanParams p = pr.params(reverse, transpose, shift, with_x0);
+    const auto expected = pr.reference(p);
+    for (int64_t n_chunks : {int64_t(1), int64_t(3), int64_t(7), Tn, Tn + 5}) {
+      std::fill(pr.x.begin(), pr.x.end(), -777.0);
+      scan_chunked_cpu(p, DType::f64, n_chunks);
+      for (size_t i = 0; i < expected.size(); ++i) {
+        ASSERT_NEAR(pr.x[i], expected[i], 1e-12 * (1 + std::abs(expected[i])))
+            << "T=" << Tn << " H=" << H << " k=" << k << " flags=" << flags << " chunks=" << n_chunks << " at " << i;
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    BlockSizes, ChunkedMirror,
+    ::testing::Values(ChunkedCase{1, 1, 1}, ChunkedCase{50, 3, 1}, ChunkedCase{41, 2, 3}, ChunkedCase{64, 3, 8},
+                      ChunkedCase{33, 2, 9}, ChunkedCase{29, 3, 12}, ChunkedCase{40, 2, 16}),
+    [](const ::testing::TestParamInfo<ChunkedCase>& info) {
+      return "T" + std::to_string(info.param.T) + "_H" + std::to_string(info.param.H) + "_k" +
+             std::to_string(info.param.k);
+    });
+
+TEST(ChunkedMirror, FloatStorageAndBadArguments) {
+  std::mt19937 rng(10);
+  Problem<float> pr(2, 300, 3, 16);
+  fill_random(pr, rng, 1.5);
+  const ScanParams p = pr.params(true, true, false, true);
+  scan_chunked_cpu(p, DType::f32, 6);
+  const auto expected = pr.reference(p);
+  for (size_t i = 0; i < expected.size(); ++i) ASSERT_NEAR(pr.x[i], expected[i], 1e-4 * (1 + std::abs(expected[i])));
+  Problem<double> wide(1, 10, 1, kMaxChunkedBlock + 1);
+  EXPECT_THROW(scan_chunked_cpu(wide.params(false, false, false, false), DType::f64, 2), std::invalid_argument);
+  EXPECT_THROW(scan_chunked_cpu(p, DType::f32, 0), std::invalid_argument);
 }
 
 TEST(ScanCpu, DefaultScheduleMatchesLoopWhenNarrowAndLong) {
