@@ -20,7 +20,7 @@ namespace pnewton {
 enum class FusedCell : int { gru, lstm, rnn_tanh, rnn_relu };
 // none: f only. diagonal: the diagonal of ∂f/∂s [N, S]. block2: LSTM (h_i, c_i) blocks [N, D, 2, 2].
 // blocks: a multi-head cell's blocks (heads W [H, G·k, k], D = H·k), [N, H, k, k] (GRU) or
-// [N, H, 2k, 2k] over each head's interleaved (h, c) (LSTM); the CPU pass only.
+// [N, H, 2k, 2k] over each head's interleaved (h, c) (LSTM).
 enum class FusedPart : int { none, diagonal, block2, blocks };
 
 PNEWTON_HD int fused_gates(FusedCell cell) {
@@ -71,8 +71,8 @@ struct FusedCellParams {
   const void* s0 = nullptr;        // [B, S] (with reset rows)
   const void* s0_gh = nullptr;     // [B, G·D]
   // A multi-head cell's W_hh as columns [G, k, D] (C[g][c][h·k + j] = W[h, g·k + j, c]) and
-  // its head size k: the CPU pass forms the blocks of FusedPart::blocks from them, and W_hh
-  // h where gh is null (csrc/cpu/cell_kernels.cpp, csrc/solver/cells_fused.cpp).
+  // its head size k: the blocks of FusedPart::blocks are formed from them, and, in the CPU
+  // pass, W_hh h where gh is null (csrc/cpu/cell_kernels.cpp, csrc/solver/cells_fused.cpp).
   const void* heads = nullptr;
   int64_t k = 0;
 };
@@ -342,6 +342,47 @@ PNEWTON_HD FusedChannelIn<T> fused_channel_load(const FusedCellParams& p, I n, I
   return in;
 }
 
+// The numbers of a row of J.
+template <typename I>
+PNEWTON_HD I fused_jacobian_row(const FusedCellParams& p) {
+  const I D = static_cast<I>(p.D), k = static_cast<I>(p.k);
+  const bool lstm = p.cell == FusedCell::lstm;
+  if (p.part == FusedPart::blocks) return (lstm ? 4 : 1) * D * k;
+  return p.part == FusedPart::block2 ? 4 * D : (lstm ? 2 * D : D);
+}
+
+// Channel d's rows of its head's block (FusedPart::blocks): row d mod k of head d / k is
+// Σ_g coef[g] W[head, g·k + row, ·] (FusedCellParams::heads holds W as columns), plus the
+// direct terms; zero on reset rows. GRU: [H, k, k]. LSTM: [H, 2k, 2k] over the head's
+// interleaved (h, c), the channel's rows 2·row (h') and 2·row + 1 (c').
+template <typename T, typename I = int64_t>
+PNEWTON_HD void fused_block_row(const FusedCellParams& p, I d, const FusedPoint<T>& out, bool reset,
+                                T* __restrict__ J) {
+  const I k = static_cast<I>(p.k), D = static_cast<I>(p.D), head = d / k, row = d - head * k;
+  const int G = fused_gates(p.cell);
+  const T* __restrict__ C = static_cast<const T*>(p.heads);
+  for (I c = 0; c < k; ++c) {
+    T through[4];
+    PNEWTON_UNROLL
+    for (int g = 0; g < 4; ++g) {
+      if (g >= G) break;
+      through[g] = out.coef[g] * C[(g * k + c) * D + d];
+    }
+    const T on_diagonal = row == c ? T(1) : T(0);
+    if (p.cell != FusedCell::lstm) {
+      J[d * k + c] = reset ? T(0) : through[0] + through[1] + through[2] + on_diagonal * out.J[3];  // + z
+      continue;
+    }
+    const T dc_dh = through[0] + through[1] + through[2];
+    T* h_row = J + head * 4 * k * k + 2 * row * 2 * k;
+    T* c_row = h_row + 2 * k;
+    h_row[2 * c] = reset ? T(0) : through[3] + out.dh_dc * dc_dh;        // ∂h'/∂h_c
+    h_row[2 * c + 1] = reset ? T(0) : on_diagonal * out.dh_dc * out.J[3];  // ∂h'/∂c_c: (∂h'/∂c') f
+    c_row[2 * c] = reset ? T(0) : dc_dh;
+    c_row[2 * c + 1] = reset ? T(0) : on_diagonal * out.J[3];  // ∂c'/∂c_c: f
+  }
+}
+
 // Channel d of row n from its inputs: F, J and R written, its part of the row's reductions
 // added to `share`. The outputs alias no input (restricted).
 template <typename T, typename I = int64_t>
@@ -352,7 +393,7 @@ PNEWTON_HD void fused_channel_store(const FusedCellParams& p, I n, I d, const Fu
   const I S = lstm ? 2 * D : D;
   T* __restrict__ F = static_cast<T*>(p.F) + n * S;
   T* __restrict__ R = p.R ? static_cast<T*>(p.R) + n * S : nullptr;
-  T* __restrict__ J = jacobian ? static_cast<T*>(p.J) + n * (p.part == FusedPart::block2 ? 4 * D : S) : nullptr;
+  T* __restrict__ J = jacobian ? static_cast<T*>(p.J) + n * fused_jacobian_row<I>(p) : nullptr;
   const bool padded = p.padding && p.padding[n], reset = p.reset && p.reset[n];
   const FusedPoint<T> out = fused_point<T, ScalarMath>(p.cell, jacobian, in.x, in.hn, in.h, in.c, in.w);
   const int states = lstm ? 2 : 1;
@@ -369,7 +410,9 @@ PNEWTON_HD void fused_channel_store(const FusedCellParams& p, I n, I d, const Fu
     }
   }
   if (!jacobian) return;
-  if (p.part == FusedPart::block2) {
+  if (p.part == FusedPart::blocks) {
+    fused_block_row<T, I>(p, d, out, reset, J);
+  } else if (p.part == FusedPart::block2) {
     PNEWTON_UNROLL
     for (int k = 0; k < 4; ++k) J[4 * d + k] = reset ? T(0) : out.J[k];
   } else if (lstm) {

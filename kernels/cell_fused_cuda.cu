@@ -1,5 +1,6 @@
 #include "kernels/cell_fused_cuda.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -113,15 +114,17 @@ __global__ void __launch_bounds__(kThreads) fused_vjp_kernel(FusedVjpParams p, i
 }
 
 // Launches Kernel<T, WIDTH> over `rows` rows of `width` channels.
+// row_numbers: the most numbers a row of any array holds.
 template <template <typename, int> class Kernel, typename P>
-cudaError_t launch_rows(const P& p, int64_t rows, int64_t width, bool warp_rows, DType dtype, cudaStream_t stream) {
+cudaError_t launch_rows(const P& p, int64_t rows, int64_t width, int64_t row_numbers, bool warp_rows, DType dtype,
+                        cudaStream_t stream) {
   if (rows == 0 || width == 0) return cudaSuccess;
   const RowGeometry g = row_geometry(rows, width, warp_rows);
   const int threads = g.rows_per_block * g.lanes;
-  // Offsets in 32 bits where every array's fit (a row holds at most 4·width numbers): the
-  // pass's address arithmetic was most of its instructions in 64 bits (ncu on the H200:
-  // issue-bound at 85% of the SM's throughput, the integer pipeline the busiest).
-  const bool narrow = rows * 4 * width < std::numeric_limits<int32_t>::max();
+  // Offsets in 32 bits where every array's fit: the pass's address arithmetic was most of
+  // its instructions in 64 bits (ncu on the H200: issue-bound at 85% of the SM's
+  // throughput, the integer pipeline the busiest).
+  const bool narrow = rows * row_numbers < std::numeric_limits<int32_t>::max();
   auto typed = [&](auto zero) {
     using T = decltype(zero);
     auto with_width = [&](auto width_tag) {
@@ -211,15 +214,17 @@ struct VjpKernel {
 
 cudaError_t fused_cell_cuda(const FusedCellParams& p, DType dtype, cudaStream_t stream) {
   if (p.row_parts != fused_row_parts(p.D)) return cudaErrorInvalidValue;
-  return launch_rows<CellKernel>(p, p.N, p.D, false, dtype, stream);
+  // gi and the LSTM's 2×2 blocks hold 4·D numbers a row, a head cell's blocks D·k (4·D·k).
+  const int64_t row_numbers = std::max<int64_t>(4 * p.D, fused_jacobian_row<int64_t>(p));
+  return launch_rows<CellKernel>(p, p.N, p.D, row_numbers, false, dtype, stream);
 }
 
 cudaError_t fused_vjp_cuda(const FusedVjpParams& p, DType dtype, cudaStream_t stream) {
-  return launch_rows<VjpKernel>(p, p.N, p.D, false, dtype, stream);
+  return launch_rows<VjpKernel>(p, p.N, p.D, 4 * p.D, false, dtype, stream);
 }
 
 cudaError_t newton_update_cuda(const NewtonUpdateParams& p, DType dtype, cudaStream_t stream) {
-  return launch_rows<UpdateKernel>(p, p.N, p.S, true, dtype, stream);
+  return launch_rows<UpdateKernel>(p, p.N, p.S, p.S, true, dtype, stream);
 }
 
 }  // namespace pnewton

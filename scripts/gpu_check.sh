@@ -86,7 +86,8 @@ import torch, pnewton
 from torch.nn.utils.rnn import pack_padded_sequence
 for layer in (pnewton.GRU(3, 8, batch_first=True, method='quasi_deer'), pnewton.DiagGRU(3, 40, batch_first=True),
               pnewton.LSTM(3, 5, batch_first=True, method='block_deer'), pnewton.DiagLSTM(3, 12, batch_first=True),
-              pnewton.RNN(3, 20, batch_first=True, method='quasi_deer')):
+              pnewton.RNN(3, 20, batch_first=True, method='quasi_deer'),
+              pnewton.HeadGRU(3, 32, heads=2, batch_first=True), pnewton.HeadLSTM(3, 16, heads=2, batch_first=True)):
     layer = layer.cuda()
     x = torch.randn(3, 300, 3, device='cuda')
     layer(x)[0].square().sum().backward()
@@ -99,6 +100,9 @@ print('ran')
     timeout 90 $PY benchmarks/profile_layer.py --device cuda --B 16 --D 64 --T 65536 --rows 22 --layer $spec 2>&1 |
       tee -a "$OUT/profile.txt"
   done
+  stage "head cells (issue 22: the fused blocks and the 16×16 chunked scan)"
+  timeout 100 $PY benchmarks/bench_heads.py --device cuda --B 16 --T 65536 --hidden 64 --k 4 16 --cells gru \
+    --repeats 3 2>&1 | tee "$OUT/bench_heads.txt"
   stage "headline"
   timeout 200 $PY benchmarks/bench_headline.py --repeats 5 --deadline 120 --cases DiagGRU:auto:float32 DiagGRU:auto:bfloat16 GRU:quasi_deer:float32 DiagLSTM:auto:float32 LSTM:block_deer:float32 2>&1 | tee "$OUT/headline.txt"
   stage "summary (${gpu:-no GPU})"
@@ -121,6 +125,10 @@ for algorithm in ('single_pass', 'chunked'):
 os.environ.pop('PNEWTON_CUDA_SCAN')
 A = torch.randn(2, 3000, 3, 4, 4, device='cuda') / 4
 pnewton.scan_block(A, torch.randn(2, 3000, 3, 4, device='cuda'), transpose=True).sum().item()
+A = torch.randn(2, 3000, 3, 13, 13, device='cuda') / 13
+pnewton.scan_block(A, torch.randn(2, 3000, 3, 13, device='cuda'), reverse=True).sum().item()
+head = pnewton.HeadGRU(3, 32, heads=2, batch_first=True).cuda()
+head(torch.randn(2, 300, 3, device='cuda'))[0].square().sum().backward()
 gru = pnewton.GRU(3, 8, batch_first=True).cuda()
 gru(torch.randn(2, 300, 3, device='cuda'))[0].square().sum().backward()
 print('ran')
@@ -171,6 +179,8 @@ else
   timeout 90 $PY benchmarks/bench_layers.py --device cuda --B 16 --D 16 64 --T 1024 16384 65536 \
     --layers DiagLSTM:auto GRU:deer DiagGRU:auto --deadline 40 2>&1 | tee -a "$OUT/bench_layers.txt"
 fi
+timeout 100 $PY benchmarks/bench_heads.py --device cuda --B 16 --T 65536 --hidden 64 --k 4 16 --cells gru \
+  --repeats 3 2>&1 | tee "$OUT/bench_heads.txt"
 # Where the GRU and DiagGRU forwards' time goes, kernel by kernel (not part of the pass/fail status).
 for spec in GRU:quasi_deer DiagGRU:auto; do
   timeout 90 $PY benchmarks/profile_layer.py --device cuda --B 16 --D 64 --T 65536 --layer $spec >>"$OUT/profile.txt" 2>&1 ||
@@ -187,5 +197,6 @@ sed 's/^/gtest          /' "$OUT/cpp_tests.txt" 2>/dev/null
 grep -h 'ERROR SUMMARY' "$OUT/memcheck.txt" 2>/dev/null | sed 's/^/sanitizer      /'
 cat "$OUT/bench_scan.txt"
 grep -v "^device" "$OUT/bench_layers.txt" | awk 'NR == 1 || !/^layer/'
+cat "$OUT/bench_heads.txt" 2>/dev/null
 cat "$OUT/headline.txt"
 exit $status

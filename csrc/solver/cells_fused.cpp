@@ -48,10 +48,7 @@ bool plain(const at::Tensor& t, const at::Tensor& like) {
 
 bool Cell::fusable(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const {
   if (is_projected() || !fused_cells_enabled()) return false;
-  // A head cell's blocks: in the CPU pass (on CUDA by ATen ops; its F and its diagonal or
-  // 2×2 parts fuse there too).
-  if (part == JacobianPart::dense || (part == JacobianPart::blocks && !s.is_cpu()) ||
-      (part == JacobianPart::block2 && !is_lstm())) {
+  if (part == JacobianPart::dense || (part == JacobianPart::block2 && !is_lstm())) {
     return false;
   }
   if (at::GradMode::is_enabled()) return false;
@@ -112,7 +109,7 @@ Cell::Iteration Cell::fused(const at::Tensor& rows, const at::Tensor& gi, std::o
            : *part == JacobianPart::diagonal ? FusedPart::diagonal
            : *part == JacobianPart::blocks   ? FusedPart::blocks
                                              : FusedPart::block2;
-  p.heads = heads() && cpu ? head_columns_.const_data_ptr() : nullptr, p.k = k_;
+  p.heads = heads() ? head_columns_.const_data_ptr() : nullptr, p.k = k_;
   p.diagonal_weights = diagonal_weights();
   p.N = N, p.D = D_;
   p.gi = gi_c.const_data_ptr(), p.gh = data_or_null(gh), p.b = data_or_null(b), p.w = w.const_data_ptr();
@@ -164,13 +161,15 @@ std::optional<Cell::Iteration> Cell::iterate(const at::Tensor& states, const at:
 std::optional<Cell::Vjp> Cell::fused_vjp(const at::Tensor& s, const at::Tensor& gi, const at::Tensor& v) const {
   // CUDA only: on the CPU the scalar pass loses to ATen's vectorised ops (GRU, B = 4,
   // T = 2048, D = 64: backward 98 vs 73 ms, LSTM 1238 vs 338 ms on 2 threads).
-  // (Head cells: not yet; their ATen VJP runs.)
-  if (!s.is_cuda() || heads() || !fusable(s, gi, std::nullopt) || !plain(v, s)) return std::nullopt;
+  if (!s.is_cuda() || !fusable(s, gi, std::nullopt) || !plain(v, s)) return std::nullopt;
   const int64_t N = s.size(0), S = state_size();
   const at::Tensor s_c = s.contiguous(), gi_c = gi.contiguous(), v_c = v.contiguous();
   const auto opts = s_c.options();
-  // W_hh h without b_hh (the pass adds it), for dense weights.
-  const at::Tensor gh = diagonal_weights() ? at::Tensor() : at::mm(hidden_of(s_c), W_.t());
+  // W_hh h without b_hh (the pass adds it), for dense weights (a head cell's: one GEMM per
+  // head, in torch.nn's gate-major layout).
+  const at::Tensor gh = diagonal_weights() ? at::Tensor()
+                        : heads()          ? head_product(hidden_of(s_c))
+                                           : at::mm(hidden_of(s_c), W_.t());
   const at::Tensor w = diagonal_weights() ? W_.contiguous() : at::Tensor();
   const at::Tensor b = b_.defined() ? b_.contiguous() : at::Tensor();
   Vjp out;
@@ -197,6 +196,8 @@ std::optional<Cell::Vjp> Cell::fused_vjp(const at::Tensor& s, const at::Tensor& 
   } else if (is_lstm()) {  // W_hh's path reaches h, the even entries of the interleaved state
     direct.view({N, D_, 2}).select(2, 0).add_(recurrent_vjp(out.gh));
     out.s = direct;
+  } else if (heads()) {
+    out.s = direct.add_(recurrent_vjp(out.gh));
   } else {
     out.s = at::addmm(direct, out.gh, W_);
   }

@@ -466,7 +466,8 @@ TEST(CppApi, BadInputRaisesErrorsNamingTheArgument) {
 // capability in use: the same F, J, R and row reductions for every cell and part, with
 // padding and reset rows and a hidden size off the vector width; and the shifted reads of
 // the iteration (each step reads the previous row, the entering state at t = 0, s0 at
-// resets) against the same pass given those previous rows copied out.
+// resets) against the same pass given those previous rows copied out. FusedPart::blocks:
+// a multi-head cell's blocks, 7 heads of 3, from random head weights (as columns).
 template <typename T>
 void expect_mirrors_the_vector_pass(pnewton::FusedCell cell, pnewton::FusedPart part, bool diagonal_weights,
                                     double tol) {
@@ -482,6 +483,9 @@ void expect_mirrors_the_vector_pass(pnewton::FusedCell cell, pnewton::FusedPart 
   const auto first = torch::randn({B, S}, opts), first_gh = torch::randn({B, G * D}, opts);
   const auto s0 = torch::randn({B, S}, opts), s0_gh = torch::randn({B, G * D}, opts);
   const auto padding = torch::arange(N) % 7 == 3, reset = torch::arange(N) % 5 == 1;
+  const bool heads = part == FusedPart::blocks;
+  const int64_t k = 3;
+  const auto columns = torch::randn({G, k, D}, opts);  // FusedCellParams::heads
   // The rows the shifted reads stand for.
   auto previous = [&](const torch::Tensor& rows, const torch::Tensor& entering, const torch::Tensor& at_reset) {
     const auto r = rows.view({B, Tn, -1});
@@ -489,7 +493,7 @@ void expect_mirrors_the_vector_pass(pnewton::FusedCell cell, pnewton::FusedPart 
     return torch::where(reset.view({B, Tn, 1}), at_reset.unsqueeze(1), prev).reshape({N, -1}).contiguous();
   };
   const auto prev_s = previous(current, first, s0), prev_gh = previous(gh, first_gh, s0_gh);
-  const int64_t J_size = part == FusedPart::block2 ? 4 * D : S;
+  const int64_t J_size = heads ? (cell == FusedCell::lstm ? 4 : 1) * D * k : part == FusedPart::block2 ? 4 * D : S;
   enum Variant { vector, thread, shifted };
   std::vector<torch::Tensor> out[3];
   for (const Variant variant : {vector, thread, shifted}) {
@@ -497,6 +501,7 @@ void expect_mirrors_the_vector_pass(pnewton::FusedCell cell, pnewton::FusedPart 
     p.cell = cell, p.part = part, p.diagonal_weights = diagonal_weights, p.N = N, p.D = D;
     p.gi = gi.data_ptr(), p.b = b.data_ptr(), p.w = w.data_ptr(), p.current = current.data_ptr();
     p.padding = padding.data_ptr<bool>(), p.reset = reset.data_ptr<bool>();
+    if (heads) p.heads = columns.data_ptr(), p.k = k;
     if (variant == shifted) {
       p.T = Tn, p.s = current.data_ptr(), p.gh = gh.data_ptr(), p.first = first.data_ptr(), p.s0 = s0.data_ptr();
       p.first_gh = first_gh.data_ptr(), p.s0_gh = s0_gh.data_ptr();
@@ -544,6 +549,7 @@ void expect_mirrors_the_vector_pass(pnewton::FusedCell cell, pnewton::FusedPart 
   p.gi = gi.data_ptr(), p.b = b.data_ptr(), p.w = w.data_ptr(), p.current = current.data_ptr();
   p.padding = padding.data_ptr<bool>(), p.reset = reset.data_ptr<bool>();
   p.s = prev_s.data_ptr(), p.gh = diagonal_weights ? nullptr : prev_gh.data_ptr();
+  if (heads) p.heads = columns.data_ptr(), p.k = k;
   std::vector<torch::Tensor> copied{torch::full({N, S}, NAN, opts), torch::full({N, J_size}, NAN, opts),
                                     torch::full({N, S}, NAN, opts)};
   p.F = copied[0].data_ptr(), p.J = copied[1].data_ptr(), p.R = copied[2].data_ptr();
@@ -603,6 +609,7 @@ TEST(FusedCellPass, CudaThreadCodeMirrorsTheVectorisedCpuPass) {
            {FusedCell::rnn_tanh, false}, {FusedCell::rnn_relu, false}}) {
     std::vector<FusedPart> parts{FusedPart::none, FusedPart::diagonal};
     if (cell == FusedCell::lstm) parts.push_back(FusedPart::block2);
+    if (!diagonal && (cell == FusedCell::gru || cell == FusedCell::lstm)) parts.push_back(FusedPart::blocks);
     for (const FusedPart part : parts) {
       SCOPED_TRACE(testing::Message() << "cell " << int(cell) << " diagonal " << diagonal << " part " << int(part));
       expect_mirrors_the_vector_pass<double>(cell, part, diagonal, 1e-13);

@@ -213,6 +213,37 @@ def test_cuda_equals_torch_nn(cls, torch_cls, gates):
     torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=0, atol=1e-10)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls,k", [(pnewton.HeadGRU, 4), (pnewton.HeadGRU, 16), (pnewton.HeadLSTM, 8)])
+@pytest.mark.parametrize("masks", [False, True])
+def test_cuda_fused_blocks_and_vjp_match_the_aten_form(cls, k, masks, monkeypatch):
+    """The CUDA cell kernel's head blocks (FusedPart::blocks), the chunked block scan of
+    k + 1 column threads (blocks of 9..16: HeadGRU k = 16, HeadLSTM's 2k = 16) and the fused
+    VJP, against the ATen form on the GPU and torch.nn's dense twin, gradients included."""
+    torch.manual_seed(5)
+    ours = cls(3, 32, heads=32 // k, method="deer", batch_first=True, dtype=torch.float64).cuda()
+    x = torch.randn(3, 2000, 3, dtype=torch.float64, device="cuda")
+    if masks:
+        x = pack_padded_sequence(x, torch.tensor([2000, 1311, 7]), batch_first=True)
+
+    def run():
+        ours.zero_grad()
+        out, _ = ours(x)
+        data = out.data if masks else out
+        data.square().sum().backward()
+        return data.detach(), [p.grad.clone() for p in ours.parameters()]
+
+    fused, grads = run()
+    monkeypatch.setenv("PNEWTON_FUSED_CELLS", "0")
+    aten, grads_aten = run()
+    torch.testing.assert_close(fused, aten, rtol=1e-10, atol=1e-10)
+    for g, g_aten in zip(grads, grads_aten):
+        torch.testing.assert_close(g, g_aten, rtol=1e-8, atol=1e-8)
+    ref = torch_nn_twin(ours.cpu(), torch.nn.GRU if cls is pnewton.HeadGRU else torch.nn.LSTM)
+    expected, _ = ref(x.cpu() if not masks else x.to("cpu"))
+    torch.testing.assert_close(fused.cpu(), expected.data if masks else expected, rtol=0, atol=1e-10)
+
+
 def test_the_example_trains_and_plots(tmp_path):
     """examples/train_head_gru.py, shortened: the loss falls, every step's solve converges in
     a few exact Newton iterations, and the plot is written."""

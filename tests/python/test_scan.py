@@ -310,7 +310,7 @@ def test_cuda_single_pass_steps_per_thread(k, steps, gen, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("algorithm", ["single_pass", "chunked"])
-@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("k", [1, 2, 12])
 def test_cuda_scan_gradients_through_the_shifted_adjoint(algorithm, k, gen, monkeypatch):
     monkeypatch.setenv("PNEWTON_CUDA_SCAN", algorithm)
     A, b, x0 = (t.cuda().requires_grad_() for t in random_block(2, 300, 3, k, gen=gen))
@@ -319,7 +319,7 @@ def test_cuda_scan_gradients_through_the_shifted_adjoint(algorithm, k, gen, monk
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("k", [1, 2, 4, 8, 16, 40])
+@pytest.mark.parametrize("k", [1, 2, 4, 8, 9, 12, 16, 40])  # 9..16: the column aggregate; 40: doubling
 @pytest.mark.parametrize("reverse,transpose", list(itertools.product([False, True], repeat=2)))
 def test_cuda_scan_block_matches_cpu_float64(k, reverse, transpose, gen):
     A, b, x0 = random_block(2, 3000, 3, k, gen=gen)
