@@ -1,11 +1,12 @@
 """Parallel MCMC (pnewton.mcmc) against the step-by-step loop: wall time and iterations.
 
-    python benchmarks/bench_mcmc.py [--lengths 1000,10000] [--threads 1]
+    python benchmarks/bench_mcmc.py [--lengths 1000,10000] [--methods auto,deer] [--threads 1]
 
-The same chain (same draws) by pnewton.mcmc (method deer, float64) and by the plain loop
-(pnewton.solve.sequential over the same step); the chains agree to the printed max |Δ|.
-Targets: a 6-D Gaussian (MALA, HMC with L = 3) and a Bayesian logistic regression
-posterior (N = 200, D = 4; MALA), B = 1.
+The same chain (same draws) by pnewton.mcmc (each method, float64: auto runs quasi_deer
+first on the estimated diagonal, deer forms the step's whole Jacobian) and by the plain
+loop (pnewton.solve.sequential over the same step); the chains agree to the printed max |Δ|.
+Targets: a 6-D Gaussian and a Bayesian logistic regression
+posterior (N = 200, D = 4), each by MALA and by HMC with L = 3, B = 1.
 """
 import argparse
 import os
@@ -32,30 +33,35 @@ def gaussian(D=6):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="1000,10000")
+    parser.add_argument("--methods", default="auto,deer")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logistic, _ = posterior()
     cases = [("gaussian D=6", "mala", gaussian(), 6, 0.1, None), ("gaussian D=6", "hmc", gaussian(), 6, 0.2, 3),
-             ("logistic N=200 D=4", "mala", logistic, 4, 0.01, None)]
-    print(f"| target | sampler | T | iterations | parallel (s) | loop (s) | loop / parallel | acceptance | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|---|")
+             ("logistic N=200 D=4", "mala", logistic, 4, 0.01, None),
+             ("logistic N=200 D=4", "hmc", logistic, 4, 0.01, 3)]
+    print("| target | sampler | T | method | iterations | parallel (s) | loop (s) | loop / parallel | acceptance | "
+          "max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, sampler, log_prob, D, eps, L in cases:
         for T in (int(t) for t in args.lengths.split(",")):
             x0 = torch.zeros(1, D, dtype=torch.float64)
-            run = (lambda g: pnewton.mcmc.mala(log_prob, x0, T, eps, generator=g)) if sampler == "mala" else \
-                  (lambda g: pnewton.mcmc.hmc(log_prob, x0, T, eps, L, generator=g))
-            run(torch.Generator().manual_seed(0))  # warm-up (torch.func's first traces)
-            chain = run(torch.Generator().manual_seed(1))
             step = _MALA(log_prob, eps) if sampler == "mala" else _HMC(log_prob, eps, L)
             inputs = _draw(x0, T, torch.Generator().manual_seed(1))
             start = time.perf_counter()
             loop = sequential(step.next, x0, inputs)
             loop_s = time.perf_counter() - start
-            print(f"| {name} | {sampler}{'' if L is None else f' L={L}'} | {T} | {int(chain.stats.iterations[0])} | "
-                  f"{chain.seconds:.2f} | {loop_s:.2f} | {loop_s / chain.seconds:.2f} | "
-                  f"{float(chain.acceptance_rate[0]):.2f} | {float((chain.samples - loop).abs().max()):.1e} |",
-                  flush=True)
+            for method in args.methods.split(","):
+                run = (lambda g: pnewton.mcmc.mala(log_prob, x0, T, eps, generator=g, method=method)) \
+                    if sampler == "mala" else \
+                    (lambda g: pnewton.mcmc.hmc(log_prob, x0, T, eps, L, generator=g, method=method))
+                run(torch.Generator().manual_seed(0))  # warm-up (torch.func's first traces)
+                chain = run(torch.Generator().manual_seed(1))
+                print(f"| {name} | {sampler}{'' if L is None else f' L={L}'} | {T} | {chain.stats.method} | "
+                      f"{int(chain.stats.iterations[0])} | {chain.seconds:.2f} | {loop_s:.2f} | "
+                      f"{loop_s / chain.seconds:.2f} | {float(chain.acceptance_rate[0]):.2f} | "
+                      f"{float((chain.samples - loop).abs().max()):.1e} |", flush=True)
     print(f"\n(float64, {args.threads} thread(s), {torch.__version__})")
 
 

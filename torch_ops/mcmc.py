@@ -16,15 +16,23 @@ whatever their length (Zoltowski et al., "Parallelizing MCMC Across the Sequence
 
 ``log_prob(x [N, D]) -> [N]`` is any torch code that acts row by row; its gradient (and the
 Jacobian of the step, for the Newton iterations) come from torch.func.
+
+The quasi-Newton methods (``quasi_deer``; ``auto`` beyond exact Newton's size) need only the
+diagonal of each step's Jacobian, and get it without forming the Jacobian: the Hessian's diagonal by
+Hutchinson's estimate z ⊙ ∇²log p z (one forward-over-reverse pass, Rademacher z fixed per
+row), carried through the step — MALA's 1 + ε h; HMC's leapfrog as a 2×2 block per
+coordinate over (position, momentum), [[1, ε], [0, 1]] per drift and [[1, 0], [ε h, 1]] per
+kick, whose product gives ∂q_L/∂q_0 — and 1 where the step rejects. The estimate only steers
+the iterations: the chain they converge to is the sequential one whatever its error.
 """
 import math
 import time
 from dataclasses import dataclass
 
 import torch
-from torch.func import grad
+from torch.func import grad, jvp
 
-from .solve import SolveStats, solve
+from .solve import SolveStats, _jacobian_rows, solve
 
 
 @dataclass
@@ -74,9 +82,32 @@ def _draw(x, steps, generator):
     return torch.cat([z, log_u], -1)
 
 
+def _probes(x):
+    """Rademacher z [N, D] for Hutchinson's diagonal, the same at every evaluation (a fixed
+    seed), so that each iteration's Jacobian approximation is a deterministic map."""
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    return torch.randint(0, 2, x.shape, generator=gen, device=x.device).to(x.dtype) * 2 - 1
+
+
+def _with_hessian_diagonal(grad_fn, x, z):
+    """∇log p(x) and the estimate z ⊙ ∇²log p(x) z of its Hessian's diagonal, in one pass."""
+    g, hz = jvp(grad_fn, (x,), (z,))
+    return g, z * hz
+
+
+# auto runs exact Newton first while the chain's Jacobians hold at most this many numbers
+# (B·T·D², solve's own threshold without jacobian=), quasi_deer on the estimate beyond.
+_DEER_FIRST_NUMBERS = 1 << 24
+
+
 def _run(step, x, inputs, method, max_iter):
     start = time.perf_counter()
-    samples, stats = solve(step.next, x, inputs, method=method, max_iter=max_iter)
+    # Exact Newton's few iterations beat the estimate's many where the log density is cheap
+    # (benchmarks/bench_mcmc.py: 4 against 42–55 for HMC on a coupled 6-D Gaussian); solve
+    # without jacobian= orders auto so, and forms the whole Jacobian for every method.
+    deer_first = method == "auto" and inputs.shape[0] * inputs.shape[1] * x.shape[1] ** 2 <= _DEER_FIRST_NUMBERS
+    samples, stats = solve(step.next, x, inputs, method=method, jacobian=None if deer_first else step.jacobian,
+                           max_iter=max_iter)
     if samples.is_cuda:
         torch.cuda.synchronize(samples.device)
     seconds = time.perf_counter() - start
@@ -95,10 +126,10 @@ class _MALA:
         self.log_prob, self.eps = log_prob, step_size
         self.grad = _grad_log_prob(log_prob)
 
-    def decide(self, x, u):
+    def decide(self, x, u, gx=None):
         D, eps = x.shape[1], self.eps
         z, log_u = u[:, :D], u[:, D]
-        gx = self.grad(x)
+        gx = self.grad(x) if gx is None else gx
         y = x + eps * gx + math.sqrt(2 * eps) * z
         gy = self.grad(y)
         log_q_forward = -((y - x - eps * gx) ** 2).sum(1) / (4 * eps)
@@ -110,6 +141,14 @@ class _MALA:
         y, accept = self.decide(x, u)
         return torch.where(accept.unsqueeze(1), y, x)
 
+    def jacobian(self, x, u, diagonal):
+        """∂next/∂x: torch.func's [N, D, D], or the estimate of its diagonal, 1 + ε h (1 where rejected)."""
+        if not diagonal:
+            return _jacobian_rows(self.next, x, u, False)
+        gx, h = _with_hessian_diagonal(self.grad, x, _probes(x))
+        accept = self.decide(x, u, gx)[1]
+        return torch.where(accept.unsqueeze(1), 1 + self.eps * h, torch.ones_like(x))
+
 
 class _HMC:
     """Hamiltonian Monte Carlo with a fresh standard-normal momentum p each step and L leapfrog
@@ -120,20 +159,45 @@ class _HMC:
         self.log_prob, self.eps, self.L = log_prob, step_size, leapfrog_steps
         self.grad = _grad_log_prob(log_prob)
 
-    def decide(self, x, u):
-        D, eps = x.shape[1], self.eps
-        p0, log_u = u[:, :D], u[:, D]
-        q, p = x, p0 + 0.5 * eps * self.grad(x)
+    def _trajectory(self, x, p0, probes=None):
+        """The leapfrog from (x, p0): (q_L, p_L) and, given probes, the estimate of ∂q_L/∂x's
+        diagonal (the tangent (dq, dp) of each coordinate carried through the 2×2 blocks)."""
+        eps = self.eps
+        with_h = (lambda q: _with_hessian_diagonal(self.grad, q, probes)) if probes is not None else \
+            (lambda q: (self.grad(q), None))
+        g, h = with_h(x)
+        q, p = x, p0 + 0.5 * eps * g
+        dq = dp = None
+        if probes is not None:
+            dq, dp = torch.ones_like(x), 0.5 * eps * h
         for i in range(self.L):
+            kick = eps if i + 1 < self.L else 0.5 * eps
             q = q + eps * p
-            p = p + (eps if i + 1 < self.L else 0.5 * eps) * self.grad(q)
+            g, h = with_h(q)
+            p = p + kick * g
+            if probes is not None:
+                dq = dq + eps * dp
+                dp = dp + kick * h * dq
+        return q, p, dq
+
+    def decide(self, x, u, probes=None):
+        D = x.shape[1]
+        p0, log_u = u[:, :D], u[:, D]
+        q, p, dq = self._trajectory(x, p0, probes)
         h0 = -self.log_prob(x) + 0.5 * (p0 ** 2).sum(1)
         h1 = -self.log_prob(q) + 0.5 * (p ** 2).sum(1)
-        return q, log_u < h0 - h1
+        return q, log_u < h0 - h1, dq
 
     def next(self, x, u):
-        q, accept = self.decide(x, u)
+        q, accept, _ = self.decide(x, u)
         return torch.where(accept.unsqueeze(1), q, x)
+
+    def jacobian(self, x, u, diagonal):
+        """∂next/∂x: torch.func's [N, D, D], or the estimate of its diagonal (1 where rejected)."""
+        if not diagonal:
+            return _jacobian_rows(self.next, x, u, False)
+        _, accept, dq = self.decide(x, u, _probes(x))
+        return torch.where(accept.unsqueeze(1), dq, torch.ones_like(x))
 
 
 def mala(log_prob, x0, steps, step_size, *, generator=None, method="auto", max_iter=None):
@@ -145,8 +209,12 @@ def mala(log_prob, x0, steps, step_size, *, generator=None, method="auto", max_i
         step_size: ε, the Langevin step (proposal y = x + ε∇log p(x) + √(2ε) z).
         generator: the torch.Generator the noise is drawn from (one draw up front: the same
             generator state gives the same chain whatever the method).
-        method: the solve's method: ``auto`` (exact Newton while B·T·D² ≤ 2²⁴, then the
-            adaptive ELK filter, then the loop), any other of :func:`pnewton.solve`'s, or
+        method: the solve's method: ``auto`` (exact Newton on the step's whole Jacobian
+            from torch.func while B·T·D² ≤ 2²⁴, then the adaptive ELK filter, then the loop;
+            beyond that size quasi_deer first), any other of :func:`pnewton.solve`'s
+            (``quasi_deer``: the estimated diagonal, one Hessian-vector product per
+            gradient, more iterations each far cheaper than deer's D passes: faster where
+            the log density is costly, e.g. a likelihood over many data), or
             ``sequential``, the reference loop.
         max_iter: the solve's iteration budget (None: its default).
 
