@@ -38,17 +38,18 @@ PNEWTON_HD int chunk_block(int64_t k) {
   return K <= kMaxRegisterBlock ? K : static_cast<int>(k);
 }
 
-// next = A y + v (v null: no inputs) for a block of k <= K.
+// next = A y + v for a block of k <= K (A null: a zero multiplier; v null: no inputs).
 template <int K, typename acc_t, typename m_t, typename v_t>
-PNEWTON_HD void chunk_step(int k, StridedMatrix<m_t> A, const acc_t* y, const v_t* v, int64_t v_stride, acc_t* next) {
+PNEWTON_HD void chunk_step(int k, const StridedMatrix<m_t>* A, const acc_t* y, const v_t* v, int64_t v_stride,
+                           acc_t* next) {
   PNEWTON_UNROLL
   for (int i = 0; i < K; ++i) {
     if (i >= k) break;
     acc_t acc = v ? static_cast<acc_t>(v[i * v_stride]) : acc_t(0);
     PNEWTON_UNROLL
     for (int j = 0; j < K; ++j) {
-      if (j >= k) break;
-      acc += static_cast<acc_t>(A(i, j)) * y[j];
+      if (j >= k || !A) break;
+      acc += static_cast<acc_t>((*A)(i, j)) * y[j];
     }
     next[i] = acc;
   }
@@ -109,15 +110,8 @@ PNEWTON_HD void chunk_aggregate_column(const ScanParams& p, int64_t n_chunks, in
   for (int64_t pos = pos0; pos < pos1; ++pos) {
     const int64_t t = time_at(p, pos), ta = coefficient_time(p, pos);
     const scalar_t* in = input_at<scalar_t>(p, b, t, h);
-    if (ta < 0) {  // a zero multiplier: M = 0, v = b_t
-      PNEWTON_UNROLL
-      for (int i = 0; i < K; ++i) {
-        if (i >= k) break;
-        y[i] = affine ? static_cast<acc_t>(in[i * p.b_stride[3]]) : acc_t(0);
-      }
-      continue;
-    }
-    chunk_step<K>(k, coefficient<scalar_t>(p, b, ta, h), y, affine ? in : nullptr, p.b_stride[3], next);
+    const StridedMatrix<scalar_t> A = coefficient<scalar_t>(p, b, ta < 0 ? 0 : ta, h);
+    chunk_step<K>(k, ta < 0 ? nullptr : &A, y, affine ? in : nullptr, p.b_stride[3], next);
     PNEWTON_UNROLL
     for (int i = 0; i < K; ++i) {
       if (i >= k) break;
@@ -151,7 +145,8 @@ PNEWTON_HD void chunk_carry(const ScanParams& p, int64_t n_chunks, int64_t b, in
       carry[slot * k + i] = s[i];
     }
     if (c + 1 == n_chunks) break;
-    chunk_step<K>(k, StridedMatrix<acc_t>{M + slot * k * k, k, 1}, s, v + slot * k, 1, next);
+    const StridedMatrix<acc_t> A{M + slot * k * k, k, 1};
+    chunk_step<K>(k, &A, s, v + slot * k, 1, next);
     PNEWTON_UNROLL
     for (int i = 0; i < K; ++i) {
       if (i >= k) break;
@@ -174,15 +169,8 @@ PNEWTON_HD void chunk_rescan(const ScanParams& p, int64_t n_chunks, int64_t b, i
   for (int64_t pos = pos0; pos < pos1; ++pos) {
     const int64_t t = time_at(p, pos), ta = coefficient_time(p, pos);
     const scalar_t* in = input_at<scalar_t>(p, b, t, h);
-    if (ta < 0) {
-      PNEWTON_UNROLL
-      for (int i = 0; i < K; ++i) {
-        if (i >= k) break;
-        next[i] = static_cast<acc_t>(in[i * p.b_stride[3]]);
-      }
-    } else {
-      chunk_step<K>(k, coefficient<scalar_t>(p, b, ta, h), s, in, p.b_stride[3], next);
-    }
+    const StridedMatrix<scalar_t> A = coefficient<scalar_t>(p, b, ta < 0 ? 0 : ta, h);
+    chunk_step<K>(k, ta < 0 ? nullptr : &A, s, in, p.b_stride[3], next);
     scalar_t* out = output_at<scalar_t>(p, b, t, h);
     PNEWTON_UNROLL
     for (int i = 0; i < K; ++i) {
