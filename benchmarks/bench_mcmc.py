@@ -2,9 +2,11 @@
 
     python benchmarks/bench_mcmc.py [--lengths 1000,10000] [--methods auto,deer] [--threads 1]
 
-The same chain (same draws) by pnewton.mcmc (each method, float64: auto runs quasi_deer
-first on the estimated diagonal, deer forms the step's whole Jacobian) and by the plain
-loop (pnewton.solve.sequential over the same step); the chains agree to the printed max |Δ|.
+The same chain (same draws) by pnewton.mcmc (each method, float64: deer forms the step's
+whole Jacobian by torch.func, quasi_deer carries Hutchinson's estimate of the Hessian's
+diagonal, auto runs deer first at these sizes — the column shows the path it took) and by
+the plain loop (pnewton.solve.sequential over the same step); the chains agree to the
+printed max |Δ|.
 Targets: a 6-D Gaussian and a Bayesian logistic regression
 posterior (N = 200, D = 4), each by MALA and by HMC with L = 3, B = 1.
 """
@@ -33,7 +35,7 @@ def gaussian(D=6):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="1000,10000")
-    parser.add_argument("--methods", default="auto,deer")
+    parser.add_argument("--methods", default="auto,deer,quasi_deer")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -58,7 +60,8 @@ def main():
                     (lambda g: pnewton.mcmc.hmc(log_prob, x0, T, eps, L, generator=g, method=method))
                 run(torch.Generator().manual_seed(0))  # warm-up (torch.func's first traces)
                 chain = run(torch.Generator().manual_seed(1))
-                print(f"| {name} | {sampler}{'' if L is None else f' L={L}'} | {T} | {chain.stats.method} | "
+                label = method if method == chain.stats.method else f"{method}: {chain.stats.method}"
+                print(f"| {name} | {sampler}{'' if L is None else f' L={L}'} | {T} | {label} | "
                       f"{int(chain.stats.iterations[0])} | {chain.seconds:.2f} | {loop_s:.2f} | "
                       f"{loop_s / chain.seconds:.2f} | {float(chain.acceptance_rate[0]):.2f} | "
                       f"{float((chain.samples - loop).abs().max()):.1e} |", flush=True)
