@@ -1,6 +1,6 @@
 """Parallel MCMC (pnewton.mcmc) against the step-by-step loop: wall time and iterations.
 
-    python benchmarks/bench_mcmc.py [--lengths 1000,10000] [--methods auto,deer] [--threads 1]
+    python benchmarks/bench_mcmc.py [--lengths 1000,10000] [--methods auto,deer,quasi_deer] [--threads 1]
 
 The same chain (same draws) by pnewton.mcmc (each method, float64: deer forms the step's
 whole Jacobian by torch.func, quasi_deer carries Hutchinson's estimate of the Hessian's
