@@ -28,6 +28,21 @@ namespace {
 // the approximation's step does not descend), not the problem's.
 constexpr double kLambdaStart = 1.0, kLambdaMin = 1e-12, kLambdaRestart = 1e-6;
 constexpr double kShrink = 0.1, kGrow = 4.0, kAccept = 1e-4, kNonmonotone = 4.0;
+// The step's λ is at least μ · max_t ‖r_t‖∞ / max(1, max_t ‖s_t‖∞): the
+// residual-proportional Levenberg–Marquardt parameter (Yamashita & Fukushima 2001, Fan &
+// Yuan 2005), relative to the states' scale so that it has no units. The trust region above
+// cannot raise λ where the linearisation expands beyond the exact prefix (chaotic systems):
+// its weighted merit falls on every step, λ sits at kLambdaMin and the undamped tail
+// explodes (Lorenz: states of 10¹⁶, residuals of 10²⁷). A residual that large damps the
+// next step by itself, and near the solution the floor vanishes with the residual, so the
+// last iterations are Newton's. μ = kResidualDamping, but kResidualDampingQuasiFilter for
+// the quasi-ELK filter on a cell whose Jacobian is not diagonal: its linear model misses the
+// coupling as well, and its tail beyond the prefix gets no smoother's correction. Both
+// values are empirical (benchmarks/bench_damping.py, table in benchmarks/RESULTS.md): with
+// them every method converges within 1.5× of the best fixed λ on every problem of the table
+// where some fixed λ converges; the quasi filter on chaotic Lorenz only for μ in 0.7..2, the
+// smoother loses up to 1.7× with μ = 1.
+constexpr double kResidualDamping = 1e-2, kResidualDampingQuasiFilter = 1.0;
 
 // Clip a Jacobian approximation: entries (diagonal) or blocks by their Frobenius norm,
 // which bounds the spectral norm, so every clipped step is a contraction when clip < 1.
@@ -96,6 +111,7 @@ class Stage {
   Evaluation evaluate(const at::Tensor& s, bool with_jacobian) const;
   at::Tensor merit(const at::Tensor& square_per_step, const at::Tensor& weights = {}) const;
   at::Tensor expansion_weights(const at::Tensor& a) const;
+  at::Tensor residual_damping() const;
   void check(at::Tensor step, const at::Tensor& phi);
   bool should_stop(int64_t it, const std::vector<at::Tensor>& history) const;
   Step take(const at::Tensor& moving);
@@ -123,6 +139,8 @@ class Stage {
   // The current iterate's evaluation (F lives in p.F) and merit ½‖r‖² (where read).
   at::Tensor J_, r_, r_per_step_, scale_per_step_, square_per_step_, phi_;
   at::Tensor weights_;  // the adaptive trust region's w_t [B, T] at the iterate stepped from
+  at::Tensor scale_;    // max_t ‖s_t‖∞ per sequence at the current iterate (check)
+  double residual_mu_;  // μ of residual_damping
 };
 
 Stage::Stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Tensor& s0, const StagePlan& plan,
@@ -141,6 +159,7 @@ Stage::Stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Tens
   exact_prefix_ = !elk_;
   budget_ = exact_prefix_ ? std::min(plan.budget, steps_all_) : plan.budget;
   adaptive_ = elk_ && plan.damping == 0;
+  residual_mu_ = part_ != cell.structure() && !smooth_ ? kResidualDampingQuasiFilter : kResidualDamping;
   // ½‖r‖² per sequence, where something reads it (the stall test, the ELK step).
   track_merit_ = plan.stop_on_stall || elk_;
   lambda_ = at::full({B_}, adaptive_ ? kLambdaStart : plan.damping, s0.options());
@@ -218,6 +237,13 @@ at::Tensor Stage::expansion_weights(const at::Tensor& a) const {
   return at::exp(-2 * (L - at::clamp_max(low, 0)));
 }
 
+// The adaptive step's least λ per sequence, μ · max_t ‖r_t‖∞ / max(1, max_t ‖s_t‖∞) (above);
+// a non-finite residual (never accepted, but the first iterate's may be) gives kLambdaMax.
+at::Tensor Stage::residual_damping() const {
+  const at::Tensor floor = residual_mu_ * p_.residual / scale_.clamp_min(1.0);
+  return at::nan_to_num(floor, kLambdaMax, kLambdaMax).clamp(kLambdaMin, kLambdaMax);
+}
+
 // Converged: every state finite, and within tolerance of the solution, judged by the
 // error estimate max_t |δ_t| of the step just taken (the residual alone understates the
 // error by the recurrence's memory, 1/(1 − contraction)), relative to the states' own
@@ -227,7 +253,7 @@ at::Tensor Stage::expansion_weights(const at::Tensor& a) const {
 // states no longer move). A finite residual s − F means finite states.
 void Stage::check(at::Tensor step, const at::Tensor& phi) {
   p_.residual = max_over_time(r_per_step_);
-  at::Tensor scale = step.defined() ? max_over_time(scale_per_step_) : at::Tensor();
+  at::Tensor scale = max_over_time(scale_per_step_);
   // The first step (of the whole sequence) whose residual is not finite; steps_all if none.
   at::Tensor first_bad;
   if (exact_prefix_) {
@@ -236,14 +262,15 @@ void Stage::check(at::Tensor step, const at::Tensor& phi) {
   }
   if (shards_) {
     // The iteration's one reduction over the ranks: every per-sequence number at once.
-    std::vector<at::Tensor> parts{p_.residual};
-    if (step.defined()) parts.insert(parts.end(), {step.to(r_.scalar_type()), scale});
+    std::vector<at::Tensor> parts{p_.residual, scale};
+    if (step.defined()) parts.push_back(step.to(r_.scalar_type()));
     if (exact_prefix_) parts.push_back(-first_bad.to(at::kDouble).to(r_.scalar_type()));
     const at::Tensor all = shards_->max(at::stack(parts).to(at::kDouble));
-    p_.residual = all[0].to(r_.scalar_type());
-    if (step.defined()) step = all[1].to(r_.scalar_type()), scale = all[2].to(r_.scalar_type());
+    p_.residual = all[0].to(r_.scalar_type()), scale = all[1].to(r_.scalar_type());
+    if (step.defined()) step = all[2].to(r_.scalar_type());
     if (exact_prefix_) first_bad = (-all[parts.size() - 1]).to(at::kLong);
   }
+  scale_ = scale;
   const at::Tensor finite = p_.residual.isfinite();
   at::Tensor done = p_.residual == 0;
   if (step.defined()) {
@@ -305,7 +332,8 @@ Step Stage::take(const at::Tensor& moving) {
   if (plan_.damping > 0 && !elk_) a = a * (1.0 - plan_.damping);
   if (o_.clip > 0) a = clip_jacobian(a, part_, o_.clip);
   if (elk_) {
-    const at::Tensor delta = without_padding(elk_delta(a, r_, lambda_, k_, smooth_, shards_));
+    const at::Tensor lambda = adaptive_ ? at::maximum(lambda_, residual_damping()) : lambda_;
+    const at::Tensor delta = without_padding(elk_delta(a, r_, lambda, k_, smooth_, shards_));
     if (adaptive_) {
       // The merit's weights at this iterate (and the iterate's merit under them).
       weights_ = expansion_weights(a);
