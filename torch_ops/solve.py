@@ -270,7 +270,7 @@ def solve(f, s0, inputs, method="auto", *, structure="dense", jacobian=None, max
         damping: κ in [0, 1): Ã is scaled by (1 − κ). For the elk methods: λ ≥ 0, the
             weight of the step penalty λ‖δ‖²; 0 (default) adapts λ per sequence by a trust
             region on ½‖r‖² (actual vs predicted decrease), never below a multiple of the
-            residual relative to the states (README: the adaptive damping).
+            residual relative to the states (README, the ELK step).
         init: ``zeros``, ``one_step`` (every step from s0) or a ``[B, T, D]`` warm start.
         fallback: rerun unconverged sequences with the sequential loop (default True).
             Without it, a sequence whose solution is not finite (a NaN input, say) returns
