@@ -120,9 +120,10 @@ at::Tensor initial_states(const CellFunction& cell, const at::Tensor& gi_flat, c
 }
 
 // method="auto": its stages in turn, within max_iter in all. A stage that left an
-// unconverged sequence worse than it found it hands the next stage its start (read once:
-// the states are moved only when one did). A converged one stays: its step passed the stop
-// test, and at the rounding floor a confirming step may move the residual up by an ulp.
+// unconverged sequence worse than it found it hands the next stage its start (the states
+// are moved only when one did). A converged one stays: its step passed the stop test, and
+// at the rounding floor a confirming step may move the residual up by an ulp. One host read
+// per stage: whether one got worse, the iterations it took, whether every sequence settled.
 void run_auto(const CellFunction& cell, const at::Tensor& gi_flat, const at::Tensor& s0, const NewtonOptions& o,
               StagePlan plan, int64_t steps_all, const at::Tensor& padding, Progress& p) {
   const int64_t B = s0.size(0);
@@ -135,14 +136,17 @@ void run_auto(const CellFunction& cell, const at::Tensor& gi_flat, const at::Ten
     const Progress::Entry& start = p.entry;
     const at::Tensor worse = p.stuck.logical_not() & p.converged.logical_not() &
                              ((p.residual > start.residual) | p.residual.isfinite().logical_not());
-    if (worse.any().item<bool>()) {
+    // (A worse sequence is unconverged, and was at the stage's start: converged stays so.)
+    const at::Tensor read = at::stack({worse.any().to(at::kLong), p.iterations.max() - before,
+                                       (p.converged | p.stuck).all().to(at::kLong)}).cpu();
+    const int64_t* flags = read.const_data_ptr<int64_t>();
+    if (flags[0] != 0) {
       p.s = at::where(worse.view({B, 1, 1}), start.s, p.s);
       p.F = at::where(worse.view({B, 1, 1}), start.F, p.F);
       p.residual = at::where(worse, start.residual, p.residual);
-      p.converged = at::where(worse, start.converged, p.converged);
     }
-    left -= (p.iterations.max() - before).item<int64_t>();
-    if (left <= 0 || (p.converged | p.stuck).all().item<bool>()) break;
+    left -= flags[1];
+    if (left <= 0 || flags[2] != 0) break;
   }
 }
 

@@ -392,7 +392,7 @@ void Stage::run() {
   }
   check(at::Tensor(), at::Tensor());
   // Where the stage starts, for method="auto"'s choice between its end and its start.
-  p_.entry = Progress::Entry{p_.s, p_.F, p_.residual, p_.converged};
+  p_.entry = Progress::Entry{p_.s, p_.F, p_.residual};
   std::vector<at::Tensor> history{phi_};
   for (int64_t it = 0; it < budget_; ++it) {
     if (should_stop(it, history)) break;

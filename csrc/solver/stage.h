@@ -16,10 +16,9 @@ namespace pnewton {
 struct Progress {
   at::Tensor s, F, iterations, residual, converged, path, stuck;
   std::shared_ptr<Workspace> workspace;  // the solve's reused buffers
-  // Where the last stage started: its states, F there, and the residual and converged
-  // flags of its first test.
+  // Where the last stage started: its states, F there, and the residual of its first test.
   struct Entry {
-    at::Tensor s, F, residual, converged;
+    at::Tensor s, F, residual;
   } entry;
 };
 
