@@ -140,7 +140,6 @@ class Stage {
   at::Tensor J_, r_, r_per_step_, scale_per_step_, square_per_step_, phi_;
   at::Tensor weights_;  // the adaptive trust region's w_t [B, T] at the iterate stepped from
   at::Tensor scale_;    // max_t ‖s_t‖∞ per sequence at the current iterate (check)
-  double residual_mu_;  // μ of residual_damping
 };
 
 Stage::Stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Tensor& s0, const StagePlan& plan,
@@ -159,7 +158,6 @@ Stage::Stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Tens
   exact_prefix_ = !elk_;
   budget_ = exact_prefix_ ? std::min(plan.budget, steps_all_) : plan.budget;
   adaptive_ = elk_ && plan.damping == 0;
-  residual_mu_ = part_ != cell.structure() && !smooth_ ? kResidualDampingQuasiFilter : kResidualDamping;
   // ½‖r‖² per sequence, where something reads it (the stall test, the ELK step).
   track_merit_ = plan.stop_on_stall || elk_;
   lambda_ = at::full({B_}, adaptive_ ? kLambdaStart : plan.damping, s0.options());
@@ -240,7 +238,8 @@ at::Tensor Stage::expansion_weights(const at::Tensor& a) const {
 // The adaptive step's least λ per sequence, μ · max_t ‖r_t‖∞ / max(1, max_t ‖s_t‖∞) (above);
 // a non-finite residual (never accepted, but the first iterate's may be) gives kLambdaMax.
 at::Tensor Stage::residual_damping() const {
-  const at::Tensor floor = residual_mu_ * p_.residual / scale_.clamp_min(1.0);
+  const double mu = part_ != cell_.structure() && !smooth_ ? kResidualDampingQuasiFilter : kResidualDamping;
+  const at::Tensor floor = mu * p_.residual / scale_.clamp_min(1.0);
   return at::nan_to_num(floor, kLambdaMax, kLambdaMax).clamp(kLambdaMin, kLambdaMax);
 }
 
