@@ -56,7 +56,7 @@ struct FusedCellParams {
   const void* current = nullptr;
   const bool* padding = nullptr;
   const bool* reset = nullptr;
-  void* F = nullptr;  // [N, S]
+  void* F = nullptr;  // [N, S], or null where nothing reads f (an iteration's R carries it)
   void* J = nullptr;  // [N, S] or [N, D, 2, 2]; unused for FusedPart::none
   void* R = nullptr;  // [N, S] when current is given
   // The row reductions, each as [N, row_parts] partial results over parts of the row's
@@ -383,7 +383,7 @@ PNEWTON_HD void fused_block_row(const FusedCellParams& p, I d, const FusedPoint<
   }
 }
 
-// Channel d of row n from its inputs: F, J and R written, its part of the row's reductions
+// Channel d of row n from its inputs: F (where asked for), J and R written, its part of the row's reductions
 // added to `share`. The outputs alias no input (restricted).
 template <typename T, typename I = int64_t>
 PNEWTON_HD void fused_channel_store(const FusedCellParams& p, I n, I d, const FusedChannelIn<T>& in,
@@ -391,7 +391,7 @@ PNEWTON_HD void fused_channel_store(const FusedCellParams& p, I n, I d, const Fu
   const I D = static_cast<I>(p.D);
   const bool lstm = p.cell == FusedCell::lstm, jacobian = p.part != FusedPart::none;
   const I S = lstm ? 2 * D : D;
-  T* __restrict__ F = static_cast<T*>(p.F) + n * S;
+  T* __restrict__ F = p.F ? static_cast<T*>(p.F) + n * S : nullptr;
   T* __restrict__ R = p.R ? static_cast<T*>(p.R) + n * S : nullptr;
   T* __restrict__ J = jacobian ? static_cast<T*>(p.J) + n * fused_jacobian_row<I>(p) : nullptr;
   const bool padded = p.padding && p.padding[n], reset = p.reset && p.reset[n];
@@ -399,7 +399,7 @@ PNEWTON_HD void fused_channel_store(const FusedCellParams& p, I n, I d, const Fu
   const int states = lstm ? 2 : 1;
   for (int k = 0; k < states; ++k) {
     const I i = lstm ? 2 * d + k : d;
-    F[i] = out.F[k];
+    if (F) F[i] = out.F[k];
     const T size = p.current ? in.cur[k] : out.F[k];
     share.scale = nan_max(share.scale, size < T(0) ? -size : size);
     if (p.current) {

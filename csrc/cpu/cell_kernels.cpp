@@ -155,7 +155,7 @@ void rows(const FusedCellParams& p, int64_t begin, int64_t end) {
     const T *s, *gh;
     fused_sources<T>(p, n, S, s, gh);
     const T* cur = p.current ? static_cast<const T*>(p.current) + n * S : nullptr;
-    T* F = static_cast<T*>(p.F) + n * S;
+    T* F = p.F ? static_cast<T*>(p.F) + n * S : nullptr;
     T* R = p.R ? static_cast<T*>(p.R) + n * S : nullptr;
     const int64_t J_row = p.part == FusedPart::block2 ? 4 * D
                           : p.part == FusedPart::blocks ? (lstm ? 4 : 1) * D * p.k
@@ -209,10 +209,10 @@ void rows(const FusedCellParams& p, int64_t begin, int64_t end) {
       auto valid = [m](const V& v) { return m == L ? v : V::set(V(0), v, m); };
       // The row's scale: the current states' magnitude, f's without them (cell_fused.h).
       if (lstm) {
-        store_pairs(F + 2 * d, out.F[0], out.F[1]);
+        if (F) store_pairs(F + 2 * d, out.F[0], out.F[1]);
         if (!cur) max_f = at::vec::maximum(max_f, at::vec::maximum(valid(out.F[0]).abs(), valid(out.F[1]).abs()));
       } else {
-        out.F[0].store(F + d, m);
+        if (F) out.F[0].store(F + d, m);
         if (!cur) max_f = at::vec::maximum(max_f, valid(out.F[0]).abs());
       }
       if (cur) {

@@ -75,7 +75,9 @@ class Cell : public CellFunction {
   // One Newton iteration's evaluation in the same fused pass, where it applies: at the
   // states [B, T, S], each step reading the previous one (its sequence's `entering` state
   // [B, S] at t = 0, s0 [B, S] at `reset` steps; undefined entering: s0), F = f(previous,
-  // gi), J in `part` (zero at reset steps), R = states − F (zero on `padding` steps), and
+  // gi) where with_F (the solver's Newton steps read R only: at B = 16, T = 65536, D = 64
+  // F is 0.27 GB written per evaluation, and a buffer less per live evaluation), J in
+  // `part` (zero at reset steps), R = states − F (zero on `padding` steps), and
   // per step max |R|, max |F| (NaN propagating) and Σ R², the merit's part ([B·T], 0 on
   // padding). padding, reset:
   // [B·T] bool or undefined. The previous states are read in place, never copied; the
@@ -86,7 +88,7 @@ class Cell : public CellFunction {
   };
   std::optional<Iteration> iterate(const at::Tensor& states, const at::Tensor& s0, const at::Tensor& entering,
                                    const at::Tensor& gi, std::optional<JacobianPart> part, const at::Tensor& padding,
-                                   const at::Tensor& reset, Workspace* workspace = nullptr) const;
+                                   const at::Tensor& reset, bool with_F, Workspace* workspace = nullptr) const;
   at::Tensor step(const at::Tensor& s, const at::Tensor& gi) const override;
   at::Tensor jacobian(const at::Tensor& s, const at::Tensor& gi, JacobianPart part) const override;
   at::Tensor transpose_product(const at::Tensor& s, const at::Tensor& gi, const at::Tensor& v) const override {
@@ -123,10 +125,11 @@ class Cell : public CellFunction {
   // Whether the fused pass applies to these tensors and this part.
   bool fusable(const at::Tensor& s, const at::Tensor& gi, std::optional<JacobianPart> part) const;
   // The fused pass. Without `shift`: rows [N, S] are the states each row reads, F and J
-  // only. With it: rows are the steps' own states (iterate).
+  // only. With it: rows are the steps' own states (iterate), F written only where F is set.
   struct Shift {
     int64_t T;
     at::Tensor first, s0, padding, reset;
+    bool F;
   };
   Iteration fused(const at::Tensor& rows, const at::Tensor& gi, std::optional<JacobianPart> part,
                   const Shift* shift, Workspace* workspace) const;

@@ -85,7 +85,7 @@ Cell::Iteration Cell::fused(const at::Tensor& rows, const at::Tensor& gi, std::o
   const at::Tensor w = diagonal_weights() ? W_.contiguous() : gate_diagonals_;
   const at::Tensor b = b_.defined() ? b_.contiguous() : at::Tensor();
   Iteration it;
-  it.F = empty_in(workspace, {N, S}, opts);
+  if (!shift || shift->F) it.F = empty_in(workspace, {N, S}, opts);
   if (part) {
     const int64_t b = block_size();  // a head's block
     it.J = *part == JacobianPart::diagonal ? empty_in(workspace, {N, S}, opts)
@@ -121,7 +121,7 @@ Cell::Iteration Cell::fused(const at::Tensor& rows, const at::Tensor& gi, std::o
     p.padding = pad.defined() ? pad.const_data_ptr<bool>() : nullptr;
     p.reset = res.defined() ? res.const_data_ptr<bool>() : nullptr;
   }
-  p.F = it.F.mutable_data_ptr(), p.J = it.J.defined() ? it.J.mutable_data_ptr() : nullptr;
+  p.F = it.F.defined() ? it.F.mutable_data_ptr() : nullptr, p.J = it.J.defined() ? it.J.mutable_data_ptr() : nullptr;
   p.R = it.R.defined() ? it.R.mutable_data_ptr() : nullptr;
   p.row_residual = it.row_residual.defined() ? it.row_residual.mutable_data_ptr() : nullptr;
   p.row_scale = it.row_scale.defined() ? it.row_scale.mutable_data_ptr() : nullptr;
@@ -150,11 +150,11 @@ Cell::Iteration Cell::fused(const at::Tensor& rows, const at::Tensor& gi, std::o
 
 std::optional<Cell::Iteration> Cell::iterate(const at::Tensor& states, const at::Tensor& s0, const at::Tensor& entering,
                                              const at::Tensor& gi, std::optional<JacobianPart> part,
-                                             const at::Tensor& padding, const at::Tensor& reset,
+                                             const at::Tensor& padding, const at::Tensor& reset, bool with_F,
                                              Workspace* workspace) const {
   const at::Tensor& first = entering.defined() ? entering : s0;
   if (!fusable(states, gi, part) || !plain(s0, states) || !plain(first, states)) return std::nullopt;
-  const Shift shift{states.size(1), first, s0, padding, reset};
+  const Shift shift{states.size(1), first, s0, padding, reset, with_F};
   return fused(states.flatten(0, 1), gi, part, &shift, workspace);
 }
 

@@ -46,16 +46,18 @@ std::vector<Method> auto_stages(const CellFunction& cell, int64_t rows, bool sha
   return stages;
 }
 
-// Where the solution of a sequence is not finite, from the cell evaluated at the returned
-// states, F [B, T, S], exact up to the first non-finite step t0 of a stuck sequence: the
+// Where the solution of a sequence is not finite, from the residual r = s − F [B, T, S] at
+// the returned states s, exact up to the first non-finite step t0 of a stuck sequence (s is
+// finite wherever a step moved it, take_step, so r is not finite exactly where the cell's
+// F is; an initial state not finite and never moved counts as well): the
 // entries that are non-finite there, and everything the recurrence carries them to after
 // t0 — the same state entry (diagonal cells), its block of k (the (h, c) pair, a head) or
 // every entry (dense) — up to the next reset. This is the NaN pattern of the loop (torch.nn's) for NaN
 // inputs, without running the loop.
-at::Tensor nonfinite_pattern(const at::Tensor& F, int64_t k, const at::Tensor& resets,
+at::Tensor nonfinite_pattern(const at::Tensor& r, int64_t k, const at::Tensor& resets,
                              const at::Tensor& padding, TimeShards* shards) {
-  const int64_t B = F.size(0), T = F.size(1), S = F.size(2);
-  at::Tensor bad = F.isfinite().logical_not();
+  const int64_t B = r.size(0), T = r.size(1), S = r.size(2);
+  at::Tensor bad = r.isfinite().logical_not();
   if (padding.defined()) bad.masked_fill_(padding, false);
   at::Tensor spread = bad;
   if (k == S) spread = bad.any(-1, true);
@@ -63,7 +65,7 @@ at::Tensor nonfinite_pattern(const at::Tensor& F, int64_t k, const at::Tensor& r
   spread = spread.reshape({B, T, k == S ? 1 : S});
   // Global step indices (time shards: this shard's offset added); -1: none.
   const int64_t offset = shards ? shards->offset() : 0;
-  const at::Tensor t = at::arange(offset, offset + T, F.options().dtype(at::kLong)).view({1, T, 1});
+  const at::Tensor t = at::arange(offset, offset + T, r.options().dtype(at::kLong)).view({1, T, 1});
   // The last bad step up to t, and the start of t's segment (the latest reset; 0 before any).
   at::Tensor last = std::get<0>(at::where(spread, t, -1).cummax(1));
   at::Tensor start = resets.defined() ? std::get<0>(at::where(resets, t.squeeze(-1), -1).cummax(1)).unsqueeze(-1)
@@ -142,7 +144,7 @@ void run_auto(const CellFunction& cell, const at::Tensor& gi_flat, const at::Ten
     const int64_t* flags = read.const_data_ptr<int64_t>();
     if (flags[0] != 0) {
       p.s = at::where(worse.view({B, 1, 1}), start.s, p.s);
-      p.F = at::where(worse.view({B, 1, 1}), start.F, p.F);
+      p.r = at::where(worse.view({B, 1, 1}), start.r, p.r);
       p.residual = at::where(worse, start.residual, p.residual);
     }
     left -= flags[1];
@@ -219,7 +221,7 @@ NewtonResult newton_solve(const CellFunction& cell, const at::Tensor& gi, const 
   at::Tensor states = p.s;
   if (any_stuck) {
     const at::Tensor pattern =
-        nonfinite_pattern(p.F, block_width(cell.structure(), cell), o.resets, padding, shards) &
+        nonfinite_pattern(p.r, block_width(cell.structure(), cell), o.resets, padding, shards) &
         p.stuck.view({B, 1, 1});
     states = states.masked_fill(pattern, NAN);
   }

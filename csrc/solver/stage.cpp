@@ -88,9 +88,10 @@ JacobianPart method_part(const CellFunction& cell, Method method) {
   }
 }
 
-// The cell at states s: F, J in the method's part, the residual r = s − F, and per step
-// [B, T]: max_s |r|, the scale max_s |s| (0 on padding) and, where the fused pass gives
-// it, Σ_s r² (the merit's part).
+// The cell at states s: F (where a step reads it: Jacobi's; the fused pass writes it only
+// then), J in the method's part, the residual r = s − F, and per step [B, T]: max_s |r|,
+// the scale max_s |s| (0 on padding) and, where the fused pass gives it, Σ_s r² (the
+// merit's part).
 struct Evaluation {
   at::Tensor F, J, r, r_per_step, scale_per_step, r_square;
 };
@@ -131,13 +132,14 @@ class Stage {
   int64_t B_, T_, S_, steps_all_, offset_;
   JacobianPart part_;
   int64_t k_;  // the part's block width (block_width)
-  bool newton_like_, elk_, smooth_, exact_prefix_, adaptive_, track_merit_;
+  bool newton_like_, elk_, smooth_, exact_prefix_, adaptive_, track_merit_, reads_F_;
   int64_t budget_;
   std::vector<int64_t> shape_;  // the Jacobian part's
   at::Tensor carried_;          // 0 at reset steps (their Jacobian is zero), or undefined
   at::Tensor steps_, iterations_before_, nonfinite_merit_, lambda_;
-  // The current iterate's evaluation (F lives in p.F) and merit ½‖r‖² (where read).
-  at::Tensor J_, r_, r_per_step_, scale_per_step_, square_per_step_, phi_;
+  // The current iterate's evaluation (its residual lives in p.r; F where read) and merit
+  // ½‖r‖² (where read).
+  at::Tensor F_, J_, r_per_step_, scale_per_step_, square_per_step_, phi_;
   at::Tensor weights_;  // the adaptive trust region's w_t [B, T] at the iterate stepped from
   at::Tensor scale_;    // max_t ‖s_t‖∞ per sequence at the current iterate (check)
 };
@@ -160,6 +162,7 @@ Stage::Stage(const CellFunction& cell, const at::Tensor& gi_flat, const at::Tens
   adaptive_ = elk_ && plan.damping == 0;
   // ½‖r‖² per sequence, where something reads it (the stall test, the ELK step).
   track_merit_ = plan.stop_on_stall || elk_;
+  reads_F_ = plan.method == Method::jacobi;
   lambda_ = at::full({B_}, adaptive_ ? kLambdaStart : plan.damping, s0.options());
   k_ = block_width(part_, cell);
   shape_ = k_ == 1 ? std::vector<int64_t>{B_, T_, S_} : std::vector<int64_t>{B_, T_, S_ / k_, k_, k_};
@@ -176,8 +179,10 @@ Evaluation Stage::evaluate(const at::Tensor& s, bool with_jacobian) const {
   if (builtin_ != nullptr) {
     const at::Tensor rows_padding = padding_.defined() ? padding_.view({B_ * T_}) : at::Tensor();
     const at::Tensor rows_reset = o_.resets.defined() ? o_.resets.reshape({B_ * T_}) : at::Tensor();
-    if (auto it = builtin_->iterate(s, s0_, entering, gi_flat_, want, rows_padding, rows_reset, p_.workspace.get())) {
-      return Evaluation{it->F.view({B_, T_, S_}), it->J.defined() ? it->J.view(shape_) : it->J,
+    if (auto it = builtin_->iterate(s, s0_, entering, gi_flat_, want, rows_padding, rows_reset, reads_F_,
+                                    p_.workspace.get())) {
+      return Evaluation{it->F.defined() ? it->F.view({B_, T_, S_}) : it->F,
+                        it->J.defined() ? it->J.view(shape_) : it->J,
                         it->R.view({B_, T_, S_}), it->row_residual.view({B_, T_}), it->row_scale.view({B_, T_}),
                         it->row_square.view({B_, T_})};
     }
@@ -188,7 +193,7 @@ Evaluation Stage::evaluate(const at::Tensor& s, bool with_jacobian) const {
   if (carried_.defined() && jacobian.defined()) jacobian = jacobian * carried_.view(jacobian_mask_shape(shape_));
   const at::Tensor F = e.F.view({B_, T_, S_});
   const at::Tensor r = without_padding(s - F);
-  return Evaluation{F, jacobian, r, max_abs_per_step(r),
+  return Evaluation{reads_F_ ? F : at::Tensor(), jacobian, r, max_abs_per_step(r),
                     max_abs_per_step(padding_.defined() ? s.masked_fill(padding_, 0) : s)};
 }
 
@@ -262,11 +267,12 @@ void Stage::check(at::Tensor step, const at::Tensor& phi) {
   if (shards_) {
     // The iteration's one reduction over the ranks: every per-sequence number at once.
     std::vector<at::Tensor> parts{p_.residual, scale};
-    if (step.defined()) parts.push_back(step.to(r_.scalar_type()));
-    if (exact_prefix_) parts.push_back(-first_bad.to(at::kDouble).to(r_.scalar_type()));
+    const at::ScalarType dtype = p_.r.scalar_type();
+    if (step.defined()) parts.push_back(step.to(dtype));
+    if (exact_prefix_) parts.push_back(-first_bad.to(at::kDouble).to(dtype));
     const at::Tensor all = shards_->max(at::stack(parts).to(at::kDouble));
-    p_.residual = all[0].to(r_.scalar_type()), scale = all[1].to(r_.scalar_type());
-    if (step.defined()) step = all[2].to(r_.scalar_type());
+    p_.residual = all[0].to(dtype), scale = all[1].to(dtype);
+    if (step.defined()) step = all[2].to(dtype);
     if (exact_prefix_) first_bad = (-all[parts.size() - 1]).to(at::kLong);
   }
   scale_ = scale;
@@ -318,12 +324,12 @@ Step Stage::take(const at::Tensor& moving) {
   Step out;
   Workspace* workspace = p_.workspace.get();
   if (plan_.method == Method::jacobi) {
-    out.next = at::where(moving.view({B_, 1, 1}), at::nan_to_num(p_.F, 0.0, 0.0, 0.0), p_.s);
+    out.next = at::where(moving.view({B_, 1, 1}), at::nan_to_num(F_, 0.0, 0.0, 0.0), p_.s);
     out.size = p_.residual;
     return out;
   }
   if (plan_.method == Method::picard) {
-    const at::Tensor sum = shards_ ? diag_scan(shards_, at::ones_like(r_), r_) : r_.cumsum(1);
+    const at::Tensor sum = shards_ ? diag_scan(shards_, at::ones_like(p_.r), p_.r) : p_.r.cumsum(1);
     std::tie(out.next, out.size) = take_step(p_.s, sum, -1, moving, padding_, workspace);
     return out;
   }
@@ -332,18 +338,18 @@ Step Stage::take(const at::Tensor& moving) {
   if (o_.clip > 0) a = clip_jacobian(a, part_, o_.clip);
   if (elk_) {
     const at::Tensor lambda = adaptive_ ? at::maximum(lambda_, residual_damping()) : lambda_;
-    const at::Tensor delta = without_padding(elk_delta(a, r_, lambda, k_, smooth_, shards_));
+    const at::Tensor delta = without_padding(elk_delta(a, p_.r, lambda, k_, smooth_, shards_));
     if (adaptive_) {
       // The merit's weights at this iterate (and the iterate's merit under them).
       weights_ = expansion_weights(a);
       phi_ = merit(square_per_step_, weights_);
     }
     out.predicted =
-        phi_ - merit(squares_per_step(r_ + delta - apply_approximation(a, delta, k_, shards_)), weights_);
+        phi_ - merit(squares_per_step(p_.r + delta - apply_approximation(a, delta, k_, shards_)), weights_);
     std::tie(out.next, out.size) = take_step(p_.s, delta, 1, moving, padding_, workspace);
   } else {
     std::tie(out.next, out.size) =
-        take_step(p_.s, negated_newton_delta(a, r_, k_, shards_), -1, moving, padding_, workspace);
+        take_step(p_.s, negated_newton_delta(a, p_.r, k_, shards_), -1, moving, padding_, workspace);
   }
   return out;
 }
@@ -352,8 +358,8 @@ Step Stage::take(const at::Tensor& moving) {
 // history: the accepted merits so far, the latest last).
 void Stage::accept(Evaluation e, Step step, const at::Tensor& moving, bool more, const std::vector<at::Tensor>& history) {
   if (!adaptive_) {
-    p_.s = step.next, p_.F = e.F, J_ = e.J, r_ = e.r, r_per_step_ = e.r_per_step, scale_per_step_ = e.scale_per_step;
-    if (track_merit_) square_per_step_ = squares_per_step(r_, e.r_square), phi_ = merit(square_per_step_);
+    p_.s = step.next, F_ = e.F, J_ = e.J, p_.r = e.r, r_per_step_ = e.r_per_step, scale_per_step_ = e.scale_per_step;
+    if (track_merit_) square_per_step_ = squares_per_step(p_.r, e.r_square), phi_ = merit(square_per_step_);
     check(step.size, phi_);
     return;
   }
@@ -369,8 +375,7 @@ void Stage::accept(Evaluation e, Step step, const at::Tensor& moving, bool more,
                 .clamp(kLambdaMin, kLambdaMax);
   const at::Tensor keep = accepted.view({B_, 1, 1}), keep_rows = accepted.view({B_, 1});
   p_.s = at::where(keep, step.next, p_.s);
-  p_.F = at::where(keep, e.F, p_.F);
-  r_ = at::where(keep, e.r, r_);
+  p_.r = at::where(keep, e.r, p_.r);
   r_per_step_ = at::where(keep_rows, e.r_per_step, r_per_step_);
   scale_per_step_ = at::where(keep_rows, e.scale_per_step, scale_per_step_);
   square_per_step_ = at::where(keep_rows, square_new, square_per_step_);
@@ -386,12 +391,12 @@ void Stage::accept(Evaluation e, Step step, const at::Tensor& moving, bool more,
 void Stage::run() {
   {
     const Evaluation e = evaluate(p_.s, budget_ > 0);
-    p_.F = e.F, J_ = e.J, r_ = e.r, r_per_step_ = e.r_per_step, scale_per_step_ = e.scale_per_step;
-    if (track_merit_) square_per_step_ = squares_per_step(r_, e.r_square), phi_ = merit(square_per_step_);
+    F_ = e.F, J_ = e.J, p_.r = e.r, r_per_step_ = e.r_per_step, scale_per_step_ = e.scale_per_step;
+    if (track_merit_) square_per_step_ = squares_per_step(p_.r, e.r_square), phi_ = merit(square_per_step_);
   }
   check(at::Tensor(), at::Tensor());
   // Where the stage starts, for method="auto"'s choice between its end and its start.
-  p_.entry = Progress::Entry{p_.s, p_.F, p_.residual};
+  p_.entry = Progress::Entry{p_.s, p_.r, p_.residual};
   std::vector<at::Tensor> history{phi_};
   for (int64_t it = 0; it < budget_; ++it) {
     // Not tested before the first step (one host read less per stage): a stage starts with

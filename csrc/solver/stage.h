@@ -14,11 +14,12 @@ namespace pnewton {
 // per-sequence diagnostics. stuck: the sequence cannot converge (its solution is not
 // finite, or a trust region stays non-finite), so it takes no more steps.
 struct Progress {
-  at::Tensor s, F, iterations, residual, converged, path, stuck;
+  // r: the residual s − f(s) at the states s [B, T, S] (zero on padding).
+  at::Tensor s, r, iterations, residual, converged, path, stuck;
   std::shared_ptr<Workspace> workspace;  // the solve's reused buffers
-  // Where the last stage started: its states, F there, and the residual of its first test.
+  // Where the last stage started: its states, the residual there, and its maximum.
   struct Entry {
-    at::Tensor s, F, residual;
+    at::Tensor s, r, residual;
   } entry;
 };
 

@@ -494,15 +494,18 @@ void expect_mirrors_the_vector_pass(pnewton::FusedCell cell, pnewton::FusedPart 
   };
   const auto prev_s = previous(current, first, s0), prev_gh = previous(gh, first_gh, s0_gh);
   const int64_t J_size = heads ? (cell == FusedCell::lstm ? 4 : 1) * D * k : part == FusedPart::block2 ? 4 * D : S;
-  enum Variant { vector, thread, shifted };
-  std::vector<torch::Tensor> out[3];
-  for (const Variant variant : {vector, thread, shifted}) {
+  // unwritten_F: the thread code with shifted reads and no F asked for, as the solver's
+  // iterations run it on CUDA.
+  enum Variant { vector, thread, shifted, unwritten_F };
+  std::vector<torch::Tensor> out[4];
+  for (const Variant variant : {vector, thread, shifted, unwritten_F}) {
+    const bool threads = variant == thread || variant == unwritten_F;
     FusedCellParams p;
     p.cell = cell, p.part = part, p.diagonal_weights = diagonal_weights, p.N = N, p.D = D;
     p.gi = gi.data_ptr(), p.b = b.data_ptr(), p.w = w.data_ptr(), p.current = current.data_ptr();
     p.padding = padding.data_ptr<bool>(), p.reset = reset.data_ptr<bool>();
     if (heads) p.heads = columns.data_ptr(), p.k = k;
-    if (variant == shifted) {
+    if (variant == shifted || variant == unwritten_F) {
       p.T = Tn, p.s = current.data_ptr(), p.gh = gh.data_ptr(), p.first = first.data_ptr(), p.s0 = s0.data_ptr();
       p.first_gh = first_gh.data_ptr(), p.s0_gh = s0_gh.data_ptr();
     } else {
@@ -511,14 +514,14 @@ void expect_mirrors_the_vector_pass(pnewton::FusedCell cell, pnewton::FusedPart 
     if (diagonal_weights) p.gh = p.first_gh = p.s0_gh = nullptr;
     auto& o = out[variant];
     o = {torch::full({N, S}, NAN, opts), torch::full({N, J_size}, NAN, opts), torch::full({N, S}, NAN, opts)};
-    p.F = o[0].data_ptr(), p.J = o[1].data_ptr(), p.R = o[2].data_ptr();
+    p.F = variant == unwritten_F ? nullptr : o[0].data_ptr(), p.J = o[1].data_ptr(), p.R = o[2].data_ptr();
     constexpr int kWarp = 32, kParts = 2;
-    const int64_t parts = variant == thread ? kParts : 1;
+    const int64_t parts = threads ? kParts : 1;
     auto row_residual = torch::empty({N, parts}, opts), row_scale = torch::empty({N, parts}, opts);
     auto row_square = torch::empty({N, parts}, opts);
     p.row_residual = row_residual.data_ptr(), p.row_scale = row_scale.data_ptr(), p.row_square = row_square.data_ptr();
     p.row_parts = parts;
-    if (variant == thread) {
+    if (threads) {
       for (int64_t n = 0; n < N; ++n) {
         for (int part = 0; part < kParts; ++part) {
           FusedRowShare<T> shares[kWarp];
@@ -558,7 +561,9 @@ void expect_mirrors_the_vector_pass(pnewton::FusedCell cell, pnewton::FusedPart 
     if (k == 1 && part == FusedPart::none) continue;
     expect_close(out[thread][k], copied[k], tol);    // thread code == vector pass
     expect_close(out[shifted][k], copied[k], 0);     // shifted reads == copied rows
+    if (k > 0) expect_close(out[unwritten_F][k], copied[k], tol);
   }
+  EXPECT_TRUE(out[unwritten_F][0].isnan().all().template item<bool>());  // F untouched
 }
 
 // The CUDA update's per-thread code against the vectorised CPU update: next = s + sign·x
