@@ -91,7 +91,9 @@ at::Tensor nonfinite_pattern(const at::Tensor& r, int64_t k, const at::Tensor& r
 // What a solve returns where the loop made the states: the solution by definition, unless
 // not finite (then not converged, and a NaN residual, as the residual of NaN states is).
 void set_exact(const at::Tensor& states, TimeShards* shards, at::Tensor& converged, at::Tensor& residual) {
-  converged = states.isfinite().flatten(1).all(1);
+  // One reduction (max |x|, NaN propagating), not isfinite's four passes over the states.
+  converged = states.numel() == 0 ? at::ones({states.size(0)}, states.options().dtype(at::kBool))
+                                  : at::linalg_vector_norm(states.flatten(1), INFINITY, at::IntArrayRef{1}).isfinite();
   if (shards) converged = shards->max(converged.logical_not().to(at::kFloat)) == 0;
   residual = at::where(converged, 0.0, NAN).to(states.scalar_type());
 }
