@@ -485,6 +485,39 @@ PNEWTON_HD void fused_vjp_row_share(const FusedVjpParams& p, I n, I first, I str
   }
 }
 
+// ---- the loop of a per-channel cell (diagonal weights) ----
+
+// Channel d of a per-channel cell's step reads channel d of the step before only, so the
+// step-by-step loop is one pass: channel d of sequence b stepped through its T steps in
+// registers, from first[b] (s0[b] at reset rows), every step's state written to F. Of
+// FusedCellParams it reads cell, D, T (> 0), gi, w, b, first, s0 and reset (N = B·T rows),
+// and writes F. The CUDA loop's thread (kernels/cell_fused_cuda.cu); the CPU loop steps
+// vectors of channels the same way (csrc/cpu/cell_kernels.cpp).
+template <typename T, typename I = int64_t>
+PNEWTON_HD void fused_loop_channel(const FusedCellParams& p, I b, I d) {
+  const I D = static_cast<I>(p.D), steps = static_cast<I>(p.T);
+  const bool lstm = p.cell == FusedCell::lstm;
+  const I S = lstm ? 2 * D : D, G = fused_gates(p.cell);
+  const T* __restrict__ first = static_cast<const T*>(p.first) + b * S;
+  const T* __restrict__ s0 = static_cast<const T*>(p.s0);
+  T* __restrict__ F = static_cast<T*>(p.F);
+  T h = lstm ? first[2 * d] : first[d], c = lstm ? first[2 * d + 1] : T(0);
+  for (I t = 0; t < steps; ++t) {
+    const I n = b * steps + t;
+    if (p.reset && p.reset[n]) h = lstm ? s0[b * S + 2 * d] : s0[b * S + d], c = lstm ? s0[b * S + 2 * d + 1] : T(0);
+    T x[4], w[4], hn;
+    gate_inputs<T, I>(p.cell, true, D, d, static_cast<const T*>(p.gi) + n * G * D, nullptr, static_cast<const T*>(p.b),
+                      static_cast<const T*>(p.w), h, x, w, hn);
+    const FusedPoint<T> out = fused_point<T, ScalarMath>(p.cell, false, x, hn, h, c, w);
+    h = out.F[0], c = lstm ? out.F[1] : T(0);
+    if (lstm) {
+      F[n * S + 2 * d] = h, F[n * S + 2 * d + 1] = c;
+    } else {
+      F[n * S + d] = h;
+    }
+  }
+}
+
 // The update's share of row n (as fused_cell_row_share): next written, max |x| returned.
 template <typename T, typename I = int64_t>
 PNEWTON_HD T newton_update_row_share(const NewtonUpdateParams& p, I n, I first, I stride) {

@@ -113,6 +113,15 @@ __global__ void __launch_bounds__(kThreads) fused_vjp_kernel(FusedVjpParams p, i
   if (n < static_cast<I>(p.N)) fused_vjp_row_share<T, I>(p, n, static_cast<I>(threadIdx.x % lanes), lanes);
 }
 
+// The loop of a per-channel cell: a thread per channel of a sequence (neighbouring threads
+// read neighbouring channels of each step's gi), each through all T steps.
+template <typename T, FusedCell CELL, typename I>
+__global__ void __launch_bounds__(kThreads) fused_loop_kernel(FusedCellParams p) {
+  p.cell = CELL;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x, B = p.N / p.T;
+  if (i < B * p.D) fused_loop_channel<T, I>(p, static_cast<I>(i / p.D), static_cast<I>(i % p.D));
+}
+
 // Launches Kernel<T, WIDTH> over `rows` rows of `width` channels.
 // row_numbers: the most numbers a row of any array holds.
 template <template <typename, int> class Kernel, typename P>
@@ -221,6 +230,30 @@ cudaError_t fused_cell_cuda(const FusedCellParams& p, DType dtype, cudaStream_t 
 
 cudaError_t fused_vjp_cuda(const FusedVjpParams& p, DType dtype, cudaStream_t stream) {
   return launch_rows<VjpKernel>(p, p.N, p.D, 4 * p.D, false, dtype, stream);
+}
+
+cudaError_t fused_loop_cuda(const FusedCellParams& p, DType dtype, cudaStream_t stream) {
+  if (p.N == 0 || p.D == 0) return cudaSuccess;
+  if (p.T <= 0 || p.N % p.T != 0) return cudaErrorInvalidValue;
+  const int64_t threads = p.N / p.T * p.D, blocks = (threads + kThreads - 1) / kThreads;
+  const bool narrow = p.N * 4 * p.D < std::numeric_limits<int32_t>::max();
+  auto typed = [&](auto zero) {
+    using T = decltype(zero);
+    with_cell(p.cell, [&](auto cell) {
+      constexpr FusedCell C = decltype(cell)::value;
+      if (narrow) {
+        fused_loop_kernel<T, C, int32_t><<<blocks, kThreads, 0, stream>>>(p);
+      } else {
+        fused_loop_kernel<T, C, int64_t><<<blocks, kThreads, 0, stream>>>(p);
+      }
+    });
+  };
+  switch (dtype) {
+    case DType::f32: typed(0.0f); break;
+    case DType::f64: typed(0.0); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
 }
 
 cudaError_t newton_update_cuda(const NewtonUpdateParams& p, DType dtype, cudaStream_t stream) {

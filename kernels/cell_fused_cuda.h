@@ -20,6 +20,9 @@ inline int64_t fused_row_parts(int64_t width) {
 cudaError_t fused_cell_cuda(const FusedCellParams& p, DType dtype, cudaStream_t stream);
 // The cell's VJP (fused_vjp_row_share); f32 and f64.
 cudaError_t fused_vjp_cuda(const FusedVjpParams& p, DType dtype, cudaStream_t stream);
+// The loop of a per-channel cell (fused_loop_channel): a thread per channel of a sequence;
+// f32 and f64.
+cudaError_t fused_loop_cuda(const FusedCellParams& p, DType dtype, cudaStream_t stream);
 // The Newton update (s + sign·x, non-finite reset, max |x| per row); f32 and f64.
 cudaError_t newton_update_cuda(const NewtonUpdateParams& p, DType dtype, cudaStream_t stream);
 

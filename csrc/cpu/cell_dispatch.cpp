@@ -41,4 +41,14 @@ void newton_update_cpu(const NewtonUpdateParams& p, DType dtype, int64_t begin, 
   }
 }
 
+void fused_loop_cpu(const FusedCellParams& p, DType dtype, int64_t begin, int64_t end) {
+  switch (capability()) {
+#if PNEWTON_CPU_X86
+    case Capability::AVX512: return AVX512::fused_loop_lanes(p, dtype, begin, end);
+    case Capability::AVX2: return AVX2::fused_loop_lanes(p, dtype, begin, end);
+#endif
+    default: return DEFAULT::fused_loop_lanes(p, dtype, begin, end);
+  }
+}
+
 }  // namespace pnewton::cpu

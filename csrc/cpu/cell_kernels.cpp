@@ -285,6 +285,70 @@ void update_rows(const NewtonUpdateParams& p, int64_t begin, int64_t end) {
   }
 }
 
+// The loop of a per-channel cell (fused_loop_channel) for the vector of channels [d, d + L)
+// of sequence seq, through all its steps.
+template <typename T>
+void loop_vector(const FusedCellParams& p, int64_t seq, int64_t d) {
+  using V = Vectorized<T>;
+  static constexpr int64_t L = V::size();
+  const int64_t D = p.D, G = fused_gates(p.cell), steps = p.T, m = std::min(L, D - d);
+  const bool lstm = p.cell == FusedCell::lstm;
+  const int64_t S = lstm ? 2 * D : D;
+  const T* b = static_cast<const T*>(p.b);
+  const T* wd = static_cast<const T*>(p.w);
+  auto load = [m](const T* ptr) { return m == L ? V::loadu(ptr) : V::loadu(ptr, m); };
+  auto load_state = [&](const T* row, V& h, V& c) {
+    if (!lstm) {
+      h = load(row + d), c = V(0);
+      return;
+    }
+    const V lo = V::loadu(row + 2 * d, std::min(2 * m, L));
+    const V hi = 2 * m > L ? V::loadu(row + 2 * d + L, 2 * m - L) : V(0);
+    std::tie(h, c) = at::vec::deinterleave2(lo, hi);
+  };
+  V w[4], bias[4];
+  for (int64_t k = 0; k < G; ++k) w[k] = load(wd + k * D + d), bias[k] = b ? load(b + k * D + d) : V(0);
+  V h, c;
+  load_state(static_cast<const T*>(p.first) + seq * S, h, c);
+  for (int64_t t = 0; t < steps; ++t) {
+    const int64_t n = seq * steps + t;
+    if (p.reset && p.reset[n]) load_state(static_cast<const T*>(p.s0) + seq * S, h, c);
+    const T* gi = static_cast<const T*>(p.gi) + n * G * D;
+    V x[4], hn(0);
+    for (int64_t k = 0; k < G; ++k) {
+      V hk = w[k] * h;
+      if (b) hk = hk + bias[k];
+      if (p.cell == FusedCell::gru && k == 2) {
+        hn = hk, x[k] = load(gi + k * D + d);
+      } else {
+        x[k] = load(gi + k * D + d) + hk;
+      }
+    }
+    const FusedPoint<V> out = fused_point<V, VecMath>(p.cell, false, x, hn, h, c, w);
+    h = out.F[0], c = lstm ? out.F[1] : V(0);
+    T* F = static_cast<T*>(p.F) + n * S;
+    if (lstm) {
+      const auto [lo, hi] = at::vec::interleave2(h, c);
+      lo.store(F + 2 * d, std::min(2 * m, L));
+      if (2 * m > L) hi.store(F + 2 * d + L, 2 * m - L);
+    } else {
+      h.store(F + d, m);
+    }
+  }
+}
+
+// Tasks [begin, end) of the loop (cell_kernels.h: kLoopChannels channels of a sequence each).
+template <typename T>
+void loop_lanes(const FusedCellParams& p, int64_t begin, int64_t end) {
+  static constexpr int64_t L = Vectorized<T>::size();
+  static_assert(kLoopChannels % L == 0, "a task holds whole vectors");
+  const int64_t groups = (p.D + kLoopChannels - 1) / kLoopChannels;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t seq = task / groups, first = task % groups * kLoopChannels;
+    for (int64_t d = first; d < std::min(p.D, first + kLoopChannels); d += L) loop_vector<T>(p, seq, d);
+  }
+}
+
 }  // namespace
 
 void newton_update_rows(const NewtonUpdateParams& p, DType dtype, int64_t begin, int64_t end) {
@@ -292,6 +356,14 @@ void newton_update_rows(const NewtonUpdateParams& p, DType dtype, int64_t begin,
     case DType::f32: return update_rows<float>(p, begin, end);
     case DType::f64: return update_rows<double>(p, begin, end);
     default: throw std::invalid_argument("pnewton Newton update: only f32 and f64");
+  }
+}
+
+void fused_loop_lanes(const FusedCellParams& p, DType dtype, int64_t begin, int64_t end) {
+  switch (dtype) {
+    case DType::f32: return loop_lanes<float>(p, begin, end);
+    case DType::f64: return loop_lanes<double>(p, begin, end);
+    default: throw std::invalid_argument("pnewton fused loop: only f32 and f64");
   }
 }
 

@@ -89,6 +89,13 @@ class Cell : public CellFunction {
   std::optional<Iteration> iterate(const at::Tensor& states, const at::Tensor& s0, const at::Tensor& entering,
                                    const at::Tensor& gi, std::optional<JacobianPart> part, const at::Tensor& padding,
                                    const at::Tensor& reset, bool with_F, Workspace* workspace = nullptr) const;
+  // The step-by-step loop's states [B, T, S] of a per-channel cell (diag_gru, diag_lstm) in
+  // one fused pass (kernels/cell_fused.h, fused_loop_channel): gi [B, T, G], from `entering`
+  // (undefined: s0), s0 at `reset` steps ([B, T] bool or undefined): the math of single
+  // fused steps. nullopt where it does not apply (other cells, or where the fused pass does
+  // not: then the loop of steps).
+  std::optional<at::Tensor> loop(const at::Tensor& gi, const at::Tensor& s0, const at::Tensor& resets,
+                                 const at::Tensor& entering) const;
   at::Tensor step(const at::Tensor& s, const at::Tensor& gi) const override;
   at::Tensor jacobian(const at::Tensor& s, const at::Tensor& gi, JacobianPart part) const override;
   at::Tensor transpose_product(const at::Tensor& s, const at::Tensor& gi, const at::Tensor& v) const override {

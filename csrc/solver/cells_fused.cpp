@@ -158,6 +158,38 @@ std::optional<Cell::Iteration> Cell::iterate(const at::Tensor& states, const at:
   return fused(states.flatten(0, 1), gi, part, &shift, workspace);
 }
 
+std::optional<at::Tensor> Cell::loop(const at::Tensor& gi, const at::Tensor& s0, const at::Tensor& resets,
+                                     const at::Tensor& entering) const {
+  const at::Tensor& first = entering.defined() ? entering : s0;
+  if (!diagonal_weights() || !fusable(s0, gi, std::nullopt) || !plain(first, s0)) return std::nullopt;
+  const int64_t B = gi.size(0), T = gi.size(1), S = state_size();
+  at::Tensor out = at::empty({B, T, S}, s0.options());
+  if (B == 0 || T == 0 || D_ == 0) return out;
+  const at::Tensor gi_c = gi.contiguous(), first_c = first.contiguous(), s0_c = s0.contiguous();
+  const at::Tensor w = W_.contiguous(), b = b_.defined() ? b_.contiguous() : at::Tensor();
+  const at::Tensor reset = resets.defined() ? resets.contiguous() : at::Tensor();
+  FusedCellParams p;
+  p.cell = fused_cell_of(*this), p.part = FusedPart::none, p.diagonal_weights = true;
+  p.N = B * T, p.D = D_, p.T = T;
+  p.gi = gi_c.const_data_ptr(), p.w = w.const_data_ptr(), p.b = data_or_null(b);
+  p.first = first_c.const_data_ptr(), p.s0 = s0_c.const_data_ptr();
+  p.reset = reset.defined() ? reset.const_data_ptr<bool>() : nullptr;
+  p.F = out.mutable_data_ptr();
+  const DType dtype = s0.scalar_type() == at::kFloat ? DType::f32 : DType::f64;
+  RECORD_FUNCTION("pnewton::fused_loop", std::vector<c10::IValue>());
+  if (s0.is_cuda()) {
+#if PNEWTON_WITH_CUDA
+    C10_CUDA_CHECK(fused_loop_cuda(p, dtype, at::cuda::getCurrentCUDAStream()));
+#else
+    TORCH_CHECK(false, "pnewton: this build has no CUDA kernels (rebuild with nvcc available)");
+#endif
+  } else {
+    const int64_t tasks = B * ((D_ + cpu::kLoopChannels - 1) / cpu::kLoopChannels);
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { cpu::fused_loop_cpu(p, dtype, begin, end); });
+  }
+  return out;
+}
+
 std::optional<Cell::Vjp> Cell::fused_vjp(const at::Tensor& s, const at::Tensor& gi, const at::Tensor& v) const {
   // CUDA only: on the CPU the scalar pass loses to ATen's vectorised ops (GRU, B = 4,
   // T = 2048, D = 64: backward 98 vs 73 ms, LSTM 1238 vs 338 ms on 2 threads).

@@ -1,5 +1,6 @@
 #include "csrc/solver/sequence.h"
 
+#include "csrc/solver/cells.h"
 #include "csrc/solver/newton.h"
 #include "csrc/solver/segments.h"
 #include "pnewton/scan.h"
@@ -73,6 +74,10 @@ at::Tensor first_step(const at::Tensor& x) {
 
 at::Tensor sequential_states(const CellFunction& cell, const at::Tensor& gi, const at::Tensor& s0,
                              const at::Tensor& resets, const at::Tensor& entering) {
+  // A built-in per-channel cell's loop is one fused pass.
+  if (const Cell* builtin = dynamic_cast<const Cell*>(&cell)) {
+    if (std::optional<at::Tensor> states = builtin->loop(gi, s0, resets, entering)) return *states;
+  }
   const int64_t T = gi.size(1);
   at::Tensor out = at::empty({gi.size(0), T, s0.size(1)}, s0.options());
   at::Tensor s = entering.defined() ? entering : s0;

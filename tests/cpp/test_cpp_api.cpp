@@ -623,6 +623,57 @@ TEST(FusedCellPass, CudaThreadCodeMirrorsTheVectorisedCpuPass) {
   }
 }
 
+// The loop of a per-channel cell: the CUDA thread code (fused_loop_channel, one channel of a
+// sequence through all its steps) and the vectorised CPU loop (fused_loop_cpu, 21 channels:
+// a partial vector) against single steps of the vector pass (fused_cell_cpu without shifted
+// reads, p.s the state carried by hand), from `first`, s0 at reset steps.
+template <typename T>
+void expect_loop_mirrors_single_steps(pnewton::FusedCell cell, double tol) {
+  using namespace pnewton;
+  torch::manual_seed(3);
+  const int64_t B = 3, Tn = 40, N = B * Tn, D = 21, G = fused_gates(cell), S = cell == FusedCell::lstm ? 2 * D : D;
+  const auto opts = torch::TensorOptions().dtype(std::is_same_v<T, float> ? torch::kFloat : torch::kDouble);
+  const DType dtype = std::is_same_v<T, float> ? DType::f32 : DType::f64;
+  const auto gi = torch::randn({B, Tn, G * D}, opts), w = torch::randn({G * D}, opts) * 0.5;
+  const auto b = torch::randn({G * D}, opts) * 0.1, first = torch::randn({B, S}, opts), s0 = torch::randn({B, S}, opts);
+  const auto reset = (torch::arange(N) % 11 == 4).view({B, Tn});
+  FusedCellParams p;
+  p.cell = cell, p.part = FusedPart::none, p.diagonal_weights = true, p.N = N, p.D = D, p.T = Tn;
+  p.gi = gi.data_ptr(), p.w = w.data_ptr(), p.b = b.data_ptr(), p.first = first.data_ptr(), p.s0 = s0.data_ptr();
+  p.reset = reset.data_ptr<bool>();
+  torch::Tensor thread = torch::full({B, Tn, S}, NAN, opts), vector = torch::full({B, Tn, S}, NAN, opts);
+  p.F = thread.data_ptr();
+  for (int64_t seq = 0; seq < B; ++seq) {
+    for (int64_t d = 0; d < D; ++d) fused_loop_channel<T, int32_t>(p, seq, d);
+  }
+  p.F = vector.data_ptr();
+  cpu::fused_loop_cpu(p, dtype, 0, B * ((D + cpu::kLoopChannels - 1) / cpu::kLoopChannels));
+  // The reference: one step at a time.
+  torch::Tensor steps = torch::empty({B, Tn, S}, opts), state = first.clone();
+  for (int64_t t = 0; t < Tn; ++t) {
+    state = torch::where(reset.select(1, t).unsqueeze(1), s0, state).contiguous();
+    const auto gi_t = gi.select(1, t).contiguous();
+    auto next = torch::empty({B, S}, opts);
+    FusedCellParams q;
+    q.cell = cell, q.part = FusedPart::none, q.diagonal_weights = true, q.N = B, q.D = D;
+    q.gi = gi_t.data_ptr(), q.w = w.data_ptr(), q.b = b.data_ptr(), q.s = state.data_ptr(), q.F = next.data_ptr();
+    cpu::fused_cell_cpu(q, dtype, 0, B);
+    steps.select(1, t).copy_(next);
+    state = next;
+  }
+  EXPECT_FALSE(thread.isnan().any().item<bool>());
+  expect_close(vector, steps, tol);
+  expect_close(thread, steps, tol);
+}
+
+TEST(FusedCellPass, PerChannelLoopMatchesSingleSteps) {
+  for (const pnewton::FusedCell cell : {pnewton::FusedCell::gru, pnewton::FusedCell::lstm}) {
+    SCOPED_TRACE(testing::Message() << "cell " << int(cell));
+    expect_loop_mirrors_single_steps<double>(cell, 1e-13);
+    expect_loop_mirrors_single_steps<float>(cell, 2e-6);
+  }
+}
+
 // The CUDA VJP's per-thread code (fused_vjp_row_share), run on the host as the kernel runs
 // it (rows split into shares of 4 threads), against autograd through torch's own cells
 // (torch::gru_cell, lstm_cell, rnn_*_cell with W_ih = I, so that their input is gi): the

@@ -51,7 +51,8 @@ def test_layer_float32_on_gpu_matches_torch_nn_float64_with_gradients(kind, meth
 def test_newton_rnn_cells_on_gpu_match_the_float64_loop(cell):
     gi, W, b, s0 = problem(cell, B=3, T=5000, D=32, scale=0.5, seed=1)
     expected, _ = pnewton.newton_rnn(cell, gi, W, b, s0, method="sequential")
-    for method in ("auto", "quasi_deer"):
+    # sequential: the per-channel cells' loop is one kernel (fused_loop_channel)
+    for method in ("auto", "quasi_deer", "sequential"):
         got, stats = pnewton.newton_rnn(cell, *(t.float().cuda() for t in (gi, W, b, s0)), method=method, **TIGHT)
         assert got.is_cuda and bool(stats.converged.all()) and not bool(stats.fell_back.any())
         assert rel_err(got, expected) <= REL, method

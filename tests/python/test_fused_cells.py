@@ -14,7 +14,9 @@ from test_newton_rnn import problem, run
 
 CASES = [("gru", "quasi_deer"), ("gru", "sequential"), ("lstm", "block_deer"), ("lstm", "quasi_deer"),
          ("rnn_tanh", "quasi_deer"), ("rnn_relu", "quasi_deer"), ("rnn_tanh", "picard"), ("diag_gru", "deer"),
-         ("diag_lstm", "deer"), ("gru", "quasi_elk"), ("diag_gru", "elk_filter")]
+         ("diag_lstm", "deer"), ("gru", "quasi_elk"), ("diag_gru", "elk_filter"),
+         # the per-channel cells' loop in one pass (fused_loop_channel)
+         ("diag_gru", "sequential"), ("diag_lstm", "sequential")]
 
 
 def compare_with_aten(cell, method, D, monkeypatch, masks):
@@ -52,7 +54,8 @@ def test_the_fused_pass_matches_the_aten_form(cell, method, D, monkeypatch):
 
 
 @pytest.mark.parametrize("cell,method", [("gru", "quasi_deer"), ("lstm", "block_deer"), ("diag_lstm", "deer"),
-                                         ("rnn_relu", "quasi_deer")])
+                                         ("rnn_relu", "quasi_deer"), ("diag_gru", "sequential"),
+                                         ("diag_lstm", "sequential")])
 def test_the_fused_pass_masks_padding_and_resets_as_the_aten_form(cell, method, monkeypatch):
     compare_with_aten(cell, method, 19, monkeypatch, masks=True)
 
