@@ -85,6 +85,7 @@ if [ "$MODE" = profile ]; then
 import torch, pnewton
 from torch.nn.utils.rnn import pack_padded_sequence
 for layer in (pnewton.GRU(3, 8, batch_first=True, method='quasi_deer'), pnewton.DiagGRU(3, 40, batch_first=True),
+              pnewton.DiagGRU(3, 40, batch_first=True, method='sequential'),
               pnewton.LSTM(3, 5, batch_first=True, method='block_deer'), pnewton.DiagLSTM(3, 12, batch_first=True),
               pnewton.RNN(3, 20, batch_first=True, method='quasi_deer'),
               pnewton.HeadGRU(3, 32, heads=2, batch_first=True), pnewton.HeadLSTM(3, 16, heads=2, batch_first=True)):
@@ -104,7 +105,7 @@ print('ran')
   timeout 100 $PY benchmarks/bench_heads.py --device cuda --B 16 --T 65536 --hidden 64 --k 4 16 --cells gru \
     --repeats 3 2>&1 | tee "$OUT/bench_heads.txt"
   stage "headline"
-  timeout 200 $PY benchmarks/bench_headline.py --repeats 5 --deadline 120 --cases DiagGRU:auto:float32 DiagGRU:auto:bfloat16 GRU:quasi_deer:float32 DiagLSTM:auto:float32 LSTM:block_deer:float32 2>&1 | tee "$OUT/headline.txt"
+  timeout 200 $PY benchmarks/bench_headline.py --repeats 5 --deadline 120 --cases DiagGRU:auto:float32 DiagGRU:auto:bfloat16 DiagGRU:sequential:float32 GRU:quasi_deer:float32 DiagLSTM:auto:float32 LSTM:block_deer:float32 2>&1 | tee "$OUT/headline.txt"
   stage "summary (${gpu:-no GPU})"
   printf '%-14s %s\n' "pytest cuda" "$(tail -1 "$OUT/pytest_cuda.txt")"
   exit $status

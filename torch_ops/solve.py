@@ -21,8 +21,9 @@ METHODS = ("auto", "deer", "quasi_deer", "elk", "quasi_elk", "elk_filter", "quas
            "sequential")
 STRUCTURES = ("dense", "diag")
 # Bit i of SolveStats.path: the i-th method of the solver's Method enum (csrc/solver/newton.h).
-# fused_loop: torch's own fused RNN kernels (cuDNN / oneDNN / ATen) over a layer stack, which
-# the layers' auto chooses where the parallel solve does not pay (csrc/solver/auto_plan.h).
+# fused_loop: torch's own fused RNN kernels (cuDNN / oneDNN / ATen) over a layer stack, or for
+# the diag cells on the CPU the solver's loop in one pass per layer, which the layers' auto
+# chooses where the parallel solve does not pay (csrc/solver/auto_plan.h).
 PATH_BITS = ("deer", "quasi_deer", "block_deer", "picard", "jacobi", "sequential", "elk", "quasi_elk", "elk_filter",
              "quasi_elk_filter", "fused_loop")
 # The order in which a path is told: auto's stages come in this order, the loop last.

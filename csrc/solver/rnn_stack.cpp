@@ -75,12 +75,30 @@ struct Stack {
   at::Tensor direction(int64_t layer, int64_t d, const at::Tensor& x, std::vector<at::Tensor>* finals,
                        std::vector<at::Tensor>* stats) const;
   StackOutputs parallel() const;
+  // The loop auto weighs against the solve: torch's fused kernels (a torch.nn cell), or the
+  // solver's own loop, one pass per layer for a per-channel cell (Cell::loop).
+  bool own_loop = false;
   StackOutputs fused() const {
+    if (own_loop) {  // told as a fused loop (its path bit), not as the solve's fallback
+      Stack looped = *this;
+      looped.solver.method = "sequential";
+      StackOutputs out = looped.parallel();
+      std::get<5>(out).fill_(method_bit(Method::fused_loop));
+      return out;
+    }
     auto [output, final] = fused_loop(cell, input, state0, params, has_biases, num_layers, dropout, train,
                                       bidirectional, batch_first, projected, L);
     return with_loop_stats(output, final, L, num_layers * dirs, batch_first);
   }
 };
+
+// Whether auto weighs the solver's own loop of a per-channel cell (diag_gru, diag_lstm:
+// one fused pass, Cell::loop) against the solve: on the CPU, where it is 3.4× faster than
+// the solve (DiagGRU(64), B = 4, T = 16384, one thread: 71 vs 245 ms); on CUDA its kernel
+// is not yet measured against the solve (benchmarks/RESULTS.md), so the solve runs.
+bool own_loop_applies(c10::string_view cell, const at::Tensor& input) {
+  return (cell == "diag_gru" || cell == "diag_lstm") && input.is_cpu() && input.numel() > 0;
+}
 
 void Stack::checks(const c10::optional<at::Tensor>& lengths, const c10::optional<at::Tensor>& resets) const {
   const int64_t n = static_cast<int64_t>(params.size());
@@ -214,7 +232,7 @@ StackOutputs measured(const Stack& stack, const std::string& shape_class) {
 
 // The path of a call: the parallel solve, torch's fused kernels (method="sequential", or
 // auto's choice: csrc/solver/auto_plan.h), or the measurement that makes that choice.
-StackOutputs run(const Stack& stack) {
+StackOutputs run(Stack& stack) {
   const bool fused_candidate =
       stack.requested == Method::sequential || (stack.requested == Method::automatic && !stack.solver.fixed_iterations);
   // A trace (torch.compile, export: fake tensors) keeps the solver's own ops: torch's fused
@@ -228,8 +246,11 @@ StackOutputs run(const Stack& stack) {
   if (stack.L.defined()) {
     checked_lengths(stack.op, stack.L, stack.input.size(stack.batch_first ? 0 : 1), steps, stack.L.device(), &shortest);
   }
-  if (!fused_loop_applies(stack.cell, stack.input, shortest, stack.R)) return stack.parallel();
-  if (stack.requested == Method::sequential) return stack.fused();
+  const bool torch_loop = fused_loop_applies(stack.cell, stack.input, shortest, stack.R);
+  // method="sequential" of a cell without torch's kernels: the solver's loop.
+  if (stack.requested == Method::sequential) return torch_loop ? stack.fused() : stack.parallel();
+  stack.own_loop = !torch_loop && own_loop_applies(stack.cell, stack.input);
+  if (!torch_loop && !stack.own_loop) return stack.parallel();
   const std::string shape_class = stack_class(stack.cell, stack.input, stack.state0, stack.num_layers,
                                               stack.bidirectional, stack.batch_first, stack.L.defined());
   const StackPlan plan = stack_plan(shape_class, steps);

@@ -171,3 +171,38 @@ def test_a_shape_whose_plan_is_the_loop_then_runs_torch_nn_forward(monkeypatch):
     assert ours._torch_loop_steps(torch.randn(300, 5, 4)) is None
     with torch.no_grad():
         assert ours._torch_loop_steps(x) is None
+
+
+@pytest.mark.parametrize("cls", [pnewton.DiagGRU, pnewton.DiagLSTM])
+def test_diag_cells_weigh_their_own_one_pass_loop_on_the_cpu(cls, measured, monkeypatch):
+    # No torch kernels for these cells: auto's loop is the solver's, one fused pass per
+    # layer (Cell::loop) — below 256 steps without measuring, from 256 steps measured — and
+    # it is method="sequential"'s result exactly, packed sequences included.
+    torch.manual_seed(4)
+    options = dict(num_layers=2, bidirectional=True, batch_first=True, dtype=torch.float64)
+    layer, looped = cls(4, 6, **options), cls(4, 6, method="sequential", **options)
+    looped.load_state_dict(layer.state_dict())
+    for T in (40, 300):
+        x = torch.randn(3, T, 4, dtype=torch.float64)
+        out, _ = layer(x)
+        expected, _ = looped(x)
+        if T < 256:
+            assert layer.last_stats.method == "fused_loop" and not layer.last_stats.fallback
+        assert layer.last_stats.method in ("fused_loop", "deer")
+        if layer.last_stats.method == "fused_loop":
+            assert torch.equal(out, expected)
+        else:
+            torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-11)
+    monkeypatch.setenv("PNEWTON_AUTO", "fused_loop")
+    x = torch.randn(3, 300, 4, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([300, 120, 7]), batch_first=True, enforce_sorted=False)
+    for inp in (x, packed):
+        out, _ = layer(inp)
+        assert layer.last_stats.method == "fused_loop"
+        expected, _ = looped(inp)
+        assert torch.equal(out.data if isinstance(out, PackedSequence) else out,
+                           expected.data if isinstance(expected, PackedSequence) else expected)
+    monkeypatch.setenv("PNEWTON_AUTO", "parallel")  # the solve: the same states to tolerance
+    out, _ = layer(x)
+    assert layer.last_stats.method == "deer"
+    torch.testing.assert_close(out, looped(x)[0], rtol=1e-10, atol=1e-11)
