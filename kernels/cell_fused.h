@@ -487,6 +487,26 @@ PNEWTON_HD void fused_vjp_row_share(const FusedVjpParams& p, I n, I first, I str
 
 // ---- the loop of a per-channel cell (diagonal weights) ----
 
+// Steps a loop thread loads at a time: each step's math waits on the one before, its loads
+// do not, so they are issued a group ahead (double-buffered: the next group's loads are in
+// flight while this group is computed; the stores of F could otherwise alias the next
+// step's gi for all the compiler knows, and every step would wait a memory latency).
+constexpr int kLoopAhead = 8;
+
+// The gi of steps [t0, t0 + kLoopAhead) of one channel (gi: its first step's, a step GD
+// apart, a gate D apart) and their reset flags; zeros past the end.
+template <typename T, typename I>
+PNEWTON_HD void loop_group_load(const T* __restrict__ gi, const bool* __restrict__ reset, I t0, I steps, I GD, I D,
+                                int G, T (&in)[kLoopAhead][4], bool (&at_reset)[kLoopAhead]) {
+  PNEWTON_UNROLL
+  for (int j = 0; j < kLoopAhead; ++j) {
+    const I t = t0 + j;
+    at_reset[j] = t < steps && reset && reset[t];
+    PNEWTON_UNROLL
+    for (int k = 0; k < 4; ++k) in[j][k] = k < G && t < steps ? gi[t * GD + k * D] : T(0);
+  }
+}
+
 // Channel d of a per-channel cell's step reads channel d of the step before only, so the
 // step-by-step loop is one pass: channel d of sequence b stepped through its T steps in
 // registers, from first[b] (s0[b] at reset rows), every step's state written to F. Of
@@ -497,23 +517,47 @@ template <typename T, typename I = int64_t>
 PNEWTON_HD void fused_loop_channel(const FusedCellParams& p, I b, I d) {
   const I D = static_cast<I>(p.D), steps = static_cast<I>(p.T);
   const bool lstm = p.cell == FusedCell::lstm;
-  const I S = lstm ? 2 * D : D, G = fused_gates(p.cell);
+  const int G = fused_gates(p.cell);
+  const I S = lstm ? 2 * D : D, GD = G * D;
+  const T* __restrict__ gi = static_cast<const T*>(p.gi) + b * steps * GD + d;
   const T* __restrict__ first = static_cast<const T*>(p.first) + b * S;
-  const T* __restrict__ s0 = static_cast<const T*>(p.s0);
-  T* __restrict__ F = static_cast<T*>(p.F);
+  const T* __restrict__ s0 = p.s0 ? static_cast<const T*>(p.s0) + b * S : nullptr;
+  const bool* __restrict__ reset = p.reset ? p.reset + b * steps : nullptr;
+  T* __restrict__ F = static_cast<T*>(p.F) + b * steps * S;
+  // The channel's weights and b_hh, once (gate_inputs reads them as rows of one channel).
+  T w[4], bias[4];
+  PNEWTON_UNROLL
+  for (int k = 0; k < 4; ++k) {
+    if (k >= G) break;
+    w[k] = static_cast<const T*>(p.w)[k * D + d];
+    bias[k] = p.b ? static_cast<const T*>(p.b)[k * D + d] : T(0);
+  }
   T h = lstm ? first[2 * d] : first[d], c = lstm ? first[2 * d + 1] : T(0);
-  for (I t = 0; t < steps; ++t) {
-    const I n = b * steps + t;
-    if (p.reset && p.reset[n]) h = lstm ? s0[b * S + 2 * d] : s0[b * S + d], c = lstm ? s0[b * S + 2 * d + 1] : T(0);
-    T x[4], w[4], hn;
-    gate_inputs<T, I>(p.cell, true, D, d, static_cast<const T*>(p.gi) + n * G * D, nullptr, static_cast<const T*>(p.b),
-                      static_cast<const T*>(p.w), h, x, w, hn);
-    const FusedPoint<T> out = fused_point<T, ScalarMath>(p.cell, false, x, hn, h, c, w);
-    h = out.F[0], c = lstm ? out.F[1] : T(0);
-    if (lstm) {
-      F[n * S + 2 * d] = h, F[n * S + 2 * d + 1] = c;
-    } else {
-      F[n * S + d] = h;
+  T in[kLoopAhead][4], next[kLoopAhead][4];
+  bool at_reset[kLoopAhead], next_reset[kLoopAhead];
+  loop_group_load<T, I>(gi, reset, 0, steps, GD, D, G, in, at_reset);
+  for (I t0 = 0; t0 < steps; t0 += kLoopAhead) {
+    loop_group_load<T, I>(gi, reset, t0 + kLoopAhead, steps, GD, D, G, next, next_reset);
+    PNEWTON_UNROLL
+    for (int j = 0; j < kLoopAhead; ++j) {
+      const I t = t0 + j;
+      if (t >= steps) break;
+      if (at_reset[j]) h = lstm ? s0[2 * d] : s0[d], c = lstm ? s0[2 * d + 1] : T(0);
+      T x[4], wk[4], hn;
+      gate_inputs<T, I>(p.cell, true, 1, 0, in[j], nullptr, p.b ? bias : nullptr, w, h, x, wk, hn);
+      const FusedPoint<T> out = fused_point<T, ScalarMath>(p.cell, false, x, hn, h, c, wk);
+      h = out.F[0], c = lstm ? out.F[1] : T(0);
+      if (lstm) {
+        F[t * S + 2 * d] = h, F[t * S + 2 * d + 1] = c;
+      } else {
+        F[t * S + d] = h;
+      }
+    }
+    PNEWTON_UNROLL
+    for (int j = 0; j < kLoopAhead; ++j) {
+      at_reset[j] = next_reset[j];
+      PNEWTON_UNROLL
+      for (int k = 0; k < 4; ++k) in[j][k] = next[j][k];
     }
   }
 }
