@@ -93,9 +93,9 @@ struct Stack {
 };
 
 // Whether auto weighs the solver's own loop of a per-channel cell (diag_gru, diag_lstm:
-// one fused pass, Cell::loop) against the solve: on the CPU, where it is 3.4× faster than
-// the solve (DiagGRU(64), B = 4, T = 16384, one thread: 71 vs 245 ms); on CUDA its kernel
-// is not yet measured against the solve (benchmarks/RESULTS.md), so the solve runs.
+// one fused pass, Cell::loop) against the solve: on the CPU, where it is about 4× faster
+// than the solve (DiagGRU(64), B = 4, T = 16384: 72 vs 299 ms forward on one thread,
+// benchmarks/RESULTS.md); on CUDA its kernel is not yet measured, so the solve runs.
 bool own_loop_applies(c10::string_view cell, const at::Tensor& input) {
   return (cell == "diag_gru" || cell == "diag_lstm") && input.is_cpu() && input.numel() > 0;
 }
