@@ -39,6 +39,17 @@ FusedCell fused_cell_of(const Cell& cell) {
   return cell.kind() == CellKind::rnn_relu ? FusedCell::rnn_relu : FusedCell::gru;
 }
 
+// A fused pass's CUDA launch, launch(stream) -> cudaError_t, on the current stream; a build
+// without CUDA kernels raises (the launch is a generic lambda, never instantiated there).
+template <typename Launch>
+void on_current_stream(Launch&& launch) {
+#if PNEWTON_WITH_CUDA
+  C10_CUDA_CHECK(launch(at::cuda::getCurrentCUDAStream()));
+#else
+  TORCH_CHECK(false, "pnewton: this build has no CUDA kernels (rebuild with nvcc available)");
+#endif
+}
+
 }  // namespace
 
 bool plain(const at::Tensor& t, const at::Tensor& like) {
@@ -130,11 +141,7 @@ Cell::Iteration Cell::fused(const at::Tensor& rows, const at::Tensor& gi, std::o
   const DType dtype = rows.scalar_type() == at::kFloat ? DType::f32 : DType::f64;
   RECORD_FUNCTION("pnewton::fused_cell_pass", std::vector<c10::IValue>());  // benchmarks/bench_layers.py --split
   if (!cpu) {
-#if PNEWTON_WITH_CUDA
-    C10_CUDA_CHECK(fused_cell_cuda(p, dtype, at::cuda::getCurrentCUDAStream()));
-#else
-    TORCH_CHECK(false, "pnewton: this build has no CUDA kernels (rebuild with nvcc available)");
-#endif
+    on_current_stream([&](auto stream) { return fused_cell_cuda(p, dtype, stream); });
   } else {
     // About 2^14 numbers per task of ATen's pool.
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(gate_size(), 1));
@@ -178,11 +185,7 @@ std::optional<at::Tensor> Cell::loop(const at::Tensor& gi, const at::Tensor& s0,
   const DType dtype = s0.scalar_type() == at::kFloat ? DType::f32 : DType::f64;
   RECORD_FUNCTION("pnewton::fused_loop", std::vector<c10::IValue>());
   if (s0.is_cuda()) {
-#if PNEWTON_WITH_CUDA
-    C10_CUDA_CHECK(fused_loop_cuda(p, dtype, at::cuda::getCurrentCUDAStream()));
-#else
-    TORCH_CHECK(false, "pnewton: this build has no CUDA kernels (rebuild with nvcc available)");
-#endif
+    on_current_stream([&](auto stream) { return fused_loop_cuda(p, dtype, stream); });
   } else {
     const int64_t tasks = B * ((D_ + cpu::kLoopChannels - 1) / cpu::kLoopChannels);
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { cpu::fused_loop_cpu(p, dtype, begin, end); });
@@ -218,11 +221,7 @@ std::optional<Cell::Vjp> Cell::fused_vjp(const at::Tensor& s, const at::Tensor& 
   p.grad_gh = out.gh.is_same(out.gi) ? nullptr : out.gh.mutable_data_ptr();
   const DType dtype = s.scalar_type() == at::kFloat ? DType::f32 : DType::f64;
   RECORD_FUNCTION("pnewton::fused_vjp_pass", std::vector<c10::IValue>());
-#if PNEWTON_WITH_CUDA
-  C10_CUDA_CHECK(fused_vjp_cuda(p, dtype, at::cuda::getCurrentCUDAStream()));
-#else
-  TORCH_CHECK(false, "pnewton: this build has no CUDA kernels (rebuild with nvcc available)");
-#endif
+  on_current_stream([&](auto stream) { return fused_vjp_cuda(p, dtype, stream); });
   if (diagonal_weights()) {
     out.s = direct;
   } else if (is_lstm()) {  // W_hh's path reaches h, the even entries of the interleaved state

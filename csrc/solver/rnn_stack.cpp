@@ -77,9 +77,9 @@ struct Stack {
   StackOutputs parallel() const;
   // The loop auto weighs against the solve: torch's fused kernels (a torch.nn cell), or the
   // solver's own loop, one pass per layer for a per-channel cell (Cell::loop).
-  bool own_loop = false;
+  bool own_loop() const { return cell == "diag_gru" || cell == "diag_lstm"; }
   StackOutputs fused() const {
-    if (own_loop) {  // told as a fused loop (its path bit), not as the solve's fallback
+    if (own_loop()) {  // told as a fused loop (its path bit), not as the solve's fallback
       Stack looped = *this;
       looped.solver.method = "sequential";
       StackOutputs out = looped.parallel();
@@ -96,8 +96,8 @@ struct Stack {
 // one fused pass, Cell::loop) against the solve: on the CPU, where it is about 4× faster
 // than the solve (DiagGRU(64), B = 4, T = 16384: 72 vs 299 ms forward on one thread,
 // benchmarks/RESULTS.md); on CUDA its kernel is not yet measured, so the solve runs.
-bool own_loop_applies(c10::string_view cell, const at::Tensor& input) {
-  return (cell == "diag_gru" || cell == "diag_lstm") && input.is_cpu() && input.numel() > 0;
+bool own_loop_applies(const Stack& stack) {
+  return stack.own_loop() && stack.input.is_cpu() && stack.input.numel() > 0;
 }
 
 void Stack::checks(const c10::optional<at::Tensor>& lengths, const c10::optional<at::Tensor>& resets) const {
@@ -232,7 +232,7 @@ StackOutputs measured(const Stack& stack, const std::string& shape_class) {
 
 // The path of a call: the parallel solve, torch's fused kernels (method="sequential", or
 // auto's choice: csrc/solver/auto_plan.h), or the measurement that makes that choice.
-StackOutputs run(Stack& stack) {
+StackOutputs run(const Stack& stack) {
   const bool fused_candidate =
       stack.requested == Method::sequential || (stack.requested == Method::automatic && !stack.solver.fixed_iterations);
   // A trace (torch.compile, export: fake tensors) keeps the solver's own ops: torch's fused
@@ -249,8 +249,7 @@ StackOutputs run(Stack& stack) {
   const bool torch_loop = fused_loop_applies(stack.cell, stack.input, shortest, stack.R);
   // method="sequential" of a cell without torch's kernels: the solver's loop.
   if (stack.requested == Method::sequential) return torch_loop ? stack.fused() : stack.parallel();
-  stack.own_loop = !torch_loop && own_loop_applies(stack.cell, stack.input);
-  if (!torch_loop && !stack.own_loop) return stack.parallel();
+  if (!torch_loop && !own_loop_applies(stack)) return stack.parallel();
   const std::string shape_class = stack_class(stack.cell, stack.input, stack.state0, stack.num_layers,
                                               stack.bidirectional, stack.batch_first, stack.L.defined());
   const StackPlan plan = stack_plan(shape_class, steps);
